@@ -1,0 +1,573 @@
+"""Manifests: which files make up the training / validation / test splits of a task.
+
+Two equivalent on-disk formats, both with paths *relative to the manifest's folder*:
+
+* MONAI's Decathlon-style datalist JSON (what ``monai.data.load_decathlon_datalist`` reads)::
+
+      {"task": "standardize", "name": "...", "description": "...",
+       "training":   [{"source": "p0/b60f.nii.gz", "target": "p0/b30f.nii.gz", "protocol": "B60f", "case_id": "p0"}],
+       "validation": [...],
+       "test":       [...]}
+
+* CSV with the same columns plus a ``split`` column (``training``/``train``, ``validation``/``val``, ``test``);
+  an empty cell means "key absent for this row".
+
+Keys listed in ``PATH_KEYS`` are file (NIfTI) or folder (DICOM series) paths: they are resolved to absolute
+paths and checked; every other key (``protocol``, ``case_id``, ...) passes through as a string.
+
+Validation raises :class:`ManifestError` (a ``ValueError``) naming the manifest file and the offending entry:
+missing file, path escaping the manifest's folder (absolute paths and ``..`` escapes are refused unless
+``allow_outside=True``), empty split, unknown task, missing keys for the task, and the same case or file in two
+splits (patient-level leakage between training and evaluation).
+
+``build_manifest_from_converted`` turns the output of ``medfusion convert`` (NIfTI + JSON sidecars) into a
+manifest, pairing series of the same patient and study by a sidecar field (e.g. the reconstruction kernel) and
+splitting by patient; ``medfusion manifest DIR`` is its command line.
+
+Why hand-written: MONAI's ``load_decathlon_datalist`` resolves paths but does no validation (missing files,
+escapes, leakage across splits, task keys) and has no CSV or writer; nothing in MONAI builds pairs from DICOM
+sidecars. This module stays import-cheap (stdlib only): no torch or MONAI at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medfusion import keys as K
+from medfusion.io.atomic import write_text_atomic
+
+#: required batch keys per task (``image``: unpaired images, e.g. unconditional generation / DRDM augmentation)
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "standardize": (K.SOURCE, K.TARGET),
+    "restore": (K.SOURCE, K.TARGET),
+    "segment": (K.IMAGE, K.LABEL),
+    "register": (K.MOVING, K.FIXED),
+    "image": (K.IMAGE,),
+}
+#: keys whose values are paths (file or DICOM folder); all other keys are passed through as strings
+PATH_KEYS: tuple[str, ...] = (
+    K.IMAGE,
+    K.LABEL,
+    K.SOURCE,
+    K.TARGET,
+    K.MOVING,
+    K.FIXED,
+    K.MOVING_LABEL,
+    K.FIXED_LABEL,
+    K.MASK,
+)
+#: keys whose label maps (integers, nearest-neighbour resampling, no HU window)
+LABEL_KEYS: tuple[str, ...] = (K.LABEL, K.MOVING_LABEL, K.FIXED_LABEL, K.MASK)
+#: canonical split names (Decathlon) and the aliases accepted in CSV files and ``Manifest.split``
+SPLITS: tuple[str, ...] = ("training", "validation", "test")
+SPLIT_ALIASES: dict[str, str] = {
+    "training": "training",
+    "train": "training",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+    "testing": "test",
+}
+#: files a task may legitimately share across splits (e.g. one atlas as the fixed image of every pair)
+SHARED_ACROSS_SPLITS: dict[str, tuple[str, ...]] = {"register": (K.FIXED, K.FIXED_LABEL)}
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or inconsistent; the message names the manifest file and the entry."""
+
+
+@dataclass
+class Manifest:
+    """A validated manifest.
+
+    Attributes:
+        splits: ``{"training": [...], "validation": [...], "test": [...]}`` (absent splits are absent keys);
+            each entry is a dict whose ``PATH_KEYS`` values are absolute paths (str).
+        root: the manifest's folder; relative paths were resolved against it.
+        task: one of ``TASK_KEYS`` or None (no key check).
+        path: the manifest file (None when built in memory).
+        name, description: free text from the manifest.
+    """
+
+    splits: dict[str, list[dict]]
+    root: Path
+    task: str | None = None
+    path: Path | None = None
+    name: str | None = None
+    description: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> list[dict]:
+        """Entries of split ``name`` (aliases such as ``train``/``val`` accepted); [] if the split is absent."""
+        canonical = SPLIT_ALIASES.get(name.lower())
+        if canonical is None:
+            raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLIT_ALIASES)}")
+        return self.splits.get(canonical, [])
+
+    @property
+    def path_keys(self) -> tuple[str, ...]:
+        """Path keys present in every entry of every split (the keys a pipeline must load)."""
+        entries = [e for items in self.splits.values() for e in items]
+        return tuple(k for k in PATH_KEYS if entries and all(k in e for e in entries))
+
+
+def _check_task(task: str | None, where: str) -> None:
+    if task is not None and task not in TASK_KEYS:
+        raise ManifestError(f"{where}: unknown task {task!r}; valid tasks: {', '.join(TASK_KEYS)}")
+
+
+def _resolve(value: object, root: Path, allow_outside: bool, where: str) -> str:
+    """Resolve one manifest path against ``root``; refuse absolute paths and escapes unless allowed."""
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"{where}: expected a non-empty path string, got {value!r}")
+    p = Path(value)
+    if p.is_absolute():
+        if not allow_outside:
+            raise ManifestError(
+                f"{where}: absolute path {value!r} is not allowed (paths must be relative to the manifest's "
+                f"folder {root}; pass allow_outside=True to accept it)"
+            )
+        return os.path.normpath(p)
+    full = Path(os.path.normpath(root / p))
+    if not allow_outside and not (full == root or root in full.parents):
+        raise ManifestError(
+            f"{where}: path {value!r} escapes the manifest's folder {root} (pass allow_outside=True to accept it)"
+        )
+    return str(full)
+
+
+def _validate(
+    splits: Mapping[str, Sequence[Mapping]],
+    *,
+    root: Path,
+    task: str | None,
+    source: str,
+    check_files: bool,
+    allow_outside: bool,
+) -> dict[str, list[dict]]:
+    """Resolve paths and run every check; return the cleaned splits (canonical names, absolute paths)."""
+    _check_task(task, source)
+    if not splits:
+        raise ManifestError(f"{source}: no splits found; expected some of {', '.join(SPLITS)}")
+    out: dict[str, list[dict]] = {}
+    required = TASK_KEYS[task] if task else ()
+    for name, items in splits.items():
+        split = SPLIT_ALIASES.get(str(name).lower())
+        if split is None:
+            raise ManifestError(f"{source}: unknown split {name!r}; valid: {', '.join(SPLIT_ALIASES)}")
+        if not isinstance(items, list | tuple):
+            raise ManifestError(
+                f"{source}: split {name!r} must be a list of entries, got {type(items).__name__}"
+            )
+        if not items:
+            raise ManifestError(f"{source}: split {name!r} is empty")
+        entries = out.setdefault(split, [])
+        for i, item in enumerate(items):
+            where = f"{source}: {split}[{i}]"
+            if not isinstance(item, Mapping):
+                raise ManifestError(f"{where}: expected an object/row, got {item!r}")
+            missing = [k for k in required if k not in item]
+            if missing:
+                raise ManifestError(
+                    f"{where}: missing key(s) {missing} for task {task!r} (requires {list(required)}); "
+                    f"entry has {sorted(item)}"
+                )
+            entry: dict = {}
+            for key, value in item.items():
+                if key in PATH_KEYS:
+                    full = _resolve(value, root, allow_outside, f"{where} key {key!r}")
+                    if check_files and not os.path.exists(full):
+                        raise ManifestError(
+                            f"{where} key {key!r}: file not found: {value!r} (resolved to {full})"
+                        )
+                    entry[key] = full
+                else:
+                    entry[key] = value
+            entries.append(entry)
+    _check_leakage(out, task, source)
+    return out
+
+
+def _check_leakage(splits: Mapping[str, list[dict]], task: str | None, source: str) -> None:
+    """Refuse the same case_id or the same file in two different splits."""
+    shared = SHARED_ACROSS_SPLITS.get(task or "", ())
+    seen: dict[tuple[str, str], tuple[str, int]] = {}
+    for split, items in splits.items():
+        for i, entry in enumerate(items):
+            tags = [("case_id", str(entry[K.CASE_ID]))] if entry.get(K.CASE_ID) not in (None, "") else []
+            tags += [("file", entry[k]) for k in PATH_KEYS if k in entry and k not in shared]
+            for tag in tags:
+                first = seen.setdefault(tag, (split, i))
+                if first[0] != split:
+                    raise ManifestError(
+                        f"{source}: {split}[{i}]: {tag[0]} {tag[1]!r} also appears in {first[0]}[{first[1]}]; "
+                        "a case must belong to exactly one split"
+                    )
+
+
+def _read_csv(path: Path) -> tuple[dict[str, list[dict]], dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "split" not in reader.fieldnames:
+            raise ManifestError(f"{path}: CSV manifest needs a 'split' column; columns: {reader.fieldnames}")
+        splits: dict[str, list[dict]] = {}
+        for row_no, row in enumerate(reader, start=2):
+            name = (row.pop("split") or "").strip()
+            if not name:
+                raise ManifestError(f"{path}: line {row_no}: empty 'split' cell")
+            entry = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+            splits.setdefault(name, []).append(entry)
+    return splits, {}
+
+
+def _read_json(path: Path) -> tuple[dict[str, list[dict]], dict]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object with {', '.join(SPLITS)} lists")
+    split_names = [k for k in data if k.lower() in SPLIT_ALIASES]
+    splits = {k: data[k] for k in split_names}
+    header = {k: v for k, v in data.items() if k not in split_names}
+    return splits, header
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    *,
+    task: str | None = None,
+    check_files: bool = True,
+    allow_outside: bool = False,
+) -> Manifest:
+    """Read and validate a JSON (Decathlon datalist) or CSV manifest.
+
+    Args:
+        path: ``*.json`` or ``*.csv``.
+        task: one of ``TASK_KEYS``; None takes the manifest's own ``"task"`` field (JSON), else no key check.
+            A task given here that contradicts the manifest's declared task is an error.
+        check_files: check that every path exists (file or DICOM folder).
+        allow_outside: accept absolute paths and paths escaping the manifest's folder.
+
+    Returns:
+        a :class:`Manifest` with absolute paths.
+
+    Raises:
+        ManifestError: on any problem, naming the manifest file and the entry.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ManifestError(f"{source}: manifest file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        splits, header = _read_json(path)
+    elif suffix == ".csv":
+        splits, header = _read_csv(path)
+    else:
+        raise ManifestError(f"{source}: unknown manifest format {suffix!r}; valid: .json, .csv")
+    declared = header.get("task")
+    _check_task(task, source)
+    if declared is not None:
+        _check_task(declared, source)
+        if task is not None and task != declared:
+            raise ManifestError(
+                f"{source}: manifest declares task {declared!r} but task {task!r} was requested"
+            )
+    task = task or declared
+    root = Path(os.path.normpath(path.parent.absolute()))
+    cleaned = _validate(
+        splits, root=root, task=task, source=source, check_files=check_files, allow_outside=allow_outside
+    )
+    extra = {k: v for k, v in header.items() if k not in ("task", "name", "description")}
+    return Manifest(
+        splits=cleaned,
+        root=root,
+        task=task,
+        path=path.absolute(),
+        name=header.get("name"),
+        description=header.get("description"),
+        extra=extra,
+    )
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    splits: Mapping[str, Sequence[Mapping]],
+    *,
+    task: str,
+    name: str | None = None,
+    description: str | None = None,
+    overwrite: bool = False,
+    check_files: bool = True,
+    allow_outside: bool = False,
+) -> Path:
+    """Write ``splits`` as a JSON or CSV manifest (by suffix) with paths relative to the manifest's folder.
+
+    Paths may be absolute or relative to the current directory; every path must lie inside the manifest's
+    folder (so the dataset folder stays relocatable) unless ``allow_outside``, which writes ``../`` paths (the
+    manifest must then be loaded with ``allow_outside=True``). The data is validated exactly as
+    ``load_manifest`` would, then written atomically (``medfusion.io.atomic``); an existing file is kept unless
+    ``overwrite``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise ManifestError(f"{path}: unknown manifest format {suffix!r}; valid: .json, .csv")
+    root = Path(os.path.normpath(path.parent.absolute()))
+    absolute = {
+        split: [{k: (str(Path(v).absolute()) if k in PATH_KEYS else v) for k, v in e.items()} for e in items]
+        for split, items in splits.items()
+    }
+    cleaned = _validate(
+        absolute, root=root, task=task, source=str(path), check_files=check_files, allow_outside=True
+    )
+    relative: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        for entry in cleaned.get(split, []):
+            row = {}
+            for k, v in entry.items():
+                if k in PATH_KEYS:
+                    rel = os.path.relpath(v, root)
+                    if rel.split(os.sep)[0] == ".." and not allow_outside:
+                        raise ManifestError(
+                            f"{path}: {split}: {k} {v!r} lies outside the manifest's folder {root}; "
+                            "write the manifest into the data folder (or a parent of it), or pass "
+                            "allow_outside=True (--allow-outside) and load it with allow_outside=True"
+                        )
+                    v = Path(rel).as_posix()
+                row[k] = v
+            relative.setdefault(split, []).append(row)
+    if suffix == ".json":
+        doc: dict = {"task": task}
+        if name is not None:
+            doc["name"] = name
+        if description is not None:
+            doc["description"] = description
+        doc.update({f"num{s.capitalize()}": len(v) for s, v in relative.items()})
+        doc.update(relative)
+        text = json.dumps(doc, indent=2) + "\n"
+    else:
+        columns = ["split"]
+        for items in relative.values():
+            for row in items:
+                columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for split, items in relative.items():
+            for row in items:
+                writer.writerow({"split": split, **row})
+        text = buf.getvalue()
+    return write_text_atomic(path, text, overwrite=overwrite)
+
+
+# --- manifests from `medfusion convert` output -------------------------------------------------------------
+
+
+def _nifti_for(sidecar: Path) -> Path | None:
+    stem = sidecar.name[: -len(".json")]
+    for suffix in NIFTI_SUFFIXES:
+        candidate = sidecar.with_name(stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _series_number(meta: Mapping) -> float:
+    try:
+        return float(meta.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+def _split_patients(patients: list[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
+    """Assign each patient to a split: shuffled with ``seed``, sizes by largest remainder, >= 1 per used split."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(
+            f"split must be three non-negative fractions (training, validation, test), got {fractions}"
+        )
+    total = sum(fractions)
+    fracs = [f / total for f in fractions]
+    order = sorted(patients)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    counts = [int(f * n) for f in fracs]
+    for i in sorted(range(3), key=lambda i: fracs[i] * n - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    # every requested split gets at least one patient when there are enough patients
+    for i in range(3):
+        if fracs[i] > 0 and counts[i] == 0:
+            donor = max(range(3), key=lambda j: counts[j])
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[i] += 1
+    assignment: dict[str, str] = {}
+    start = 0
+    for split, count in zip(SPLITS, counts):
+        for pid in order[start : start + count]:
+            assignment[pid] = split
+        start += count
+    return assignment
+
+
+def build_manifest_from_converted(
+    directory: str | os.PathLike,
+    *,
+    task: str,
+    group_by: str = "ConvolutionKernel",
+    standard: str | None = None,
+    split: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> Manifest:
+    """Build a manifest from the NIfTI + JSON sidecars written by ``medfusion convert``.
+
+    Every ``X.json`` with a sibling ``X.nii.gz``/``X.nii`` is one series. For ``task="image"`` each series is an
+    entry ``{image, protocol, case_id}``. For ``standardize``/``restore`` series of the same patient and study are
+    grouped by the sidecar field ``group_by`` (e.g. the reconstruction kernel); the *standard* group is
+    ``standard`` or, if None, the most common value. Each non-standard series becomes an entry
+    ``{source: series, target: the study's standard series (lowest SeriesNumber), protocol: its group value,
+    case_id: PatientID}``; studies without a standard series are skipped. Patients are split
+    (training, validation, test) by ``split`` fractions with ``seed``, so no patient is in two splits.
+
+    Raises:
+        ManifestError: no series found, unknown/unsupported task, or no pair could be built.
+    """
+    source = str(directory)
+    directory = Path(os.path.normpath(Path(directory).absolute()))
+    _check_task(task, source)
+    supported = ("image", "standardize", "restore")
+    if task not in supported:
+        raise ManifestError(
+            f"{source}: task {task!r} cannot be built from DICOM sidecars (needs labels or a registration "
+            f"design); supported here: {', '.join(supported)}"
+        )
+    series: list[tuple[Path, dict]] = []
+    for sidecar in sorted(directory.rglob("*.json")):
+        nifti = _nifti_for(sidecar)
+        if nifti is None:
+            continue
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{sidecar}: sidecar is not valid JSON: {e}") from e
+        if isinstance(meta, dict):
+            series.append((nifti, meta))
+    if not series:
+        raise ManifestError(f"{source}: no NIfTI + JSON sidecar pairs found (run `medfusion convert` first)")
+
+    def group(meta: Mapping) -> str:
+        value = meta.get(group_by)
+        return "" if value is None else str(value)
+
+    def patient(meta: Mapping, nifti: Path) -> str:
+        return str(meta.get("PatientID") or nifti.parent.name)
+
+    entries: list[tuple[str, dict]] = []  # (patient, entry)
+    if task == "image":
+        for nifti, meta in series:
+            pid = patient(meta, nifti)
+            entries.append((pid, {K.IMAGE: str(nifti), K.PROTOCOL: group(meta), K.CASE_ID: pid}))
+    else:
+        counts = Counter(group(m) for _, m in series)
+        if standard is None:
+            standard = counts.most_common(1)[0][0]
+        elif standard not in counts:
+            raise ManifestError(
+                f"{source}: standard {group_by} {standard!r} not found; values present: {sorted(counts)}"
+            )
+        studies: dict[tuple[str, str], list[tuple[Path, dict]]] = defaultdict(list)
+        for nifti, meta in series:
+            studies[(patient(meta, nifti), str(meta.get("StudyInstanceUID", "")))].append((nifti, meta))
+        for (pid, _study), members in sorted(studies.items()):
+            refs = sorted((m for m in members if group(m[1]) == standard), key=lambda m: _series_number(m[1]))
+            if not refs:
+                continue
+            target = refs[0][0]
+            for nifti, meta in sorted(members, key=lambda m: _series_number(m[1])):
+                if group(meta) == standard:
+                    continue
+                entry = {K.SOURCE: str(nifti), K.TARGET: str(target), K.PROTOCOL: group(meta), K.CASE_ID: pid}
+                entries.append((pid, entry))
+        if not entries:
+            raise ManifestError(
+                f"{source}: no study has both a standard ({group_by}={standard!r}) and a non-standard series; "
+                f"{group_by} values present: {dict(counts)}"
+            )
+    assignment = _split_patients(sorted({pid for pid, _ in entries}), split, seed)
+    splits: dict[str, list[dict]] = {}
+    for pid, entry in entries:
+        splits.setdefault(assignment[pid], []).append(entry)
+    splits = {s: splits[s] for s in SPLITS if s in splits}
+    root = directory
+    cleaned = _validate(splits, root=root, task=task, source=source, check_files=True, allow_outside=True)
+    desc = f"built by `medfusion manifest` from {len(series)} series grouped by {group_by}"
+    if task != "image":
+        desc += f"; standard = {standard!r}"
+    return Manifest(splits=cleaned, root=root, task=task, name=directory.name, description=desc)
+
+
+# --- command line: medfusion manifest DIR --task standardize --standard KERNEL --output manifest.json -------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="folder written by `medfusion convert` (NIfTI + JSON sidecars)")
+    parser.add_argument("--task", required=True, choices=sorted(TASK_KEYS), help="task whose keys to write")
+    parser.add_argument(
+        "--group-by", default="ConvolutionKernel", help="sidecar field that defines protocols"
+    )
+    parser.add_argument("--standard", default=None, help="the standard protocol value (default: most common)")
+    parser.add_argument(
+        "--split", nargs=3, type=float, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST")
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    parser.add_argument(
+        "--output", default=None, help="manifest path (.json or .csv; default DIR/manifest.json)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    parser.add_argument(
+        "--allow-outside",
+        action="store_true",
+        help="allow --output outside DIR (writes ../ paths; load with allow_outside=True)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        manifest = build_manifest_from_converted(
+            args.directory,
+            task=args.task,
+            group_by=args.group_by,
+            standard=args.standard,
+            split=tuple(args.split),
+            seed=args.seed,
+        )
+        output = Path(args.output) if args.output else Path(args.directory) / "manifest.json"
+        write_manifest(
+            output,
+            manifest.splits,
+            task=args.task,
+            name=manifest.name,
+            description=manifest.description,
+            overwrite=args.overwrite,
+            allow_outside=args.allow_outside,
+        )
+    except (ManifestError, FileExistsError) as e:
+        print(f"medfusion manifest: {e}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{s}: {len(v)}" for s, v in manifest.splits.items())
+    print(f"wrote {output} ({sizes})")
+    return 0
