@@ -7,8 +7,8 @@ For every patient (:mod:`medfusion.data.phantoms`) it writes, under ``DIR/<case_
 * ``standard_repeat.nii.gz``: a second standard scan with another noise seed (test-retest reference for CCC);
 
 with a RAS+ affine from the spacing (2D data as 2D NIfTI), optionally ``DIR/dicom/<case_id>/<protocol>/`` DICOM
-series with protocol headers, and one Decathlon-style manifest per task in ``DIR/manifests/`` (paths relative to
-that folder, i.e. ``../case_000/standard.nii.gz``: load them with ``load_manifest(..., allow_outside=True)``):
+series with protocol headers, and one Decathlon-style manifest per task in ``DIR/manifests/`` (they declare
+``"root": ".."``, so their paths, e.g. ``case_000/standard.nii.gz``, are relative to ``DIR``):
 ``standardize`` (each non-standard scan -> standard), ``restore`` (low dose -> standard), ``segment``
 (standard scan + labels) and ``register`` (pairs of patients within a split). Splits are by patient.
 
@@ -235,19 +235,24 @@ def _manifests(
         if not entries[task]:
             continue
         path = folder / f"{task}.json"
-        doc: dict = {"name": f"medfusion-builtin-{task}", "task": task, "description": descriptions[task]}
+        doc: dict = {
+            "name": f"medfusion-builtin-{task}",
+            "task": task,
+            "description": descriptions[task],
+            "root": "..",  # paths are relative to the dataset folder, one level up
+        }
         doc.update({f"num{s.capitalize()}": len(v) for s, v in entries[task].items()})
         for split, items in entries[task].items():
             doc[split] = [
                 {
-                    k: (Path(os.path.relpath(v, folder)).as_posix() if k in PATH_KEYS else v)
+                    k: (Path(os.path.relpath(v, root)).as_posix() if k in PATH_KEYS else v)
                     for k, v in e.items()
                 }
                 for e in items
             ]
         # derived from the files and the split, so always rewritten
         write_text_atomic(path, json.dumps(doc, indent=2) + "\n", overwrite=True)
-        load_manifest(path, task=task, allow_outside=True)  # validate: files exist, keys, no leakage
+        load_manifest(path, task=task)  # validate: files exist, keys, no leakage
         out[task] = path
     return out
 

@@ -244,6 +244,24 @@ def _read_json(path: Path) -> tuple[dict[str, list[dict]], dict]:
     return splits, header
 
 
+def _data_root(path: Path, declared: object) -> Path:
+    """The folder that manifest paths are relative to: the manifest's folder, or its declared ``"root"``.
+
+    A JSON manifest may declare ``"root": ".."`` (relative to the manifest's own folder; MONAI's
+    ``load_decathlon_datalist`` calls this ``base_dir``) so that manifests can live in a ``manifests/``
+    sub-folder of the dataset; paths must then stay inside that root.
+    """
+    folder = Path(os.path.normpath(path.parent.absolute()))
+    if declared is None:
+        return folder
+    if not isinstance(declared, str) or not declared or Path(declared).is_absolute():
+        raise ManifestError(f"{path}: 'root' must be a relative folder path (e.g. '..'), got {declared!r}")
+    root = Path(os.path.normpath(folder / declared))
+    if not root.is_dir():
+        raise ManifestError(f"{path}: declared root {declared!r} ({root}) is not a folder")
+    return root
+
+
 def load_manifest(
     path: str | os.PathLike,
     *,
@@ -286,11 +304,11 @@ def load_manifest(
                 f"{source}: manifest declares task {declared!r} but task {task!r} was requested"
             )
     task = task or declared
-    root = Path(os.path.normpath(path.parent.absolute()))
+    root = _data_root(path, header.get("root"))
     cleaned = _validate(
         splits, root=root, task=task, source=source, check_files=check_files, allow_outside=allow_outside
     )
-    extra = {k: v for k, v in header.items() if k not in ("task", "name", "description")}
+    extra = {k: v for k, v in header.items() if k not in ("task", "name", "description", "root")}
     return Manifest(
         splits=cleaned,
         root=root,
@@ -312,6 +330,7 @@ def write_manifest(
     overwrite: bool = False,
     check_files: bool = True,
     allow_outside: bool = False,
+    root: str | None = None,
 ) -> Path:
     """Write ``splits`` as a JSON or CSV manifest (by suffix) with paths relative to the manifest's folder.
 
@@ -325,7 +344,10 @@ def write_manifest(
     suffix = path.suffix.lower()
     if suffix not in (".json", ".csv"):
         raise ManifestError(f"{path}: unknown manifest format {suffix!r}; valid: .json, .csv")
-    root = Path(os.path.normpath(path.parent.absolute()))
+    if root is not None and suffix != ".json":
+        raise ManifestError(f"{path}: a declared 'root' needs a JSON manifest")
+    declared_root = root
+    root = Path(os.path.normpath(path.parent.absolute() / (root or ".")))
     absolute = {
         split: [{k: (str(Path(v).absolute()) if k in PATH_KEYS else v) for k, v in e.items()} for e in items]
         for split, items in splits.items()
@@ -351,6 +373,8 @@ def write_manifest(
             relative.setdefault(split, []).append(row)
     if suffix == ".json":
         doc: dict = {"task": task}
+        if declared_root is not None:
+            doc["root"] = declared_root
         if name is not None:
             doc["name"] = name
         if description is not None:

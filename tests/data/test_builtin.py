@@ -50,20 +50,20 @@ def test_manifests_are_valid_and_split_by_patient(tiny):
         assert path == out / "manifests" / f"{task}.json"
         doc = json.loads(path.read_text())
         assert doc["task"] == task and doc["name"] and doc["description"]
-        m = load_manifest(path, task=task, allow_outside=True)  # files exist, keys, no leakage
+        m = load_manifest(path, task=task)  # files exist, keys, no leakage
         for split, entries in m.splits.items():
             for e in entries:
                 case = e["case_id"].split("_to_")[0]
                 assert seen.setdefault(case, split) == split, f"{case} in two splits"
         for entry in doc["training"]:  # relative to the manifest's folder
             assert all(not str(v).startswith("/") for v in entry.values())
-    std = load_manifest(manifests["standardize"], allow_outside=True)
+    std = load_manifest(manifests["standardize"])
     protocols = {e["protocol"] for e in std.split("training")}
     assert protocols == set(PROTOCOLS) - {STANDARD}
     assert all(e["target"].endswith(f"{STANDARD}.nii.gz") for e in std.split("training"))
-    restore = load_manifest(manifests["restore"], allow_outside=True)
+    restore = load_manifest(manifests["restore"])
     assert all(e["source"].endswith("low_dose.nii.gz") for e in restore.split("training"))
-    reg = load_manifest(manifests["register"], allow_outside=True)
+    reg = load_manifest(manifests["register"])
     for e in reg.split("training"):
         assert e["moving"] != e["fixed"]
 

@@ -267,3 +267,35 @@ def test_shipped_example_manifests_are_valid(name: str) -> None:
     task = m.task or "segment"
     m = load_manifest(path, task=task, check_files=False)
     assert all(str(path.parent) in e[TASK_KEYS[task][0]] for items in m.splits.values() for e in items)
+
+
+def test_declared_root_lets_manifests_live_in_a_subfolder(tmp_path):
+    """A manifest in DIR/manifests/ declaring ``"root": ".."`` resolves paths against DIR, and still refuses escapes."""
+    import json
+
+    from medfusion.data.manifest import ManifestError, load_manifest, write_manifest
+
+    data = tmp_path / "ds"
+    (data / "case_0").mkdir(parents=True)
+    (data / "case_1").mkdir(parents=True)
+    for c in ("case_0", "case_1"):
+        (data / c / "a.nii.gz").write_bytes(b"x")
+        (data / c / "b.nii.gz").write_bytes(b"x")
+    splits = {
+        "training": [{"source": str(data / "case_0/a.nii.gz"), "target": str(data / "case_0/b.nii.gz"), "case_id": "0"}],
+        "test": [{"source": str(data / "case_1/a.nii.gz"), "target": str(data / "case_1/b.nii.gz"), "case_id": "1"}],
+    }
+    path = write_manifest(data / "manifests" / "m.json", splits, task="standardize", root="..")
+    doc = json.loads(path.read_text())
+    assert doc["root"] == ".." and doc["training"][0]["source"] == "case_0/a.nii.gz"
+    m = load_manifest(path)
+    assert m.root == data and m.split("training")[0]["source"] == str(data / "case_0/a.nii.gz")
+    doc["training"][0]["source"] = "../outside.nii.gz"
+    (tmp_path / "outside.nii.gz").write_bytes(b"x")
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="escapes"):
+        load_manifest(path)
+    doc["root"] = "/abs"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="relative folder"):
+        load_manifest(path)
