@@ -1,0 +1,115 @@
+"""``medfusion restore``: denoise / restore scans with a trained RDDM or DiffIR (stage 2) model.
+
+    medfusion restore --ckpt MODEL --input PATH --output PATH [--format nifti|dicom] [--steps N] [--eta E]
+                      [--device auto] [--roi-size X Y Z] [--overwrite]
+
+``MODEL`` is an exported folder (``model.safetensors`` + ``config.yaml``) or a Lightning ``.ckpt`` (loaded without
+pickle) of :class:`medfusion.models.rddm.RDDM` or :class:`medfusion.models.diffir.DiffIRStage2`. ``PATH`` is a
+DICOM folder, a NIfTI file, a folder of NIfTI files or a manifest JSON (its ``source`` entries). 2D models run over
+the slices of each volume in batches. 3D models get the whole volume; sliding windows (``--roi-size`` or the
+model's own ``sw_roi_size``) run *inside* the model, i.e. inside every RDDM sampling step, never as independent
+samplers per window. Input and output handling (HU window, padding, progress, atomic writes, no overwrite) is
+:mod:`medfusion.apps.volume_job`, shared with ``standardize``.
+Exit status: 0 all scans written, 1 some failed, 2 bad arguments / input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ckpt", required=True, help="trained RDDM or DiffIRStage2: exported folder or .ckpt"
+    )
+    parser.add_argument(
+        "--input", required=True, help="DICOM folder, NIfTI file, folder of NIfTIs or manifest .json"
+    )
+    parser.add_argument("--output", required=True, help="output .nii.gz (one scan) or folder")
+    parser.add_argument(
+        "--format", default="nifti", choices=["nifti", "dicom"], help="output format (default nifti)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="RDDM sampling steps (default: the model's)")
+    parser.add_argument(
+        "--eta", type=float, default=None, help="RDDM stochasticity (default: the model's, 0)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per batch (2D models)")
+    parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="3D model: sliding-window size")
+    parser.add_argument(
+        "--hu-window", type=float, nargs=2, default=None, help="HU window (default: the model's)"
+    )
+    parser.add_argument("--manifest-key", default="source", help="manifest entry key holding the scan")
+    parser.add_argument("--split", default=None, help="manifest split to process (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (per scan, reproducible)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_restorer(path: str):
+    """Load an RDDM or DiffIRStage2 model in eval mode; ``ValueError`` for any other model."""
+    from medfusion.models.diffir import DiffIRStage2
+    from medfusion.models.export import load_model
+    from medfusion.models.rddm import RDDM
+
+    model = load_model(path)
+    if not isinstance(model, (RDDM, DiffIRStage2)):
+        raise ValueError(
+            f"{path} holds a {type(model).__name__}; medfusion restore needs RDDM or DiffIRStage2 "
+            "(a DiffIR stage-1 model needs the clean image and cannot restore)"
+        )
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from medfusion.apps.volume_job import resolve_device, run_volume_job
+    from medfusion.models.rddm import RDDM
+
+    try:
+        device = resolve_device(args.device)
+        model = load_restorer(args.ckpt)
+        is_rddm = isinstance(model, RDDM)
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if not is_rddm and (args.steps is not None or args.eta is not None):
+            raise ValueError("--steps/--eta apply to RDDM only (DiffIR always runs its 4 prior steps)")
+        if args.roi_size is not None:
+            if model.spatial_dims != 3 or len(args.roi_size) != 3:
+                raise ValueError(f"--roi-size needs a 3D model and 3 values, got {args.roi_size}")
+            if any(r % model.divisible_by for r in args.roi_size):
+                raise ValueError(f"--roi-size values must be multiples of {model.divisible_by}")
+            model.hparams.sw_roi_size = list(args.roi_size)
+        model = model.to(device).eval()
+        window = tuple(args.hu_window) if args.hu_window else model.hu_window
+        state = {"gen": torch.Generator().manual_seed(args.seed)}
+
+        def reseed(_item) -> None:
+            state["gen"] = torch.Generator().manual_seed(args.seed)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if is_rddm:
+                return model.sample(x, num_steps=args.steps, eta=args.eta, generator=state["gen"])
+            return model.sample(x, generator=state["gen"])
+
+        steps = (args.steps or model.hparams.num_sampling_steps) if is_rddm else model.hparams.prior_timesteps
+        name = type(model).__name__
+        results = run_volume_job(
+            args.input, args.output, fn, fmt=args.format, spatial_dims=model.spatial_dims, hu_window=window,
+            batch_size=args.batch_size, divisible_by=model.divisible_by, roi_size=None, device=device,
+            overwrite=args.overwrite, manifest_key=args.manifest_key, split=args.split,
+            series_description=f"restored (medfusion {name})",
+            derivation_description=f"{name} restoration, {steps} steps",
+            show_progress=not args.quiet, before_each=reseed,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"medfusion restore: error: {err}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if r.status != "ok"]
+    for r in results:
+        line = f"{r.status:6} {r.name} -> {r.output}" + (f"  ({r.message})" if r.message else "")
+        print(line, file=sys.stderr if r.status != "ok" else sys.stdout)
+    print(f"{len(results) - len(failed)}/{len(results)} scans restored")
+    return 1 if failed else 0
