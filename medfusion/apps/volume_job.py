@@ -1,0 +1,347 @@
+"""Apply an image-to-image function to every scan of an input (DICOM folder, NIfTI file or folder, manifest).
+
+Shared by ``medfusion standardize`` and ``medfusion restore``: the caller supplies
+``fn(batch) -> batch`` working on ``(B, 1, *spatial)`` tensors in [-1, 1] (the HU window of training), and this
+module does everything around it:
+
+* input discovery (:func:`discover_inputs`): a NIfTI file; a folder of NIfTI files; a folder holding DICOM series
+  (``medfusion.io.dicom.discover_series``); a manifest JSON (Decathlon-style, ``source``/``image`` entries);
+* HU -> [-1, 1] with the training window, and back; voxels outside the window cannot be represented by the model
+  and keep their input value (documented pass-through, e.g. cortical bone above +1000 HU);
+* a 2D model gets the slices of a volume in batches (along the last array axis, i.e. axial for a
+  RAS/LPS-ordered CT); a 3D model gets the whole volume, or sliding windows of ``roi_size`` with Gaussian blending
+  (``monai.inferers.sliding_window_inference``); sizes are padded to multiples of ``divisible_by`` with air (-1);
+* output as NIfTI (same affine) or as a DICOM series derived from the input series; every output path is checked
+  *before* any work (never overwrite without ``overwrite=True``) and written atomically;
+* a rich progress bar, and a per-scan result list (a failing scan does not stop the others).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medfusion.io.atomic import check_not_overwriting
+
+FORMATS = ("nifti", "dicom")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MANIFEST_SUFFIXES = (".json", ".csv")
+
+BatchFn = Callable[[Tensor], Tensor]
+
+
+class JobItem(NamedTuple):
+    """One input scan: ``kind`` is ``nifti`` or ``dicom``; ``series`` is the discovered DICOM series object."""
+
+    name: str
+    kind: str
+    path: Path
+    series: Any = None
+
+
+class JobResult(NamedTuple):
+    """Outcome for one scan: ``status`` is ``ok`` or ``failed`` (``message`` says why)."""
+
+    name: str
+    input: str
+    output: str
+    status: str
+    message: str = ""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _nifti_stem(path: Path) -> str:
+    for s in NIFTI_SUFFIXES:
+        if path.name.endswith(s):
+            return path.name[: -len(s)]
+    return path.stem
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _unique(items: list[JobItem]) -> list[JobItem]:
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        n = seen.get(it.name, 0)
+        seen[it.name] = n + 1
+        out.append(it if n == 0 else it._replace(name=f"{it.name}_{n + 1}"))
+    return out
+
+
+def _manifest_items(path: Path, key: str, split: str | None) -> list[JobItem]:
+    from medfusion.data.manifest import load_manifest
+
+    man = load_manifest(path, task=None, check_files=False, allow_outside=True)
+    if split is not None:
+        entries_by_split = {split: man.split(split)}
+        if not entries_by_split[split]:
+            raise ValueError(f"{path}: no split {split!r}; present: {', '.join(man.splits) or '(none)'}")
+    else:
+        entries_by_split = man.splits
+    items: list[JobItem] = []
+    seen: set[Path] = set()
+    for entries in entries_by_split.values():
+        for e in entries:
+            if key not in e:
+                continue
+            p = Path(e[key])
+            if p in seen:
+                continue
+            seen.add(p)
+            name = "_".join(str(e[k]) for k in ("case_id", "protocol") if k in e) or _nifti_stem(p)
+            if _is_nifti(p):
+                items.append(JobItem(name, "nifti", p))
+            elif p.is_dir():
+                items.extend(_dicom_items(p, prefix=name))
+            else:
+                raise ValueError(f"{path}: entry {p} is neither a NIfTI file nor a DICOM folder")
+    if not items:
+        raise ValueError(f"{path}: no entries with key {key!r}" + (f" in split {split!r}" if split else ""))
+    return items
+
+
+def _dicom_items(folder: Path, prefix: str | None = None) -> list[JobItem]:
+    from medfusion.io.dicom import discover_series
+
+    found = discover_series(folder)
+    series = list(getattr(found, "series", found))
+    items = []
+    for i, s in enumerate(series):
+        desc = getattr(s, "description", None) or ""
+        num = (getattr(s, "meta", None) or {}).get("SeriesNumber")
+        base = prefix or folder.name
+        label = "_".join(str(p) for p in (num, desc) if p not in (None, "")) or str(i + 1)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        name = base if len(series) == 1 else f"{base}_{safe}"
+        items.append(JobItem(name, "dicom", folder, s))
+    return items
+
+
+def discover_inputs(
+    path: str | Path, *, manifest_key: str = "source", split: str | None = None
+) -> list[JobItem]:
+    """Scans named by ``path`` (see the module docstring). Raises ``FileNotFoundError`` / ``ValueError`` clearly."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.is_file():
+        if _is_nifti(path):
+            return [JobItem(_nifti_stem(path), "nifti", path)]
+        if path.suffix in MANIFEST_SUFFIXES:
+            return _unique(_manifest_items(path, manifest_key, split))
+        raise ValueError(
+            f"{path}: unsupported input file; give a NIfTI file (.nii, .nii.gz), a manifest (.json, .csv), "
+            "a folder of NIfTI files or a DICOM folder"
+        )
+    niftis = sorted(p for p in path.rglob("*") if p.is_file() and _is_nifti(p))
+    if niftis:
+        return _unique([JobItem(_nifti_stem(p), "nifti", p) for p in niftis])
+    items = _dicom_items(path)
+    if not items:
+        raise ValueError(f"{path}: no NIfTI files and no DICOM series found in this folder")
+    return _unique(items)
+
+
+def plan_outputs(items: Sequence[JobItem], output: str | Path, fmt: str) -> list[Path]:
+    """Output path per item: ``output`` itself for one scan (a ``.nii[.gz]`` file or a DICOM folder), else
+    ``output/<name>.nii.gz`` or ``output/<name>/``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    output = Path(output)
+    if fmt == "dicom":
+        bad = [it.name for it in items if it.kind != "dicom"]
+        if bad:
+            raise ValueError(
+                f"--format dicom needs DICOM input (the output series is derived from the input series); "
+                f"not DICOM: {', '.join(bad[:5])}"
+            )
+        if len(items) == 1:
+            return [output]
+        return [output / it.name for it in items]
+    if len(items) == 1 and _is_nifti(output):
+        return [output]
+    if _is_nifti(output):
+        raise ValueError(
+            f"{len(items)} input scans: --output must be a folder, not the file name {output.name}"
+        )
+    return [output / f"{it.name}.nii.gz" for it in items]
+
+
+def _pad_to(x: Tensor, multiple: int, value: float) -> tuple[Tensor, list[int]]:
+    sizes = list(x.shape[2:])
+    pad: list[int] = []
+    for s in reversed(sizes):
+        extra = (-s) % multiple
+        pad += [extra // 2, extra - extra // 2]
+    return (torch.nn.functional.pad(x, pad, value=value) if any(pad) else x), pad
+
+
+def _crop(x: Tensor, pad: list[int]) -> Tensor:
+    if not any(pad):
+        return x
+    idx = [slice(None), slice(None)]
+    n = x.ndim - 2
+    for d in range(n):
+        lo, hi = pad[2 * (n - 1 - d)], pad[2 * (n - 1 - d) + 1]
+        idx.append(slice(lo, x.shape[2 + d] - hi))
+    return x[tuple(idx)]
+
+
+def apply_to_array(
+    array_hu: np.ndarray,
+    fn: BatchFn,
+    *,
+    spatial_dims: Literal[2, 3] = 2,
+    hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    batch_size: int = 8,
+    divisible_by: int = 1,
+    roi_size: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Run ``fn`` over one array in HU, ``(I, J)`` or ``(I, J, K)``; returns float32 HU of the same shape.
+
+    ``progress(n)`` is called with the number of slices (2D) or windows/volumes (3D) just finished.
+    """
+    from medfusion.data.pipelines import hu_to_unit, unit_to_hu
+
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    arr = np.asarray(array_hu, dtype=np.float32)
+    if arr.ndim not in (2, 3) or (spatial_dims == 3 and arr.ndim != 3):
+        raise ValueError(
+            f"a {spatial_dims}D model needs a {'2D or ' if spatial_dims == 2 else ''}3D array, got shape {arr.shape}"
+        )
+    device = torch.device(device)
+    unit = torch.from_numpy(np.asarray(hu_to_unit(arr, hu_window), dtype=np.float32))
+    if spatial_dims == 2:
+        slices = unit[None] if arr.ndim == 2 else unit.permute(2, 0, 1)  # (K, I, J)
+        outs = []
+        for start in range(0, slices.shape[0], batch_size):
+            x = slices[start : start + batch_size, None].to(device)
+            x, pad = _pad_to(x, divisible_by, -1.0)
+            y = _crop(fn(x), pad)
+            outs.append(y[:, 0].float().cpu())
+            if progress is not None:
+                progress(x.shape[0])
+        out = torch.cat(outs)
+        out = out[0] if arr.ndim == 2 else out.permute(1, 2, 0)
+    else:
+        x = unit[None, None].to(device)
+        if roi_size is None:
+            x, pad = _pad_to(x, divisible_by, -1.0)
+            out = _crop(fn(x), pad)[0, 0].float().cpu()
+        else:
+            from monai.inferers import sliding_window_inference
+
+            roi = tuple(int(r) for r in roi_size)
+            if any(r % divisible_by for r in roi):
+                raise ValueError(f"roi_size {roi} must be multiples of {divisible_by}")
+            x, pad = _pad_to(x, divisible_by, -1.0)
+            y = sliding_window_inference(
+                x, roi, batch_size, fn, overlap=0.25, mode="gaussian", padding_mode="replicate"
+            )
+            out = _crop(torch.as_tensor(y), pad)[0, 0].float().cpu()
+        if progress is not None:
+            progress(1)
+    hu = np.asarray(unit_to_hu(out.numpy(), hu_window), dtype=np.float32)
+    outside = (arr < hu_window[0]) | (arr > hu_window[1])
+    hu[outside] = arr[outside]  # the model cannot represent values outside its window: pass them through
+    return hu
+
+
+def _units(arr: np.ndarray, spatial_dims: int) -> int:
+    return 1 if spatial_dims == 3 or arr.ndim == 2 else arr.shape[-1]
+
+
+def run_volume_job(
+    input_path: str | Path,
+    output: str | Path,
+    fn: BatchFn,
+    *,
+    fmt: str = "nifti",
+    spatial_dims: Literal[2, 3] = 2,
+    hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    batch_size: int = 8,
+    divisible_by: int = 1,
+    roi_size: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    manifest_key: str = "source",
+    split: str | None = None,
+    series_description: str = "medfusion",
+    derivation_description: str = "processed by medfusion",
+    show_progress: bool = True,
+    before_each: Callable[[JobItem], None] | None = None,
+) -> list[JobResult]:
+    """Discover the scans of ``input_path``, apply ``fn`` to each and write them under ``output``.
+
+    Raises (before any work): ``FileNotFoundError`` / ``ValueError`` for bad input or format, ``FileExistsError``
+    if an output exists and ``overwrite`` is False. Per-scan read/processing errors are returned as ``failed``.
+    ``before_each(item)`` runs before each scan (e.g. to reseed a sampler per scan).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    items = discover_inputs(input_path, manifest_key=manifest_key, split=split)
+    outputs = plan_outputs(items, output, fmt)
+    for out in outputs:
+        check_not_overwriting(out, overwrite)
+    results: list[JobResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not show_progress, transient=False) as bar:
+        for item, out in zip(items, outputs):
+            try:
+                if item.kind == "nifti":
+                    from medfusion.io.nifti import read_nifti
+
+                    vol = read_nifti(item.path)
+                else:
+                    from medfusion.io.dicom import read_series
+
+                    vol = read_series(item.series)
+                arr = np.asarray(vol.array)
+                task = bar.add_task(item.name, total=_units(arr, spatial_dims))
+                if before_each is not None:
+                    before_each(item)
+                hu = apply_to_array(
+                    arr, fn, spatial_dims=spatial_dims, hu_window=hu_window, batch_size=batch_size,
+                    divisible_by=divisible_by, roi_size=roi_size, device=device,
+                    progress=lambda n, task=task: bar.advance(task, n),
+                )  # fmt: skip
+                if fmt == "nifti":
+                    from medfusion.io.nifti import write_nifti
+
+                    write_nifti(out, hu, vol.affine, overwrite=overwrite)
+                else:
+                    from medfusion.io.dicom import write_dicom_series
+
+                    write_dicom_series(
+                        hu, out, reference=item.series, series_description=series_description,
+                        derivation_description=derivation_description, overwrite=overwrite,
+                    )  # fmt: skip
+                results.append(JobResult(item.name, str(item.path), str(out), "ok"))
+            except (OSError, ValueError, RuntimeError) as err:
+                results.append(
+                    JobResult(item.name, str(item.path), str(out), "failed", f"{type(err).__name__}: {err}")
+                )
+    return results

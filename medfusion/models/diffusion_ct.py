@@ -1,0 +1,696 @@
+"""DiffusionCT: latent diffusion for CT standardization (Selim et al., arXiv 2301.08815 / 2310.05237).
+
+The method has two stages, and so two LightningModules live in this one file:
+
+1. :class:`DiffusionCTAutoencoder` (phase 1 of the paper): an encoder-decoder trained alone to reconstruct CT of
+   *every* protocol (standard and non-standard), so that its bottleneck is a shared latent representation.
+   Loss ``L1 + w_ssim (1 - SSIM) + w_kl KL`` on images scaled to [-1, 1] by the HU window of the data pipeline.
+   After training, latents are used as ``z = s * mu`` with the scale ``s = 1 / std(mu)`` over the training set
+   (Rombach et al. 2022, sec. 3.3; user_asks §0.10). ``s`` is stored with the weights (buffer ``latent_scale``).
+2. :class:`DiffusionCT` (phase 2): a DDPM (Ho et al. 2020, eq. 4 and 14) in that latent space, with the autoencoder
+   frozen. Two modes:
+
+   * ``conditional`` (paired data): the network sees the noised target latent concatenated with the source latent
+     ``z_src`` and learns the standard-protocol latent. With ``residual=True`` (default) the diffused quantity is
+     ``x0 = r * (z_std - z_src)`` with its own scale ``r = 1 / std(z_std - z_src)``; the measured feasibility run
+     (shared/reference/diffusionct_feasibility.md, risk 4) showed that a from-noise model fails to learn the
+     near-identity map in a few hundred steps while the residual target reaches the autoencoder ceiling.
+   * ``translate`` (unpaired: only standard scans are needed): an unconditional DDPM on standard latents; at
+     inference the source latent is noised to ``t_start = strength * (T - 1)`` with ``q(x_t | x_0)`` (eq. 4) and
+     denoised from there (SDEdit, Meng et al. 2022). ``strength = 0`` returns the plain reconstruction.
+
+   Sampling uses :func:`medfusion.diffusion.samplers.sample` (default DPM-Solver++(2M), 20 steps) with the
+   exponential-moving-average copy of the denoiser. ``v``-prediction is the default because ε-prediction collapsed
+   in short training (feasibility note, risk 3).
+
+Batch keys read: ``source`` and ``target`` (``medfusion.keys``), images ``(B, 1, *spatial)`` in [-1, 1]; stage 1 also
+accepts ``image``.
+
+Skip connections. The paper's lineage (UNet++ in LTDiff++) probably keeps decoder skips, but kernel differences are
+high-frequency texture and skips from the source encoder carry that texture past the bottleneck.
+``skip_connections=False`` (default) uses MONAI's ``AutoencoderKL``; ``True`` uses a small U-Net encoder-decoder
+written here (MONAI ships no autoencoder with a skip path), whose decoder takes the encoder features of the image
+being decoded (in stage 2: the *source* scan), which gives a higher reconstruction ceiling at the price of
+keeping source texture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medfusion import keys
+from medfusion.models.export import CKPT_CLASS_KEY, class_path
+
+MODES = ("conditional", "translate")
+
+
+class Encoded(NamedTuple):
+    """Output of :meth:`DiffusionCTAutoencoder.encode`.
+
+    ``mean`` and ``sigma``: posterior mean and SD, ``(B, C_lat, *spatial / f)``, *unscaled*; ``skips``: encoder
+    features for the decoder (empty tuple unless ``skip_connections``).
+    """
+
+    mean: Tensor
+    sigma: Tensor
+    skips: tuple[Tensor, ...]
+
+
+# ----------------------------------------------------------------------------------------------- networks
+def _conv(spatial_dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Module:
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
+    return conv(cin, cout, kernel, stride=stride, padding=kernel // 2)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, spatial_dims: int, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(min(groups, cin), cin),
+            nn.SiLU(),
+            _conv(spatial_dims, cin, cout),
+            nn.GroupNorm(min(groups, cout), cout),
+            nn.SiLU(),
+            _conv(spatial_dims, cout, cout),
+        )
+        self.skip = nn.Identity() if cin == cout else _conv(spatial_dims, cin, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.skip(x) + self.body(x)
+
+
+class _SkipAutoencoder(nn.Module):
+    """U-Net encoder-decoder with a Gaussian latent bottleneck and decoder skips (concatenated per level).
+
+    Written here because MONAI's ``AutoencoderKL`` has no skip path. Interface as ``AutoencoderKL``'s
+    ``encode``/``decode`` plus the skip features.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: tuple[int, ...],
+        latent_channels: int,
+        num_res_blocks: int,
+        norm_num_groups: int,
+    ):
+        super().__init__()
+        d, g = spatial_dims, norm_num_groups
+        self.conv_in = _conv(d, in_channels, channels[0])
+        self.enc = nn.ModuleList()
+        self.down = nn.ModuleList()
+        prev = channels[0]
+        for i, ch in enumerate(channels):
+            self.enc.append(
+                nn.Sequential(*[_ResBlock(d, prev if j == 0 else ch, ch, g) for j in range(num_res_blocks)])
+            )
+            prev = ch
+            if i < len(channels) - 1:
+                self.down.append(_conv(d, ch, ch, 3, stride=2))
+        self.to_latent = _conv(d, channels[-1], 2 * latent_channels, 1)
+        self.from_latent = _conv(d, latent_channels, channels[-1])
+        self.mid = _ResBlock(d, channels[-1], channels[-1], g)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in range(len(channels) - 2, -1, -1):
+            self.up.append(_conv(d, channels[i + 1], channels[i]))
+            self.dec.append(
+                nn.Sequential(
+                    *[
+                        _ResBlock(d, 2 * channels[i] if j == 0 else channels[i], channels[i], g)
+                        for j in range(num_res_blocks)
+                    ]
+                )
+            )
+        self.conv_out = nn.Sequential(
+            nn.GroupNorm(min(g, channels[0]), channels[0]), nn.SiLU(), _conv(d, channels[0], in_channels)
+        )
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        h = self.conv_in(x)
+        skips = []
+        for i, block in enumerate(self.enc):
+            h = block(h)
+            if i < len(self.down):
+                skips.append(h)
+                h = self.down[i](h)
+        mu, logvar = self.to_latent(h).chunk(2, dim=1)
+        sigma = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return mu, sigma, tuple(skips)
+
+    def decode(self, z: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
+        h = self.mid(self.from_latent(z))
+        for up, block, skip in zip(self.up, self.dec, reversed(skips)):
+            h = up(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
+            h = block(torch.cat([h, skip], dim=1))
+        return self.conv_out(h)
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+class DiffusionCTAutoencoder(L.LightningModule):
+    """DiffusionCT phase 1: CT encoder-decoder whose bottleneck is the latent space of the diffusion model.
+
+    Args:
+        spatial_dims: 2 (slices) or 3 (volumes / patches).
+        in_channels: image channels (1 for CT).
+        channels: feature channels per level; the latent is downsampled by ``f = 2 ** (len(channels) - 1)``.
+        latent_channels: channels of the latent ``(B, C_lat, *spatial / f)``.
+        num_res_blocks: residual blocks per level.
+        norm_num_groups: GroupNorm groups (must divide every entry of ``channels`` for ``AutoencoderKL``).
+        attention: self-attention in the deepest level of ``AutoencoderKL`` (costly in 3D).
+        skip_connections: ``False`` = MONAI ``AutoencoderKL`` (no skips: everything passes the bottleneck);
+            ``True`` = U-Net encoder-decoder whose decoder also receives the encoder features of the decoded image
+            (carries source texture past the bottleneck; see the module docstring).
+        l1_weight, ssim_weight, kl_weight: loss weights of ``L1``, ``1 - SSIM`` (data range 2) and the KL term.
+        lr: Adam learning rate (cosine decay over the trainer's steps when they are finite).
+        scale_momentum: momentum of the running variance of posterior means that gives ``latent_scale``.
+        hu_window: (low, high) HU mapped to [-1, 1] by the data pipeline; stored so that inference
+            (``medfusion standardize``) scales new scans the same way.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        channels: tuple[int, ...] = (32, 64, 64),
+        latent_channels: int = 4,
+        num_res_blocks: int = 1,
+        norm_num_groups: int = 32,
+        attention: bool = False,
+        skip_connections: bool = False,
+        l1_weight: float = 1.0,
+        ssim_weight: float = 0.2,
+        kl_weight: float = 1e-6,
+        lr: float = 1e-3,
+        scale_momentum: float = 0.02,
+        hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(channels) < 1:
+            raise ValueError("channels must have at least one level")
+        self.save_hyperparameters()
+        channels = tuple(int(c) for c in channels)
+        if skip_connections:
+            self.net = _SkipAutoencoder(
+                spatial_dims, in_channels, channels, latent_channels, num_res_blocks, norm_num_groups
+            )
+        else:
+            from monai.networks.nets import AutoencoderKL
+
+            n = len(channels)
+            self.net = AutoencoderKL(
+                spatial_dims=spatial_dims,
+                in_channels=in_channels,
+                out_channels=in_channels,
+                channels=channels,
+                latent_channels=latent_channels,
+                num_res_blocks=(num_res_blocks,) * n,
+                attention_levels=(False,) * (n - 1) + (bool(attention),),
+                norm_num_groups=norm_num_groups,
+                with_encoder_nonlocal_attn=bool(attention),
+                with_decoder_nonlocal_attn=bool(attention),
+            )
+        from monai.losses import SSIMLoss
+
+        self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=2.0, win_size=7)
+        # latent scale s = 1 / std(mu) (running estimate over training batches, or exact via calibrate_latent_scale)
+        self.register_buffer("latent_scale", torch.ones(()))
+        self.register_buffer("latent_var", torch.zeros(()))  # 0 = not yet estimated
+
+    # -------------------------------------------------------------------------------- encode / decode
+    @property
+    def hu_window(self) -> tuple[float, float]:
+        return (float(self.hparams.hu_window[0]), float(self.hparams.hu_window[1]))
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction factor of the latent (input sizes must be divisible by it)."""
+        return 2 ** (len(self.hparams.channels) - 1)
+
+    def encode(self, x: Tensor) -> Encoded:
+        """Posterior of ``x`` ``(B, C, *spatial)`` in [-1, 1]; unscaled mean and SD."""
+        if self.hparams.skip_connections:
+            mu, sigma, skips = self.net.encode(x)
+            return Encoded(mu, sigma, skips)
+        mu, sigma = self.net.encode(x)
+        return Encoded(mu, sigma, ())
+
+    def decode(self, z: Tensor, skips: tuple[Tensor, ...] = ()) -> Tensor:
+        """Image from an *unscaled* latent ``z``; ``skips`` are required when ``skip_connections``."""
+        if self.hparams.skip_connections:
+            if not skips:
+                raise ValueError("this autoencoder uses skip connections: decode() needs the encoder skips")
+            return self.net.decode(z, skips)
+        return self.net.decode(z)
+
+    def encode_latent(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Scaled diffusion latent ``s * mu`` (unit variance over the training set) and the skips."""
+        enc = self.encode(x)
+        return enc.mean * self.latent_scale, enc.skips
+
+    def decode_latent(self, z: Tensor, skips: tuple[Tensor, ...] = ()) -> Tensor:
+        """Inverse of :meth:`encode_latent`: ``decode(z / s)``."""
+        return self.decode(z / self.latent_scale, skips)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """``decode(encode(x).mean)``: the passthrough used as the ceiling / ablation."""
+        enc = self.encode(x)
+        return self.decode(enc.mean, enc.skips)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x)
+
+    # -------------------------------------------------------------------------------- training
+    @staticmethod
+    def _images(batch: dict[str, Any]) -> Tensor:
+        parts = [batch[k] for k in (keys.SOURCE, keys.TARGET, keys.IMAGE) if k in batch]
+        if not parts:
+            raise KeyError(
+                f"batch needs one of {keys.SOURCE!r}, {keys.TARGET!r}, {keys.IMAGE!r}; got {sorted(batch)}"
+            )
+        return torch.cat([torch.as_tensor(p) for p in parts], dim=0)
+
+    def loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Training loss of images ``x`` and the posterior means (for the latent statistics)."""
+        hp = self.hparams
+        enc = self.encode(x)
+        z = enc.mean
+        if hp.kl_weight > 0:
+            eps = torch.randn(
+                z.shape, generator=generator, device="cpu" if generator is not None else z.device
+            )
+            z = z + enc.sigma * eps.to(z.device, z.dtype)
+        recon = self.decode(z, enc.skips)
+        loss = hp.l1_weight * F.l1_loss(recon, x)
+        if hp.ssim_weight > 0:
+            loss = loss + hp.ssim_weight * self.ssim_loss(recon, x)
+        if hp.kl_weight > 0:
+            var = enc.sigma.pow(2)
+            kl = 0.5 * (enc.mean.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1).flatten(1).sum(1).mean()
+            loss = loss + hp.kl_weight * kl
+        return loss, enc.mean
+
+    @torch.no_grad()
+    def _update_latent_stats(self, mu: Tensor) -> None:
+        var = mu.float().var()
+        if self.latent_var <= 0:
+            self.latent_var.copy_(var)
+        else:
+            self.latent_var.lerp_(var, self.hparams.scale_momentum)
+        self.latent_scale.copy_(self.latent_var.clamp_min(1e-12).rsqrt())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x = self._images(batch)
+        loss, mu = self.loss(x)
+        self._update_latent_stats(mu.detach())
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("latent_scale", self.latent_scale, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        from monai.metrics import PSNRMetric
+
+        x = self._images(batch)
+        recon = self.reconstruct(x)
+        psnr = PSNRMetric(max_val=2.0)(recon.clamp(-1, 1), x).mean()
+        self.log("val/loss", F.l1_loss(recon, x), batch_size=x.shape[0], sync_dist=True)
+        self.log("val/psnr", psnr, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
+
+    @torch.no_grad()
+    def calibrate_latent_scale(
+        self, images: Iterable[Tensor | dict[str, Any]], max_batches: int | None = None
+    ) -> float:
+        """Set ``latent_scale = 1 / std(mu)`` exactly over ``images`` (tensors or batches); returns it."""
+        was_training = self.training
+        self.eval()
+        n, mean, m2 = 0, 0.0, 0.0
+        for i, item in enumerate(images):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = self._images(item) if isinstance(item, dict) else item
+            mu = self.encode(x.to(self.device, self.dtype)).mean.double()
+            # Chan et al. parallel update of the mean / sum of squared deviations
+            k, bm = mu.numel(), mu.mean().item()
+            bm2 = ((mu - bm) ** 2).sum().item()
+            delta = bm - mean
+            tot = n + k
+            mean += delta * k / tot
+            m2 += bm2 + delta**2 * n * k / tot
+            n = tot
+        self.train(was_training)
+        if n < 2:
+            raise ValueError("calibrate_latent_scale needs at least two latent values")
+        var = m2 / (n - 1)
+        self.latent_var.fill_(var)
+        self.latent_scale.fill_(1.0 / math.sqrt(max(var, 1e-12)))
+        return float(self.latent_scale)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+        return _with_cosine(self, opt)
+
+
+def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer):
+    """Cosine decay over the trainer's total steps when those are finite, else a constant rate."""
+    try:
+        total = module.trainer.estimated_stepping_batches
+    except (RuntimeError, AttributeError):
+        total = float("inf")
+    if not math.isfinite(total) or total <= 0:
+        return opt
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=int(total), eta_min=0.05 * opt.defaults["lr"]
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+class DiffusionCT(L.LightningModule):
+    """DiffusionCT phase 2: latent DDPM with the phase-1 encoder-decoder frozen (see the module docstring).
+
+    Args:
+        autoencoder: path of the trained :class:`DiffusionCTAutoencoder`: a Lightning ``.ckpt`` or a folder written
+            by :func:`medfusion.models.export.export_model`. Loaded without pickle and frozen.
+        autoencoder_config: ``{"class_path", "init_args"}`` of the autoencoder; filled in automatically, so that a
+            checkpoint or export of this model rebuilds stage 1 from its own weights (the path is then not needed).
+        mode: ``"conditional"`` (paired source/target) or ``"translate"`` (train on standard scans only; SDEdit).
+        channels, attention_levels, num_res_blocks, num_head_channels: denoiser U-Net
+            (:class:`medfusion.nets.unet.DiffusionUNet`); ``unet_kwargs`` are passed on to it.
+        schedule: noise schedule kind (``linear``, ``scaled_linear``, ``cosine``); ``num_train_timesteps`` T.
+        prediction: network target (``epsilon``, ``v``, ``x0``).
+        residual: in conditional mode diffuse ``r * (z_std - z_src)`` instead of ``z_std``.
+        min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), None = off.
+        sampler, num_inference_steps, timestep_spacing: defaults used by :meth:`standardize`.
+        translate_strength: fraction of T to which the source latent is noised in translate mode.
+        lr, weight_decay: AdamW; ema_decay: decay of the EMA copy used for sampling (None = no EMA).
+        val_num_samples: slices sampled per validation epoch on rank 0 for PSNR/SSIM.
+        seed: seed of validation sampling.
+    """
+
+    def __init__(
+        self,
+        autoencoder: str | None = None,
+        mode: Literal["conditional", "translate"] = "conditional",
+        channels: tuple[int, ...] = (64, 128),
+        attention_levels: tuple[bool, ...] = (False, True),
+        num_res_blocks: int = 1,
+        num_head_channels: int = 32,
+        unet_kwargs: dict[str, Any] | None = None,
+        schedule: str = "linear",
+        num_train_timesteps: int = 1000,
+        prediction: str = "v",
+        residual: bool = True,
+        min_snr_gamma: float | None = None,
+        sampler: str = "dpmpp_2m",
+        num_inference_steps: int = 20,
+        timestep_spacing: str = "trailing",
+        translate_strength: float = 0.5,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        ema_decay: float | None = 0.999,
+        val_num_samples: int = 4,
+        seed: int = 0,
+        autoencoder_config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= translate_strength <= 1.0:
+            raise ValueError(f"translate_strength must be in [0, 1], got {translate_strength}")
+        from medfusion.diffusion.gaussian import PREDICTIONS
+        from medfusion.diffusion.samplers import SAMPLERS
+        from medfusion.diffusion.schedules import SPACINGS
+
+        for name, value, valid in (
+            ("prediction", prediction, PREDICTIONS),
+            ("sampler", sampler, tuple(SAMPLERS)),
+            ("timestep_spacing", timestep_spacing, SPACINGS),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+        self.save_hyperparameters()
+        from medfusion.models.export import build_from_config, load_model, module_config
+
+        if autoencoder_config is not None:
+            ae = build_from_config(autoencoder_config)
+        elif autoencoder is not None:
+            ae = load_model(autoencoder)
+        else:
+            raise ValueError(
+                "DiffusionCT needs the trained stage 1: pass autoencoder=PATH (.ckpt or export folder)"
+            )
+        if not isinstance(ae, DiffusionCTAutoencoder):
+            raise ValueError(f"autoencoder must be a DiffusionCTAutoencoder, got {type(ae).__name__}")
+        self.hparams["autoencoder_config"] = module_config(ae)
+        self.autoencoder = ae
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+
+        from medfusion.diffusion.schedules import NoiseSchedule
+        from medfusion.nets.unet import DiffusionUNet
+
+        self.spatial_dims = int(ae.hparams.spatial_dims)
+        c_lat = int(ae.hparams.latent_channels)
+        self.net = DiffusionUNet(
+            spatial_dims=self.spatial_dims,
+            in_channels=c_lat,
+            out_channels=c_lat,
+            cond_channels=c_lat if mode == "conditional" else 0,
+            channels=tuple(channels),
+            attention_levels=tuple(attention_levels),
+            num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels,
+            **(unet_kwargs or {}),
+        )
+        self.schedule = NoiseSchedule.create(kind=schedule, num_train_timesteps=num_train_timesteps)
+        self.ema: nn.Module | None = None
+        if ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        # r = 1 / std(z_std - z_src): calibrated on the first training batch (0 = not yet)
+        self.register_buffer("residual_scale", torch.zeros(()))
+
+    # -------------------------------------------------------------------------------- helpers
+    def train(self, mode: bool = True):  # the frozen stage 1 always stays in eval mode
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    @property
+    def hu_window(self) -> tuple[float, float]:
+        """HU window of the training data (from the stage-1 autoencoder)."""
+        return self.autoencoder.hu_window
+
+    @property
+    def uses_residual(self) -> bool:
+        return self.hparams.mode == "conditional" and bool(self.hparams.residual)
+
+    @property
+    def divisible_by(self) -> int:
+        """Input spatial sizes must be multiples of this (autoencoder and denoiser downsampling)."""
+        return self.autoencoder.downsample_factor * 2 ** (len(self.hparams.channels) - 1)
+
+    def _denoiser(self, use_ema: bool = True) -> nn.Module:
+        if use_ema and self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return self.net
+
+    @torch.no_grad()
+    def _latents(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        z_src, _ = self.autoencoder.encode_latent(batch[keys.SOURCE])
+        z_tgt, _ = self.autoencoder.encode_latent(batch[keys.TARGET])
+        return z_src, z_tgt
+
+    @torch.no_grad()
+    def _calibrate_residual(self, z_src: Tensor, z_tgt: Tensor) -> None:
+        var = (z_tgt - z_src).float().var()
+        trainer = self._trainer  # None outside Lightning
+        if trainer is not None and trainer.world_size > 1:
+            var = trainer.strategy.reduce(var, reduce_op="mean")
+        self.residual_scale.copy_(var.clamp_min(1e-12).rsqrt())
+
+    def diffusion_target(self, z_src: Tensor, z_tgt: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Clean sample ``x0`` that the DDPM models and its condition, per mode (module docstring)."""
+        if self.hparams.mode == "translate":
+            return z_tgt, None
+        if self.uses_residual:
+            return (z_tgt - z_src) * self.residual_scale, z_src
+        return z_tgt, z_src
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """DDPM training loss (Ho et al. 2020, eq. 14; ``prediction`` picks the target) on one batch."""
+        from medfusion.diffusion.gaussian import diffusion_loss, q_sample
+
+        z_src, z_tgt = self._latents(batch)
+        if self.uses_residual and self.residual_scale <= 0:
+            self._calibrate_residual(z_src, z_tgt)
+        x0, cond = self.diffusion_target(z_src, z_tgt)
+        dev = "cpu" if generator is not None else x0.device
+        t = torch.randint(
+            0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=generator, device=dev
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        t, noise = t.to(x0.device), noise.to(x0.device)
+        x_t = q_sample(x0, t, noise, self.schedule)
+        out = self.net(x_t, t, cond)
+        return diffusion_loss(
+            out,
+            x0,
+            noise,
+            t,
+            self.schedule,
+            self.hparams.prediction,
+            min_snr_gamma=self.hparams.min_snr_gamma,
+        )
+
+    # -------------------------------------------------------------------------------- Lightning hooks
+    def on_train_start(self) -> None:
+        # different diffusion noise / timesteps on every rank (user_asks §0.13)
+        if self.trainer.world_size > 1:
+            torch.manual_seed(int(torch.initial_seed()) + 7919 * self.global_rank)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        bs = batch[keys.SOURCE].shape[0]
+        gen = torch.Generator().manual_seed(self.hparams.seed + batch_idx)
+        self.log("val/loss", self.loss(batch, generator=gen), batch_size=bs, sync_dist=True)
+        if batch_idx == 0 and self.global_rank == 0 and self.hparams.val_num_samples > 0:
+            from monai.metrics import PSNRMetric, SSIMMetric
+
+            n = min(self.hparams.val_num_samples, bs)
+            out = self.standardize(
+                batch[keys.SOURCE][:n], generator=torch.Generator().manual_seed(self.hparams.seed)
+            )
+            ref = batch[keys.TARGET][:n]
+            psnr = PSNRMetric(max_val=2.0)(out.clamp(-1, 1), ref).mean()
+            ssim = SSIMMetric(spatial_dims=self.spatial_dims, data_range=2.0, win_size=7)(
+                out.clamp(-1, 1), ref
+            ).mean()
+            self.log("val/psnr", psnr, prog_bar=True, rank_zero_only=True, batch_size=n)
+            self.log("val/ssim", ssim, rank_zero_only=True, batch_size=n)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        return _with_cosine(self, opt)
+
+    # -------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def standardize(
+        self,
+        images: Tensor,
+        *,
+        num_steps: int | None = None,
+        sampler: str | None = None,
+        strength: float | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
+        """Standardize ``images`` ``(B, 1, *spatial)`` in [-1, 1] (HU window of training) -> same shape and range.
+
+        Spatial sizes must be multiples of :attr:`divisible_by` (``medfusion.apps.volume_job`` pads for you).
+        ``generator`` (CPU) makes the result reproducible; ``strength`` overrides ``translate_strength`` (translate
+        mode runs ``min(num_steps, t_start + 1)`` steps from ``t_start = round(strength * (T - 1))``).
+        """
+        from medfusion.diffusion.gaussian import q_sample
+        from medfusion.diffusion.samplers import sample
+        from medfusion.diffusion.schedules import timesteps as make_timesteps
+
+        hp = self.hparams
+        if images.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected (B, C, *spatial) with {self.spatial_dims} spatial dims, got shape {tuple(images.shape)}"
+            )
+        bad = [s for s in images.shape[2:] if s % self.divisible_by]
+        if bad:
+            raise ValueError(
+                f"spatial sizes {tuple(images.shape[2:])} must be multiples of {self.divisible_by}"
+            )
+        was_training = self.training
+        self.eval()
+        steps = int(num_steps or hp.num_inference_steps)
+        name = sampler or hp.sampler
+        net = self._denoiser(use_ema)
+        x = images.to(self.device, self.dtype)
+        z_src, skips = self.autoencoder.encode_latent(x)
+
+        def model(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+            return net(x_t, t, cond)
+
+        def randn(shape: torch.Size) -> Tensor:
+            dev = "cpu" if generator is not None else z_src.device
+            return torch.randn(shape, generator=generator, device=dev).to(z_src.device, z_src.dtype)
+
+        T = hp.num_train_timesteps
+        if hp.mode == "translate":
+            s = hp.translate_strength if strength is None else float(strength)
+            if not 0.0 <= s <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {s}")
+            t_start = int(round(s * (T - 1)))
+            if t_start <= 0:
+                z = z_src
+            else:
+                # SDEdit from t_start needs at most t_start + 1 network evaluations (documented cap)
+                n = min(steps, t_start + 1)
+                ts = make_timesteps(n, hp.timestep_spacing, T, t_start=t_start).to(z_src.device)
+                t0 = torch.full((z_src.shape[0],), int(ts[0]), device=z_src.device, dtype=torch.long)
+                x_t = q_sample(z_src, t0, randn(z_src.shape), self.schedule)
+                z = sample(
+                    name,
+                    model,
+                    x_t,
+                    ts,
+                    schedule=self.schedule,
+                    prediction=hp.prediction,
+                    generator=generator,
+                )
+        else:
+            if self.uses_residual and self.residual_scale <= 0:
+                raise RuntimeError(
+                    "residual_scale is not calibrated: train the model (or call loss() on a batch) first"
+                )
+            ts = make_timesteps(steps, hp.timestep_spacing, T).to(z_src.device)
+            x0 = sample(
+                name,
+                model,
+                randn(z_src.shape),
+                ts,
+                schedule=self.schedule,
+                prediction=hp.prediction,
+                cond=z_src,
+                generator=generator,
+            )
+            z = z_src + x0 / self.residual_scale if self.uses_residual else x0
+        out = self.autoencoder.decode_latent(z, skips)
+        self.train(was_training)
+        return out
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.standardize(images)

@@ -1,0 +1,152 @@
+"""``medfusion standardize`` end to end (tiny model) and the generic volume job it is built on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medfusion import keys
+from medfusion.apps.volume_job import apply_to_array, discover_inputs, plan_outputs
+from medfusion.cli import main
+from medfusion.io.nifti import read_nifti, write_nifti
+from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
+from medfusion.models.export import export_model
+
+AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])
+
+
+def _volume(seed=0, shape=(30, 28, 3)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vol = np.full(shape, -1000.0, dtype=np.float32)
+    vol[5:25, 5:23] = 40.0 + 20 * rng.standard_normal((20, 18, shape[2]))
+    vol[10:14, 10:14] = 1500.0  # bone above the window: passed through unchanged
+    return vol
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=2, channels=(8, 16), latent_channels=2, norm_num_groups=4)
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    batch = {keys.SOURCE: tgt + 0.1 * torch.randn(tgt.shape, generator=g), keys.TARGET: tgt}
+    ae.calibrate_latent_scale([batch])
+    export_model(ae, root / "stage1")
+    model = DiffusionCT(
+        autoencoder=str(root / "stage1"), channels=(16, 32), num_head_channels=8, unet_kwargs={"norm_num_groups": 8},
+        num_inference_steps=2,
+    )  # fmt: skip
+    model.loss(batch)  # calibrates the residual scale
+    export_model(model, root / "dct")
+    return root
+
+
+def test_apply_to_array_identity_oracle_2d_and_3d():
+    vol = _volume()
+    ident = lambda x: x  # noqa: E731
+    out2 = apply_to_array(vol, ident, spatial_dims=2, batch_size=2, divisible_by=8)
+    np.testing.assert_allclose(out2, vol, atol=1e-3)
+    out3 = apply_to_array(vol[..., :2].repeat(8, axis=2), ident, spatial_dims=3, divisible_by=4)
+    np.testing.assert_allclose(out3, vol[..., :2].repeat(8, axis=2), atol=1e-3)
+    sw = apply_to_array(
+        vol[..., :2].repeat(8, axis=2), ident, spatial_dims=3, divisible_by=4, roi_size=(16, 16, 8)
+    )
+    np.testing.assert_allclose(sw, vol[..., :2].repeat(8, axis=2), atol=1e-3)
+    with pytest.raises(ValueError, match="3D array"):
+        apply_to_array(vol[..., 0], ident, spatial_dims=3)
+
+
+def test_standardize_nifti_file_and_folder(model_dir, tmp_path, capsys):
+    vol = _volume()
+    write_nifti(tmp_path / "in" / "a.nii.gz", vol, AFFINE)
+    write_nifti(tmp_path / "in" / "b.nii.gz", _volume(1), AFFINE)
+    out = tmp_path / "a_std.nii.gz"
+    rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "in" / "a.nii.gz"),
+               "--output", str(out), "--device", "cpu", "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    res = read_nifti(out)
+    assert res.array.shape == vol.shape
+    np.testing.assert_allclose(res.affine, AFFINE)
+    assert np.isfinite(res.array).all()
+    assert np.all(res.array[10:14, 10:14] == 1500.0)  # outside the HU window: passed through
+    # same seed -> same output; a folder gives one output per scan
+    rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "in"),
+               "--output", str(tmp_path / "outdir"), "--device", "cpu", "--quiet"])  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "outdir").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    np.testing.assert_array_equal(read_nifti(tmp_path / "outdir" / "a.nii.gz").array, res.array)
+
+
+def test_standardize_refuses_to_overwrite(model_dir, tmp_path, capsys):
+    write_nifti(tmp_path / "a.nii.gz", _volume(), AFFINE)
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"keep me")
+    rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "a.nii.gz"),
+               "--output", str(out), "--quiet"])  # fmt: skip
+    assert rc == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("missing", "not found"), ("text", "unsupported input"), ("empty_dir", "no NIfTI files and no DICOM"),
+     ("dicom_from_nifti", "needs DICOM input"), ("wrong_model", "not a DiffusionCT")],
+)  # fmt: skip
+def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message):
+    write_nifti(tmp_path / "a.nii.gz", _volume(), AFFINE)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    inp = {
+        "missing": tmp_path / "nope.nii.gz",
+        "text": tmp_path / "notes.txt",
+        "empty_dir": tmp_path / "empty",
+    }.get(case, tmp_path / "a.nii.gz")
+    args = ["standardize", "--ckpt", str(model_dir / ("stage1" if case == "wrong_model" else "dct")),
+            "--input", str(inp), "--output", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    if case == "dicom_from_nifti":
+        args += ["--format", "dicom"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_standardize_dicom_series_to_derived_dicom(model_dir, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from medfusion.io.dicom import read_series, write_dicom_series
+
+    vol = _volume(shape=(32, 32, 3))
+    write_dicom_series(vol, tmp_path / "dicom_in", affine=AFFINE, series_description="sharp kernel",
+                       derivation_description="test input")  # fmt: skip
+    rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "dicom_in"),
+               "--output", str(tmp_path / "dicom_out"), "--format", "dicom", "--quiet"])  # fmt: skip
+    assert rc == 0
+    out = read_series(tmp_path / "dicom_out")
+    assert out.array.shape == vol.shape
+    np.testing.assert_allclose(out.affine, read_series(tmp_path / "dicom_in").affine, atol=1e-4)
+    src = pydicom.dcmread(sorted((tmp_path / "dicom_in").iterdir())[0], stop_before_pixels=True)
+    dst = pydicom.dcmread(sorted((tmp_path / "dicom_out").iterdir())[0], stop_before_pixels=True)
+    assert dst.StudyInstanceUID == src.StudyInstanceUID and dst.SeriesInstanceUID != src.SeriesInstanceUID
+    assert "DERIVED" in list(dst.ImageType)
+
+
+def test_manifest_input_and_output_plan(model_dir, tmp_path):
+    write_nifti(tmp_path / "data" / "c1" / "sharp.nii.gz", _volume(), AFFINE)
+    write_nifti(tmp_path / "data" / "c2" / "sharp.nii.gz", _volume(2), AFFINE)
+    manifest = {"test": [{"source": "c1/sharp.nii.gz", "case_id": "c1", "protocol": "sharp"},
+                         {"source": "c2/sharp.nii.gz", "case_id": "c2", "protocol": "sharp"}]}  # fmt: skip
+    (tmp_path / "data" / "m.json").write_text(json.dumps(manifest))
+    items = discover_inputs(tmp_path / "data" / "m.json")
+    assert [it.name for it in items] == ["c1_sharp", "c2_sharp"]
+    with pytest.raises(ValueError, match="must be a folder"):
+        plan_outputs(items, tmp_path / "x.nii.gz", "nifti")
+    with pytest.raises(ValueError, match="no split"):
+        discover_inputs(tmp_path / "data" / "m.json", split="validation")
+    rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "data" / "m.json"),
+               "--output", str(tmp_path / "out"), "--quiet", "--steps", "1", "--sampler", "ddim"])  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1_sharp.nii.gz", "c2_sharp.nii.gz"]

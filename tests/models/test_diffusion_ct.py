@@ -1,0 +1,201 @@
+"""DiffusionCT: stage-1 autoencoder and stage-2 latent DDPM (tiny, CPU, seeded)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from medfusion import keys
+from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
+from medfusion.models.export import export_model
+
+AE_KW = dict(channels=(8, 16), latent_channels=2, norm_num_groups=4, num_res_blocks=1)
+UNET_KW = dict(
+    channels=(16, 32), attention_levels=(False, True), num_head_channels=8, unet_kwargs={"norm_num_groups": 8}
+)
+
+
+def _size(spatial_dims: int) -> tuple[int, ...]:
+    return (32, 32) if spatial_dims == 2 else (16, 16, 16)
+
+
+def _pair(spatial_dims: int, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Source = target + noise: a toy 'non-standard protocol'."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 1, *_size(spatial_dims))
+    target = torch.rand(shape, generator=g) * 1.2 - 0.8
+    source = target + 0.2 * torch.randn(shape, generator=g)
+    return {keys.SOURCE: source, keys.TARGET: target}
+
+
+def _trainer(tmp_path, steps: int, val: bool = False) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+        limit_val_batches=1 if val else 0, check_val_every_n_epoch=None if val else 1,
+        val_check_interval=steps if val else None,
+    )  # fmt: skip
+
+
+def _export_ae(sd, tmp_path_factory):
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=sd, **AE_KW)
+    batch = _pair(sd)
+    ae.calibrate_latent_scale([batch])
+    path = tmp_path_factory.mktemp(f"ae{sd}") / "stage1"
+    export_model(ae, path)
+    return sd, path, batch
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
+def exported_ae(request, tmp_path_factory):
+    return _export_ae(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ae2d(tmp_path_factory):
+    return _export_ae(2, tmp_path_factory)
+
+
+# ------------------------------------------------------------------------------------------- stage 1
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("skip", [False, True])
+def test_autoencoder_shapes(spatial_dims, skip):
+    ae = DiffusionCTAutoencoder(spatial_dims=spatial_dims, skip_connections=skip, **AE_KW)
+    x = _pair(spatial_dims)[keys.SOURCE]
+    enc = ae.encode(x)
+    assert enc.mean.shape == (4, 2, *[s // 2 for s in x.shape[2:]])
+    assert enc.sigma.shape == enc.mean.shape
+    assert len(enc.skips) == (1 if skip else 0)
+    assert ae.reconstruct(x).shape == x.shape
+    assert ae.downsample_factor == 2
+
+
+def test_skip_decoder_needs_skips():
+    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, **AE_KW)
+    z = torch.zeros(1, 2, 16, 16)
+    with pytest.raises(ValueError, match="skip"):
+        ae.decode(z)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_autoencoder_one_step_lowers_loss(spatial_dims):
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=spatial_dims, **AE_KW)
+    x = ae._images(_pair(spatial_dims))
+    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
+    before, _ = ae.loss(x, generator=torch.Generator().manual_seed(1))
+    before.backward()
+    opt.step()
+    after, _ = ae.loss(x, generator=torch.Generator().manual_seed(1))
+    assert after.item() < before.item()
+
+
+def test_latent_scale_round_trip_and_running_estimate(tmp_path):
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)
+    batches = [_pair(2, seed=s) for s in range(3)]
+    scale = ae.calibrate_latent_scale(batches)
+    x = ae._images(batches[0])
+    mus = torch.cat([ae.encode(ae._images(b)).mean for b in batches])
+    assert scale == pytest.approx(1 / mus.std().item(), rel=1e-4)
+    z, skips = ae.encode_latent(x)
+    assert z.std().item() == pytest.approx(1.0, abs=0.3)
+    # encode -> scale -> unscale -> decode equals the plain reconstruction (user_asks §0.10)
+    torch.testing.assert_close(ae.decode_latent(z, skips), ae.reconstruct(x))
+    # the running estimate during training is stored in the weights
+    ae2 = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)
+    _trainer(tmp_path, 2).fit(
+        ae2, DataLoader([{k: v[i] for k, v in batches[0].items()} for i in range(4)], batch_size=2)
+    )
+    assert float(ae2.latent_var) > 0 and float(ae2.latent_scale) == pytest.approx(
+        float(ae2.latent_var) ** -0.5
+    )
+    assert "latent_scale" in ae2.state_dict()
+
+
+# ------------------------------------------------------------------------------------------- stage 2
+def _stage2(path, mode="conditional", **kw):
+    torch.manual_seed(0)
+    return DiffusionCT(
+        autoencoder=str(path), mode=mode, num_inference_steps=3, ema_decay=0.9, **UNET_KW, **kw
+    )
+
+
+@pytest.mark.parametrize("mode", ["conditional", "translate"])
+def test_stage2_shapes_and_one_step_lowers_loss(exported_ae, mode):
+    sd, path, batch = exported_ae
+    model = _stage2(path, mode)
+    assert model.spatial_dims == sd
+    opt = torch.optim.AdamW(model.net.parameters(), lr=1e-3)
+    before = model.loss(batch, generator=torch.Generator().manual_seed(3))
+    before.backward()
+    opt.step()
+    after = model.loss(batch, generator=torch.Generator().manual_seed(3))
+    assert after.item() < before.item()
+    out = model.standardize(batch[keys.SOURCE][:2], generator=torch.Generator().manual_seed(0))
+    assert out.shape == batch[keys.SOURCE][:2].shape and torch.isfinite(out).all()
+
+
+def test_stage1_frozen_during_stage2_training(ae2d, tmp_path):
+    sd, path, batch = ae2d
+    model = _stage2(path)
+    ae_before = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
+    net_before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    data = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    trainer = _trainer(tmp_path, 3, val=True)
+    trainer.fit(model, DataLoader(data, batch_size=2), DataLoader(data[:2], batch_size=2))
+    assert {"val/loss", "val/psnr", "val/ssim"} <= set(trainer.callback_metrics)
+    for k, v in model.autoencoder.state_dict().items():
+        assert torch.equal(v, ae_before[k]), k
+    assert not model.autoencoder.training
+    assert any(not torch.equal(v, net_before[k]) for k, v in model.net.state_dict().items())
+    assert float(model.residual_scale) > 0
+    assert int(model.ema.n_averaged) == 3
+
+
+def test_seeded_sampling_is_deterministic(ae2d):
+    sd, path, batch = ae2d
+    model = _stage2(path)
+    model.loss(batch)  # calibrates the residual scale
+    x = batch[keys.SOURCE][:2]
+    a = model.standardize(x, generator=torch.Generator().manual_seed(5), sampler="ddpm")
+    b = model.standardize(x, generator=torch.Generator().manual_seed(5), sampler="ddpm")
+    c = model.standardize(x, generator=torch.Generator().manual_seed(6), sampler="ddpm")
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_translate_strength_zero_returns_reconstruction(ae2d):
+    sd, path, batch = ae2d
+    model = _stage2(path, "translate")
+    x = batch[keys.SOURCE][:2]
+    out = model.standardize(x, strength=0.0)
+    torch.testing.assert_close(out, model.autoencoder.reconstruct(x))
+    partial = model.standardize(x, strength=0.3, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(partial, out)
+
+
+def test_bad_arguments_raise_clear_errors(ae2d, tmp_path):
+    sd, path, batch = ae2d
+    with pytest.raises(ValueError, match="conditional"):
+        DiffusionCT(autoencoder=str(path), mode="paired")
+    with pytest.raises(ValueError, match="translate_strength"):
+        DiffusionCT(autoencoder=str(path), translate_strength=1.5)
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        DiffusionCT(autoencoder=str(path), sampler="euler_magic")
+    with pytest.raises(ValueError, match="epsilon"):
+        DiffusionCT(autoencoder=str(path), prediction="noise")
+    with pytest.raises(FileNotFoundError):
+        DiffusionCT(autoencoder=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="autoencoder"):
+        DiffusionCT()
+    model = _stage2(path)
+    with pytest.raises(RuntimeError, match="residual_scale"):
+        model.standardize(batch[keys.SOURCE][:1])
+    model.loss(batch)
+    odd = torch.zeros(1, 1, *[s + 2 for s in _size(sd)])
+    with pytest.raises(ValueError, match="multiples"):
+        model.standardize(odd)
