@@ -43,6 +43,9 @@ class DemoBudget:
     ae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
     ae_groups: int = 32
+    ae_skip: bool = False  # skip-connected U-Net encoder-decoder instead of AutoencoderKL
+    ae_lr: float = 1e-3
+    ae_ssim_weight: float = 0.2
     ae_steps: int = 2800  # feasibility run: optimizer steps matter more than batch size for the AE ceiling
     ae_batch: int = 2  # source/target pairs per step (2x images)
     ae_minutes: float = 3.5
@@ -141,7 +144,7 @@ def _load_test_entries(manifest: Path) -> list[dict[str, Any]]:
     """Test-split entries of a manifest with absolute paths (``medfusion.data.manifest.load_manifest``)."""
     from medfusion.data.manifest import load_manifest
 
-    out = [dict(e) for e in load_manifest(manifest, allow_outside=True).split("test")]
+    out = [dict(e) for e in load_manifest(manifest).split("test")]
     if not out:
         raise ValueError(f"{manifest}: no test entries")
     return out
@@ -185,9 +188,12 @@ def _figure(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray
 # ------------------------------------------------------------------------------------------- main job
 def run_demo(
     output: str | Path, *, quick: bool = False, device: str = "auto", seed: int = 0, overwrite: bool = False,
-    log=print,
+    log=print, budget: DemoBudget | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run the whole demo into ``output``; returns the metrics dict also written to ``metrics.json``."""
+    """Run the whole demo into ``output``; returns the metrics dict also written to ``metrics.json``.
+
+    ``budget`` overrides :func:`budget_for` (experiments; the CLI always uses the default for the device).
+    """
     import lightning as L
     import torch
 
@@ -205,7 +211,7 @@ def run_demo(
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; refusing to overwrite it (use --overwrite)")
     dev = resolve_device(device)
-    b = budget_for(quick, dev.type == "cuda")
+    b = budget if budget is not None else budget_for(quick, dev.type == "cuda")
     timings: dict[str, float] = {}
     L.seed_everything(seed, workers=True, verbose=False)
 
@@ -220,14 +226,14 @@ def run_demo(
     def datamodule(batch: int) -> ManifestDataModule:
         return ManifestDataModule(
             str(manifest), task="standardize", spatial_dims=2, roi_size=[b.crop, b.crop], num_samples=1, batch_size=batch,
-            cache="memory", seed=seed, allow_outside=True,  # built-in manifests live in DIR/manifests/, data in DIR/
+            cache="memory", seed=seed,
         )  # fmt: skip
 
     # stage 1 ---------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     ae = DiffusionCTAutoencoder(
         spatial_dims=2, channels=b.ae_channels, latent_channels=b.latent_channels, norm_num_groups=b.ae_groups,
-        kl_weight=1e-6, lr=1e-3,
+        skip_connections=b.ae_skip, ssim_weight=b.ae_ssim_weight, kl_weight=1e-6, lr=b.ae_lr,
     )  # fmt: skip
     dm1 = datamodule(b.ae_batch)
     tr1 = _trainer(b.ae_steps, b.ae_minutes, dev, output, quick)
@@ -277,6 +283,7 @@ def run_demo(
 
     entries = _load_test_entries(manifest)
     per: dict[str, dict[str, list]] = {}
+    ceiling: dict[Any, dict[str, float]] = {}
     figure_rows = []
     for e in entries:
         proto = str(e.get(keys.PROTOCOL, "source"))
@@ -291,6 +298,8 @@ def run_demo(
         d = per.setdefault(
             proto, {"identity": [], "passthrough": [], "diffusion_ct": [], "ref": [], "label": []}
         )
+        if e.get(keys.CASE_ID) not in ceiling:  # stage-1 ceiling: decode(encode(standard)) vs standard
+            ceiling[e.get(keys.CASE_ID)] = image_metrics(apply(ref, run_ae), ref, lab)
         d["identity"].append(src)
         d["passthrough"].append(ae_out)
         d["diffusion_ct"].append(out)
@@ -327,6 +336,7 @@ def run_demo(
         "budget": {**asdict(b), "ae_steps_done": ae_steps_done, "dm_steps_done": dm_steps_done},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "reference": reference,
+        "stage1_ceiling": {k: float(np.mean([c[k] for c in ceiling.values()])) for k in next(iter(ceiling.values()))},
         "protocols": results,
     }
     write_text_atomic(
@@ -375,6 +385,9 @@ def _print_table(metrics: dict[str, Any], log) -> None:
                 f"{v['texture_ccc']:.3f}",
             )  # fmt: skip
     Console().print(table)
+    c = metrics["stage1_ceiling"]
+    log(f"stage-1 ceiling decode(encode(standard)) vs standard: PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.4f}, "
+        f"noise SD {c['noise_sd']:.1f} HU, edge {c['edge_sharpness']:.2f}")  # fmt: skip
     bud = metrics["budget"]
     log(
         f"budget: stage 1 {bud['ae_steps_done']} steps (bs {2 * bud['ae_batch']}), stage 2 {bud['dm_steps_done']} "

@@ -14,32 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medfusion.apps.volume_args import add_io_arguments, report
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ckpt", required=True, help="trained DiffusionCT: exported folder or Lightning .ckpt"
-    )
-    parser.add_argument(
-        "--input", required=True, help="DICOM folder, NIfTI file, folder of NIfTIs or manifest .json"
-    )
-    parser.add_argument("--output", required=True, help="output .nii.gz (one scan) or folder")
-    parser.add_argument(
-        "--format", default="nifti", choices=["nifti", "dicom"], help="output format (default nifti)"
-    )
+    add_io_arguments(parser, model_help="trained DiffusionCT")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, 20)")
     parser.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc")
     parser.add_argument("--strength", type=float, default=None, help="translate mode: noise level in [0, 1]")
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices (2D) or windows (3D) per batch")
-    parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="3D model: sliding-window size")
-    parser.add_argument(
-        "--hu-window", type=float, nargs=2, default=None, help="HU window (default: the model's)"
-    )
-    parser.add_argument("--manifest-key", default="source", help="manifest entry key holding the scan")
-    parser.add_argument("--split", default=None, help="manifest split to process (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (per scan, reproducible)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def model_window(model) -> tuple[float, float]:
@@ -86,9 +68,4 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"medfusion standardize: error: {err}", file=sys.stderr)
         return 2
-    failed = [r for r in results if r.status != "ok"]
-    for r in results:
-        line = f"{r.status:6} {r.name} -> {r.output}" + (f"  ({r.message})" if r.message else "")
-        print(line, file=sys.stderr if r.status != "ok" else sys.stdout)
-    print(f"{len(results) - len(failed)}/{len(results)} scans standardized")
-    return 1 if failed else 0
+    return report(results, "standardized")
