@@ -1,0 +1,44 @@
+"""Assemble bench/RESULTS.md from the per-topic files in bench/results/ (run after updating any of them).
+
+    python bench/assemble_results.py
+
+Each topic file keeps its own commands, machine and training budget beside its figures; this script only
+concatenates them under one header, in issue order, demoting their headings by one level.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["convert", "data_pipelines", "dataset", "samplers", "diffusion_ct", "drdm", "restoration"]
+HEADER = """# medfusion benchmark results
+
+Assembled by `python bench/assemble_results.py` from `bench/results/*.md`; edit those, not this file.
+Every figure states its command, machine and training budget. Session 1 (2026-11-26) had **no GPU**: all
+figures are from a shared 2-vCPU AMD EPYC VM (torch 2.13.0+cpu), often loaded by parallel jobs; GPU figures
+(`bench/train_step.py`, demo/standardize timings per 512² slice) are still to be measured on the device machine.
+Models trained for minutes on that CPU are pipeline checks, not converged results; each section says so.
+
+"""
+
+
+def demote(text: str) -> str:
+    return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.MULTILINE)
+
+
+def main() -> None:
+    files = {p.stem: p for p in sorted((HERE / "results").glob("*.md"))}
+    names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
+    parts = [HEADER, "## Contents\n"]
+    parts += [f"- [{n}](results/{n}.md)" for n in names]
+    parts.append("")
+    for n in names:
+        parts.append(demote(files[n].read_text().strip()) + "\n")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'RESULTS.md'} from {len(names)} files")
+
+
+if __name__ == "__main__":
+    main()
