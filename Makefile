@@ -20,7 +20,7 @@ $(BIN)/medfusion: pyproject.toml
 install: $(BIN)/medfusion
 
 demo: install
-	$(BIN)/medfusion demo --output runs/demo
+	$(BIN)/medfusion demo --output runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q
