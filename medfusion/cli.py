@@ -20,8 +20,14 @@ import sys
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("medfusion.apps.demo", "main job: built-in data -> train DiffusionCT -> standardize held-out scans"),
-    "make-data": ("medfusion.data.builtin", "write the built-in phantom dataset (CT protocols, labels, manifests)"),
+    "demo": (
+        "medfusion.apps.demo",
+        "main job: built-in data -> train DiffusionCT -> standardize held-out scans",
+    ),
+    "make-data": (
+        "medfusion.data.builtin",
+        "write the built-in phantom dataset (CT protocols, labels, manifests)",
+    ),
     "convert": ("medfusion.io.convert", "DICOM tree -> one NIfTI + JSON sidecar per series (resumable)"),
     "manifest": ("medfusion.data.manifest", "build a Decathlon-style datalist JSON from a converted folder"),
     "standardize": ("medfusion.apps.standardize", "standardize CT scans with a trained DiffusionCT model"),

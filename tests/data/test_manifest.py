@@ -282,8 +282,12 @@ def test_declared_root_lets_manifests_live_in_a_subfolder(tmp_path):
         (data / c / "a.nii.gz").write_bytes(b"x")
         (data / c / "b.nii.gz").write_bytes(b"x")
     splits = {
-        "training": [{"source": str(data / "case_0/a.nii.gz"), "target": str(data / "case_0/b.nii.gz"), "case_id": "0"}],
-        "test": [{"source": str(data / "case_1/a.nii.gz"), "target": str(data / "case_1/b.nii.gz"), "case_id": "1"}],
+        "training": [
+            {"source": str(data / "case_0/a.nii.gz"), "target": str(data / "case_0/b.nii.gz"), "case_id": "0"}
+        ],
+        "test": [
+            {"source": str(data / "case_1/a.nii.gz"), "target": str(data / "case_1/b.nii.gz"), "case_id": "1"}
+        ],
     }
     path = write_manifest(data / "manifests" / "m.json", splits, task="standardize", root="..")
     doc = json.loads(path.read_text())
