@@ -95,13 +95,20 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         print("medfusion augment: --n must be >= 1", file=sys.stderr)
         return 2
+    out = Path(args.output)
+    if (out / "manifest.json").resolve() == Path(args.input).resolve() and not args.overwrite:
+        print(
+            f"medfusion augment: the output manifest {out / 'manifest.json'} is the input manifest; choose another "
+            "--output (or pass --overwrite to replace it)",
+            file=sys.stderr,
+        )
+        return 2
     manifest = load_manifest(args.input, allow_outside=True)
     entries = manifest.split(args.split)
     if not entries:
         print(f"medfusion augment: split {args.split!r} of {args.input} is empty", file=sys.stderr)
         return 2
     net = _load_net(args.ckpt, args.device)
-    out = Path(args.output)
     for sub in ("images", "labels", "fields"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     keys = ["image", "label"]

@@ -3,6 +3,8 @@
 Zheng et al., "Deformation-Recovery Diffusion Model (DRDM): Instance Deformation for Image Manipulation
 and Synthesis", arXiv 2407.07295 (Medical Image Analysis 2026). Facts and constants follow the official
 code (jianqingzheng/def_diff_rec, read at 1c70370; spec ``shared/reference/drdm.md``); the code is ours.
+Hand-written because no maintained library implements DRDM's deformation diffusion (MONAI and diffusers
+only diffuse intensities); warping, composition and Jacobians come from :mod:`medfusion.fields`.
 
 Units: fields are displacements in **voxels** ``(B, D, *spatial)``, channel ``d`` along array axis ``d``,
 pull convention (``medfusion.fields``). The official code stores fractions of the grid size; multiply

@@ -35,6 +35,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 EMA_KEY = "ema_state_dict"
 
 
+class EMAAvgFn:
+    """Picklable ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)`` for an ``AveragedModel`` kept inside a module.
+
+    torch returns a closure, which cannot be pickled; ``ddp_spawn`` (and spawn-started workers) pickle the
+    LightningModule, so modules that own an ``AveragedModel`` pass this instead. The averaging is still torch's.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = float(decay)
+
+    def __call__(self, ema_params: Any, current_params: Any, num_averaged: Any) -> None:
+        get_ema_multi_avg_fn(self.decay)(ema_params, current_params, num_averaged)
+
+
 def _target(pl_module: nn.Module, attr: str | None) -> nn.Module:
     """The averaged module, unwrapped from ``torch.compile`` so EMA keys never carry ``_orig_mod.``."""
     module = pl_module if attr is None else getattr(pl_module, attr, None)

@@ -40,9 +40,11 @@ from medfusion.nets.diffir import CPEN, DIRformer, IPRDenoiser
 def _ema(module: nn.Module, decay: float | None) -> nn.Module | None:
     if decay is None:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    from medfusion.models.callbacks import EMAAvgFn
+
+    ema = AveragedModel(module, multi_avg_fn=EMAAvgFn(decay), use_buffers=True)
     ema.requires_grad_(False)
     return ema
 
@@ -90,6 +92,11 @@ def _build_cpen(h: Any, use_target: bool) -> CPEN:
     return CPEN(h.spatial_dims, h.in_channels, use_target, h.cpen_downscale, h.n_feats, h.n_encoder_res)
 
 
+def _check_sliding(spatial_dims: int, sw_roi_size: Sequence[int] | None) -> None:
+    if sw_roi_size is not None and len(sw_roi_size) != spatial_dims:
+        raise ValueError(f"sw_roi_size needs {spatial_dims} values (one per spatial axis), got {sw_roi_size}")
+
+
 def _divisible_by(h: Any) -> int:
     """Spatial sizes must be multiples of this (three 2x downsamplings and the CPEN unshuffle)."""
     return math.lcm(8, int(h.cpen_downscale))
@@ -134,10 +141,12 @@ class DiffIRStage1(L.LightningModule):
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
     ):
         super().__init__()
+        _check_sliding(spatial_dims, sw_roi_size)
         self.save_hyperparameters()
         self.cpen = _build_cpen(self.hparams, use_target=True)
         self.dirformer = _build_dirformer(self.hparams)
         self.ema = _ema(nn.ModuleDict({"cpen": self.cpen, "dirformer": self.dirformer}), ema_decay)
+        self._ema_step = 0  # optimiser step of the last EMA update
 
     @property
     def spatial_dims(self) -> int:
@@ -169,7 +178,9 @@ class DiffIRStage1(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        step = self.global_step  # optimiser steps: unchanged across gradient-accumulation micro-batches
+        if self.ema is not None and step > self._ema_step:
+            self._ema_step = step
             self.ema.update_parameters(nn.ModuleDict({"cpen": self.cpen, "dirformer": self.dirformer}))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -217,13 +228,16 @@ def load_stage1_weights(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
-    if path.is_dir() or path.name.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.is_dir() or path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(str(path / "model.safetensors" if path.is_dir() else path))
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = ckpt.get("state_dict", ckpt)
+            state = load_file(str(path / "model.safetensors" if path.is_dir() else path))
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            state = ckpt.get("state_dict", ckpt)
+    except Exception as err:  # noqa: BLE001 - unreadable or not plain data: say which file
+        raise ValueError(f"{path} is not a readable stage-1 checkpoint or export: {err}") from err
     ema_prefix = "ema.module."
     n_avg = state.get("ema.n_averaged")
     use_ema = n_avg is not None and int(n_avg) > 0 and any(k.startswith(ema_prefix) for k in state)
@@ -289,6 +303,7 @@ class DiffIRStage2(L.LightningModule):
         super().__init__()
         if encoder_steps < 0:
             raise ValueError(f"encoder_steps must be >= 0, got {encoder_steps}")
+        _check_sliding(spatial_dims, sw_roi_size)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.cpen_s1 = _build_cpen(self.hparams, use_target=True)
@@ -345,6 +360,12 @@ class DiffIRStage2(L.LightningModule):
         return 1 if self.global_step < self.hparams.encoder_steps else 2
 
     # ------------------------------------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        if (
+            self.trainer.world_size > 1
+        ):  # different prior noise on every rank (seed_everything gives all the same)
+            torch.manual_seed((int(torch.initial_seed()) + 7919 * self.global_rank) % 2**64)
+
     def losses(
         self, batch: dict[str, Any], phase: int, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
@@ -364,8 +385,13 @@ class DiffIRStage2(L.LightningModule):
         phase = self.phase
         opt = opt_e if phase == 1 else opt_g
         losses = self.losses(batch, phase)
+        total = losses["total"]
+        if phase == 1:
+            # the DIRformer is idle in phase 1: a zero-weighted term gives each of its parameters a (zero) gradient,
+            # so DDP (find_unused_parameters=False) does not fail on parameters that took no part in the step
+            total = total + 0.0 * sum(p.sum() for p in self.dirformer.parameters())
         opt.zero_grad()
-        self.manual_backward(losses["total"])
+        self.manual_backward(total)
         opt.step()
         bs = batch[keys.SOURCE].shape[0]
         self.log("train/loss", losses["total"], prog_bar=True, batch_size=bs)

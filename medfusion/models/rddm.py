@@ -145,12 +145,13 @@ class RDDM(L.LightningModule):
         )
         self.ema: nn.Module | None = None
         if ema_decay is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(
-                self.nets, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-            )
+            from medfusion.models.callbacks import EMAAvgFn
+
+            self.ema = AveragedModel(self.nets, multi_avg_fn=EMAAvgFn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
+        self._ema_step = 0  # optimiser step of the last EMA update
 
     # ------------------------------------------------------------------------------------------- network
     @property
@@ -222,7 +223,7 @@ class RDDM(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.world_size > 1:  # different noise and timesteps on every rank
-            torch.manual_seed(int(torch.initial_seed()) + 7919 * self.global_rank)
+            torch.manual_seed((int(torch.initial_seed()) + 7919 * self.global_rank) % 2**64)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -230,7 +231,11 @@ class RDDM(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None and self.global_step % self.hparams.ema_every == 0:
+        # global_step counts optimiser steps: it stays put across the micro-batches of gradient accumulation, so
+        # update once per new step (not once per micro-batch, and not before the first step)
+        step = self.global_step
+        if self.ema is not None and step > self._ema_step and step % self.hparams.ema_every == 0:
+            self._ema_step = step
             self.ema.update_parameters(self.nets)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

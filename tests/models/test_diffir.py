@@ -137,6 +137,75 @@ def test_stage2_sliding_window_3d():
     assert out.shape == lq.shape and torch.isfinite(out).all()
 
 
-def test_bad_args():
+def test_bad_args(tmp_path):
     with pytest.raises(ValueError, match="encoder_steps"):
         DiffIRStage2(encoder_steps=-1, **TINY)
+    for name in ("bad.ckpt", "bad.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(b"not a checkpoint")
+        with pytest.raises(ValueError, match=name):
+            load_stage1_weights(path)
+    for cls in (DiffIRStage1, DiffIRStage2):
+        with pytest.raises(ValueError, match="sw_roi_size needs 2 values"):
+            cls(spatial_dims=2, sw_roi_size=(8, 8, 8), **TINY)
+
+
+def _fit_tiny(module, max_steps: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto") -> None:
+    import warnings
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    batch = _batch(2, 32, b=1)
+    items = [{k: v[0] for k, v in batch.items()}] * (4 * max_steps * accumulate)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+        accumulate_grad_batches=accumulate, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(items, batch_size=1))
+
+
+def test_stage1_ema_updates_once_per_optimiser_step_under_gradient_accumulation():
+    torch.manual_seed(0)
+    m = DiffIRStage1(spatial_dims=2, **TINY)
+    _fit_tiny(m, max_steps=2, accumulate=2)
+    assert int(m.ema.n_averaged) == 2
+
+
+def test_phase1_gives_every_trainable_parameter_a_gradient():
+    """DDP (find_unused_parameters=False) fails when a registered parameter gets no gradient in a step."""
+    torch.manual_seed(0)
+    m = DiffIRStage2(spatial_dims=2, encoder_steps=5, **TINY)
+    frozen = {k: v.clone() for k, v in m.dirformer.state_dict().items()}
+    _fit_tiny(m, max_steps=1)
+    trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), [
+        n for n, p in trainable if p.grad is None
+    ]
+    assert all(torch.equal(v, m.dirformer.state_dict()[k]) for k, v in frozen.items())  # still idle
+
+
+def test_stage2_on_train_start_seeds_ranks_differently():
+    import types
+
+    m = DiffIRStage2(spatial_dims=2, **TINY)
+    draws = []
+    for rank in (0, 1):
+        m._trainer = types.SimpleNamespace(world_size=2, global_rank=rank)
+        torch.manual_seed(5)
+        m.on_train_start()
+        draws.append(torch.randn(4))
+    m._trainer = None
+    assert not torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.slow
+def test_stage2_phase1_trains_under_ddp(tmp_path):
+    """Two CPU ranks (gloo): phase 1 leaves the DIRformer idle, which must not break DDP's gradient reduction;
+    ``ddp_spawn`` pickles the module, so its internal EMA must be picklable."""
+    torch.manual_seed(0)
+    m = DiffIRStage2(spatial_dims=2, encoder_steps=5, **TINY)
+    _fit_tiny(m, max_steps=3, devices=2, strategy="ddp_spawn")

@@ -185,3 +185,21 @@ def test_augment_command_writes_triplets_and_resumes(tmp_path):
     assert (tmp_path / "out" / "images" / "img1_aug000.nii.gz").stat().st_mtime_ns == stamp  # kept
     again = read_nifti(tmp_path / "out" / "fields" / "img0_aug001.nii.gz")
     assert np.allclose(again.array, first.array)  # the resumed sample equals the original run's
+
+
+def test_augment_refuses_to_overwrite_its_input_manifest(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from medfusion.cli import main
+    from medfusion.io.nifti import write_nifti
+
+    write_nifti(tmp_path / "img0.nii.gz", np.zeros((32, 32), np.float32), np.eye(4))
+    write_nifti(tmp_path / "lab0.nii.gz", np.zeros((32, 32), np.int16), np.eye(4))
+    doc = {"task": "segment", "training": [{"image": "img0.nii.gz", "label": "lab0.nii.gz"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    args = ["augment", "--input", str(tmp_path / "manifest.json"), "--n", "1", "--output", str(tmp_path)]
+    assert main(args) == 2
+    assert "is the input manifest" in capsys.readouterr().err
+    assert json.loads((tmp_path / "manifest.json").read_text()) == doc  # input untouched

@@ -201,3 +201,58 @@ def test_restore_command_end_to_end(tmp_path):
         tmp_path / "s1",
     )
     assert run("--overwrite", ckpt="s1") == 2  # stage 1 needs GT: not a restorer
+
+
+def _fit_tiny(module, max_steps: int, accumulate: int, batch: dict) -> None:
+    import warnings
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    items = [{k: v[0] for k, v in batch.items()}] * (2 * max_steps * accumulate)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(items, batch_size=1))
+
+
+def test_ema_updates_once_per_optimiser_step_under_gradient_accumulation():
+    """With accumulate_grad_batches=2, global_step repeats across micro-batches: one EMA update per step."""
+    m = _model(2, ema_every=1, lr=1e-3)
+    _fit_tiny(m, max_steps=3, accumulate=2, batch=_batch(2, 16))
+    assert int(m.ema.n_averaged) == 3
+
+
+def test_on_train_start_seeds_ranks_differently():
+    import types
+
+    m = _model(2)
+    draws = []
+    for rank in (0, 1):
+        m._trainer = types.SimpleNamespace(world_size=2, global_rank=rank)
+        torch.manual_seed(5)
+        m.on_train_start()
+        draws.append(torch.randn(4))
+    m._trainer = None
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.randn(4))  # rank 0 keeps the experiment seed
+
+
+def test_module_with_ema_pickles_and_ema_still_averages():
+    """ddp_spawn pickles the LightningModule: the internal AveragedModel must not hold a closure."""
+    import pickle
+
+    m = _model(2, ema_every=1)
+    m.ema.update_parameters(m.nets)
+    with torch.no_grad():
+        for p in m.nets.parameters():
+            p.add_(1.0)
+    m2 = pickle.loads(pickle.dumps(m))
+    before = [p.clone() for p in m2.ema.module.parameters()]
+    m2.ema.update_parameters(m2.nets)
+    for b, e, p in zip(before, m2.ema.module.parameters(), m2.nets.parameters()):
+        torch.testing.assert_close(e, 0.995 * b + 0.005 * p)  # decay 0.995 (the default)
