@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 EMA_KEY = "ema_state_dict"
+EMA_ATTR_KEY = "ema_attr"
 
 
 class EMAAvgFn:
@@ -187,6 +188,7 @@ class EMA(Callback):
     ) -> None:
         if self.ema is None:
             return
+        checkpoint[EMA_ATTR_KEY] = self.attr  # lets export.load_model put the EMA weights back in place
         target = _target(pl_module, self.attr)
         if self._swapped:
             # saving mid-validation: the model holds the EMA weights and self.ema.module the raw ones

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from medfusion.io.atomic import atomic_dir
+from medfusion.models.callbacks import EMA_ATTR_KEY, EMA_KEY, load_ema_weights
 
 ALLOWED_PREFIX = "medfusion.models."
 WEIGHTS = "model.safetensors"
@@ -105,8 +106,11 @@ def export_model(module: Any, out_dir: str | Path, overwrite: bool = False) -> P
     return Path(out_dir)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, ema: bool = True) -> Any:
     """Load an exported folder (or its ``config.yaml`` / ``model.safetensors``) or a Lightning ``.ckpt``; eval mode.
+
+    A checkpoint written with the :class:`~medfusion.models.callbacks.EMA` callback holds raw and EMA weights;
+    ``ema=True`` (the default, for inference and export) loads the EMA weights, ``ema=False`` the raw ones.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for anything that is not a medfusion model.
     """
@@ -118,7 +122,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> An
     if path.is_dir():
         return _load_exported(path, map_location)
     if path.suffix == ".ckpt":
-        return _load_checkpoint(path, map_location)
+        return _load_checkpoint(path, map_location, ema=ema)
     raise ValueError(
         f"{path} is neither an exported model folder ({WEIGHTS} + {CONFIG}) nor a Lightning .ckpt"
     )
@@ -143,7 +147,7 @@ def _load_exported(folder: Path, map_location: str | torch.device) -> Any:
     return module.eval()
 
 
-def _load_checkpoint(path: Path, map_location: str | torch.device) -> Any:
+def _load_checkpoint(path: Path, map_location: str | torch.device, *, ema: bool = True) -> Any:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means: not a plain-data checkpoint
@@ -157,4 +161,6 @@ def _load_checkpoint(path: Path, map_location: str | torch.device) -> Any:
     init_args = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
     module = build_from_config({"class_path": cls_path, "init_args": init_args})
     module.load_state_dict(_plain_keys(ckpt["state_dict"]), strict=True)
+    if ema and EMA_KEY in ckpt:
+        load_ema_weights(module, ckpt, attr=ckpt.get(EMA_ATTR_KEY))
     return module.eval()

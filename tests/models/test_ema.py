@@ -190,3 +190,45 @@ def test_ema_keys_are_plain_for_a_compiled_submodule():
     fresh = Tiny()
     assert load_ema_weights(fresh, ckpt, attr="net")
     assert fresh.net.weight.item() == pytest.approx(W0)
+
+
+def test_load_model_prefers_the_ema_weights_of_a_callback_checkpoint(tmp_path):
+    """export.load_model puts the EMA callback's weights in place (inference uses EMA), raw ones on request."""
+    import lightning.pytorch as L
+
+    from medfusion.models.callbacks import EMA
+    from medfusion.models.export import load_model
+    from medfusion.models.rddm import RDDM
+
+    model = RDDM(
+        spatial_dims=2,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        num_head_channels=8,
+        unet_kwargs={"norm_num_groups": 4},
+        ema_decay=None,
+        val_num_samples=0,
+    )
+    x = torch.randn(8, 2, 1, 16, 16)
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            items = [
+                {"source": a[:1].expand(2, -1, -1, -1), "target": a[1:].expand(2, -1, -1, -1)} for a in x
+            ]
+            return DataLoader(items, batch_size=None)
+
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[EMA(decay=0.5, attr="nets")], enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=Data())
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    raw = load_model(ckpt, ema=False)
+    ema = load_model(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    for name, value in ema.nets.state_dict().items():
+        torch.testing.assert_close(value, saved["ema_state_dict"][name])
+    diff = [n for n, v in raw.nets.state_dict().items() if not torch.equal(v, ema.nets.state_dict()[n])]
+    assert diff, "EMA and raw weights should differ after 4 steps with decay 0.5"
