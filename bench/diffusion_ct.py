@@ -96,8 +96,7 @@ def main() -> None:
         ]
     )
     dm = lambda bs: ManifestDataModule(  # noqa: E731
-        str(manifest), task="standardize", spatial_dims=2, roi_size=[args.crop] * 2, batch_size=bs, cache="memory",
-        allow_outside=True, seed=0,
+        str(manifest), task="standardize", spatial_dims=2, roi_size=[args.crop] * 2, batch_size=bs, cache="memory", seed=0,
     )  # fmt: skip
     budget: dict[str, str] = {}
 
@@ -147,7 +146,7 @@ def main() -> None:
     sigmas = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)
     best_sigma: dict[str, float] = {}
     val: dict[str, list] = {}
-    for e in load_manifest(manifest, allow_outside=True).split("validation"):
+    for e in load_manifest(manifest).split("validation"):
         src = read_nifti(e["source"]).array
         ref = read_nifti(e["target"]).array
         val.setdefault(e["protocol"], []).append((src, ref))

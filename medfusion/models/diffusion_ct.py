@@ -31,7 +31,8 @@ high-frequency texture and skips from the source encoder carry that texture past
 ``skip_connections=False`` (default) uses MONAI's ``AutoencoderKL``; ``True`` uses a small U-Net encoder-decoder
 written here (MONAI ships no autoencoder with a skip path), whose decoder takes the encoder features of the image
 being decoded (in stage 2: the *source* scan), which gives a higher reconstruction ceiling at the price of
-keeping source texture.
+keeping source texture. ``skip_from_level=1`` drops the full-resolution skip (where most noise / kernel texture
+lives) and keeps the coarser ones: a middle ground measured in bench/results/diffusion_ct.md ("Demo").
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ class _SkipAutoencoder(nn.Module):
         latent_channels: int,
         num_res_blocks: int,
         norm_num_groups: int,
+        skip_from_level: int = 0,
     ):
         super().__init__()
         d, g = spatial_dims, norm_num_groups
+        self.skip_from_level = int(skip_from_level)
         self.conv_in = _conv(d, in_channels, channels[0])
         self.enc = nn.ModuleList()
         self.down = nn.ModuleList()
@@ -125,7 +128,7 @@ class _SkipAutoencoder(nn.Module):
             self.dec.append(
                 nn.Sequential(
                     *[
-                        _ResBlock(d, 2 * channels[i] if j == 0 else channels[i], channels[i], g)
+                        _ResBlock(d, self._dec_in(i, channels) if j == 0 else channels[i], channels[i], g)
                         for j in range(num_res_blocks)
                     ]
                 )
@@ -133,6 +136,9 @@ class _SkipAutoencoder(nn.Module):
         self.conv_out = nn.Sequential(
             nn.GroupNorm(min(g, channels[0]), channels[0]), nn.SiLU(), _conv(d, channels[0], in_channels)
         )
+
+    def _dec_in(self, level: int, channels: tuple[int, ...]) -> int:
+        return 2 * channels[level] if level >= self.skip_from_level else channels[level]
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         h = self.conv_in(x)
@@ -148,9 +154,11 @@ class _SkipAutoencoder(nn.Module):
 
     def decode(self, z: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
         h = self.mid(self.from_latent(z))
-        for up, block, skip in zip(self.up, self.dec, reversed(skips)):
+        levels = range(len(skips) - 1, -1, -1)
+        for level, up, block, skip in zip(levels, self.up, self.dec, reversed(skips)):
             h = up(F.interpolate(h, size=skip.shape[2:], mode="nearest"))
-            h = block(torch.cat([h, skip], dim=1))
+            # levels below skip_from_level get no skip: their fine texture must pass the bottleneck
+            h = block(torch.cat([h, skip], dim=1) if level >= self.skip_from_level else h)
         return self.conv_out(h)
 
 
@@ -169,6 +177,9 @@ class DiffusionCTAutoencoder(L.LightningModule):
         skip_connections: ``False`` = MONAI ``AutoencoderKL`` (no skips: everything passes the bottleneck);
             ``True`` = U-Net encoder-decoder whose decoder also receives the encoder features of the decoded image
             (carries source texture past the bottleneck; see the module docstring).
+        skip_from_level: with ``skip_connections``, only encoder levels ``>= skip_from_level`` feed the decoder
+            (0 = every level including full resolution; 1 = drop the full-resolution skip, which carries most of
+            the noise / kernel texture; ``len(channels) - 1`` = no skip at all).
         l1_weight, ssim_weight, kl_weight: loss weights of ``L1``, ``1 - SSIM`` (data range 2) and the KL term.
         lr: Adam learning rate (cosine decay over the trainer's steps when they are finite).
         scale_momentum: momentum of the running variance of posterior means that gives ``latent_scale``.
@@ -186,6 +197,7 @@ class DiffusionCTAutoencoder(L.LightningModule):
         norm_num_groups: int = 32,
         attention: bool = False,
         skip_connections: bool = False,
+        skip_from_level: int = 0,
         l1_weight: float = 1.0,
         ssim_weight: float = 0.2,
         kl_weight: float = 1e-6,
@@ -198,12 +210,17 @@ class DiffusionCTAutoencoder(L.LightningModule):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(channels) < 1:
             raise ValueError("channels must have at least one level")
+        if not 0 <= skip_from_level <= len(channels) - 1:
+            raise ValueError(
+                f"skip_from_level must be in 0..{len(channels) - 1} (len(channels) - 1), got {skip_from_level}"
+            )
         self.save_hyperparameters()
         channels = tuple(int(c) for c in channels)
         if skip_connections:
             self.net = _SkipAutoencoder(
-                spatial_dims, in_channels, channels, latent_channels, num_res_blocks, norm_num_groups
-            )
+                spatial_dims, in_channels, channels, latent_channels, num_res_blocks, norm_num_groups,
+                skip_from_level,
+            )  # fmt: skip
         else:
             from monai.networks.nets import AutoencoderKL
 

@@ -80,6 +80,22 @@ def test_skip_decoder_needs_skips():
         ae.decode(z)
 
 
+def test_skip_from_level_drops_the_full_resolution_skip():
+    torch.manual_seed(0)
+    kw = {**AE_KW, "channels": (8, 16, 16)}
+    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_from_level=1, **kw)
+    x = _pair(2)[keys.SOURCE]
+    enc = ae.encode(x)
+    out = ae.decode(enc.mean, enc.skips)
+    # the full-resolution skip (level 0) is ignored, the half-resolution one (level 1) is used
+    noisy0 = (enc.skips[0] + torch.randn_like(enc.skips[0]), enc.skips[1])
+    torch.testing.assert_close(ae.decode(enc.mean, noisy0), out)
+    noisy1 = (enc.skips[0], enc.skips[1] + torch.randn_like(enc.skips[1]))
+    assert not torch.allclose(ae.decode(enc.mean, noisy1), out)
+    with pytest.raises(ValueError, match="skip_from_level"):
+        DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_from_level=3, **kw)
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_autoencoder_one_step_lowers_loss(spatial_dims):
     torch.manual_seed(0)
