@@ -64,6 +64,7 @@ class DemoBudget:
     dm_steps: int = 1500
     dm_batch: int = 8
     dm_minutes: float = 2.5
+    crop_foreground: bool = True  # body-cropped training crops (False, i.e. crops with air as inference sees: 34.4 dB ceiling vs 38.0)
     sample_steps: int = 10
     sampler: str = "dpmpp_2m"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -234,7 +235,7 @@ def run_demo(
     def datamodule(batch: int) -> ManifestDataModule:
         return ManifestDataModule(
             str(manifest), task="standardize", spatial_dims=2, roi_size=[b.crop, b.crop], num_samples=1, batch_size=batch,
-            cache="memory", seed=seed,
+            cache="memory", seed=seed, crop_foreground=b.crop_foreground,
         )  # fmt: skip
 
     # stage 1 ---------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ class ManifestDataModule(L.LightningDataModule):
         pixdim: resample to this spacing in mm (per axis), or None for native spacing.
         roi_size: crop size in voxels (``spatial_dims`` values), or None (whole images; then cases of different
             sizes need ``batch_size=1``).
+        crop_foreground: crop each case to its foreground (intensity above the window's low end) before the
+            random crops. Turn it off when a model is applied to whole images at inference (e.g. a network with
+            GroupNorm, whose statistics depend on how much background the input holds).
         num_samples: random crops / slices per loaded case in training (a batch holds ``batch_size *
             num_samples`` samples).
         batch_size: cases per training batch; ``val_batch_size`` for evaluation (default ``batch_size``).
@@ -108,6 +111,7 @@ class ManifestDataModule(L.LightningDataModule):
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
         pixdim: list[float] | None = None,
         roi_size: list[int] | None = None,
+        crop_foreground: bool = True,
         num_samples: int = 1,
         batch_size: int = 4,
         val_batch_size: int | None = None,
@@ -138,6 +142,7 @@ class ManifestDataModule(L.LightningDataModule):
         self.hu_window = tuple(float(v) for v in hu_window)
         self.pixdim = list(pixdim) if pixdim is not None else None
         self.roi_size = list(roi_size) if roi_size is not None else None
+        self.crop_foreground = crop_foreground
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -175,6 +180,7 @@ class ManifestDataModule(L.LightningDataModule):
             pixdim=self.pixdim,
             roi_size=self.roi_size,
             num_samples=self.num_samples,
+            crop_foreground=self.crop_foreground,
             train=train,
             slice_axis=self.slice_axis,
         )
