@@ -406,9 +406,27 @@ def _print_table(metrics: dict[str, Any], log) -> None:
     )
 
 
+def _quiet_third_party() -> None:
+    """Silence the notices a CPU user cannot act on, so the demo's own progress and table stay readable."""
+    import logging
+    import warnings
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    for message in (
+        "nvImageCodec",
+        ".*LeafSpec.*",
+        ".*module\\(s\\) in eval mode.*",
+        ".*does not have many workers.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    _quiet_third_party()
     try:
         run_demo(args.output, quick=args.quick, device=args.device, seed=args.seed, overwrite=args.overwrite)
     except (FileExistsError, ValueError) as err:
