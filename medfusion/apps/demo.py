@@ -414,7 +414,7 @@ def _quiet_third_party() -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     for message in (
-        "nvImageCodec",
+        ".*nvImageCodec",
         ".*LeafSpec.*",
         ".*module\\(s\\) in eval mode.*",
         ".*does not have many workers.*",
