@@ -395,7 +395,8 @@ def _print_table(metrics: dict[str, Any], log) -> None:
                 proto, m, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}", f"{v['noise_sd']:.1f}", f"{v['edge_sharpness']:.2f}",
                 f"{v['texture_ccc']:.3f}",
             )  # fmt: skip
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 110)).print(table)  # never truncate method names on 80-column pipes
     c = metrics["stage1_ceiling"]
     log(f"stage-1 ceiling decode(encode(standard)) vs standard: PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.4f}, "
         f"noise SD {c['noise_sd']:.1f} HU, edge {c['edge_sharpness']:.2f}")  # fmt: skip
