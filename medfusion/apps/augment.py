@@ -6,6 +6,7 @@ from the image, and the image (bilinear) and its label (nearest, or one-hot + ar
 the same field. Outputs under ``--output``::
 
     images/<case>_aug<k>.nii.gz   labels/<case>_aug<k>.nii.gz   fields/<case>_aug<k>.nii.gz   manifest.json
+    fields_itk/<case>_aug<k>.nii.gz   (the same field in mm, LPS: an ITK/ANTs/SimpleITK displacement field)
 
 Fields are stored as ``(*spatial, D)`` float32 NIfTI in **voxels**, component ``d`` along array axis ``d``,
 pull convention (``warped(x) = original(x + u(x))``), with the image's affine. The manifest (task
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medfusion.data.manifest import load_manifest
     from medfusion.io.atomic import write_text_atomic
+    from medfusion.io.displacement import write_displacement_field
     from medfusion.io.nifti import read_nifti, write_nifti
     from medfusion.transforms.drdm import RandDRDMDeformd
 
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"medfusion augment: split {args.split!r} of {args.input} is empty", file=sys.stderr)
         return 2
     net = _load_net(args.ckpt, args.device)
-    for sub in ("images", "labels", "fields"):
+    for sub in ("images", "labels", "fields", "fields_itk"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     keys = ["image", "label"]
     transform = RandDRDMDeformd(
@@ -154,11 +156,12 @@ def run(args: argparse.Namespace) -> int:
         for k in range(args.n):
             count += 1
             name = f"{case}_aug{k:03d}.nii.gz"
-            paths = {sub: out / sub / name for sub in ("images", "labels", "fields")}
-            needed = ["images", "fields"] + (["labels"] if lab is not None else [])
+            paths = {sub: out / sub / name for sub in ("images", "labels", "fields", "fields_itk")}
+            needed = ["images", "fields", "fields_itk"] + (["labels"] if lab is not None else [])
             record = {
                 "image": f"images/{name}",
                 "ddf": f"fields/{name}",
+                "ddf_itk": f"fields_itk/{name}",
                 "source_image": str(entry["image"]),
                 "sample": k,
             }
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             field = np.moveaxis(ddf.cpu().numpy().astype(np.float32), 0, -1)
             write_nifti(paths["fields"], field, vol.affine, overwrite=True)
+            write_displacement_field(paths["fields_itk"], ddf.cpu().numpy(), vol.affine, overwrite=True)
             records.append(record)
             print(
                 f"[{count}/{total}] {name} T'={record['t_start']} folding={100 * record['folding']:.3f}%",
