@@ -12,7 +12,10 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["convert", "data_pipelines", "dataset", "samplers", "diffusion_ct", "drdm", "restoration"]
+ORDER = [
+    "convert", "data_pipelines", "dataset", "samplers", "diffusion_ct", "drdm",
+    "restoration_lowdose", "restoration_kernel", "restoration_sr",
+]  # fmt: skip
 HEADER = """# medfusion benchmark results
 
 Assembled by `python bench/assemble_results.py` from `bench/results/*.md`; edit those, not this file.

@@ -11,7 +11,9 @@ everything before them. Fields are built on the data's device (GPU when the data
 Fields: ``(D, *spatial)`` in voxels, array-axis order, pull convention (``medfusion.fields``). Images are
 warped bilinearly (zeros padding) and labels by ``nearest`` or ``onehot`` (one-hot + linear + argmax), both
 keeping the original, possibly non-contiguous, label values. Each call records the folding fraction of its
-field (share of voxels with det J <= 0) in ``last_folding``.
+field (share of voxels with det J <= 0, on the reference grid) in ``last_folding``. In the dict transform, keys
+on another grid than the first key (``MetaTensor`` affines differ) get the same world-space (mm) displacement,
+resampled to their own grid (``medfusion.fields.world``); their outputs keep their own grid and metadata.
 
 Weights: ``recovery_net`` is an ``nn.Module``, or a path to exported weights: a folder written by
 ``medfusion.models.export.export_model`` (``model.safetensors`` + ``config.yaml``, keys ``recovery_net.*``)
@@ -28,12 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 from torch import nn
 
 from medfusion.diffusion.deformation import DeformationDiffusion, recover, recovery_schedule
 from medfusion.fields import folding_fraction, warp, warp_labels
+from medfusion.fields.world import resample_field, same_grid
 from medfusion.nets.drdm import DRDMRecoveryNet
 
 MODES = ("bilinear", "nearest", "bicubic", "onehot")
@@ -179,7 +183,11 @@ class RandDRDMDeform(RandomizableTransform):
 class RandDRDMDeformd(RandomizableTransform, MapTransform):
     """Dictionary version: one DRDM field per call, shared by all ``keys``.
 
-    The field is generated from the first key present (the image; the net sees its first channel).
+    The field is generated on the grid of the first key present (the image; the net sees its first channel).
+    Keys on another grid (a label with other spacing, origin, orientation or size; ``MetaTensor``s with affines)
+    are warped by the same displacement in world space (mm), carried to their grid by
+    :func:`medfusion.fields.world.resample_field` (user_asks.md §0.14); keys on the same grid use the field as
+    is. Plain tensors / arrays of a different spatial shape raise ``ValueError`` (no affine to relate them).
     ``mode``: one entry per key (or one for all), from ``bilinear`` / ``nearest`` / ``bicubic`` / ``onehot``;
     use ``nearest`` or ``onehot`` for labels. Default: ``bilinear`` for the first key, ``nearest`` for the others. ``ddf_key``: if given, the field (D, *spatial) in voxels is
     stored under it and its folding fraction under ``f"{ddf_key}_folding"``. Other arguments as
@@ -253,10 +261,55 @@ class RandDRDMDeformd(RandomizableTransform, MapTransform):
         ddf = self.rand.generate_field(d[present[0]])
         self.rand.last_ddf = ddf
         self.rand.last_folding = float(folding_fraction(ddf[None])[0])
-        for key, mode in zip(self.keys, self.mode):
-            if key in d:
-                d[key] = self.rand.apply(d[key], ddf, mode)
+        d = self.apply_field(d, ddf)
         if self.ddf_key is not None:
             d[self.ddf_key] = ddf
             d[f"{self.ddf_key}_folding"] = self.rand.last_folding
         return d
+
+    def apply_field(self, data: Mapping[Hashable, Any], ddf: torch.Tensor) -> dict[Hashable, Any]:
+        """Warp every present key with ``ddf`` (D, *spatial), voxels of the first present key's grid.
+
+        The deterministic core of ``__call__`` (the random part only draws ``ddf``). A key on the same grid
+        (same spatial shape, and the same affine where both are ``MetaTensor``s) is warped with ``ddf`` itself.
+        A key on another grid gets the same world-space (mm) displacement, resampled to its grid with
+        :func:`medfusion.fields.world.resample_field` (both keys must be ``MetaTensor``s with an affine).
+        Outputs keep their own grid and metadata.
+
+        Raises:
+            ValueError: a key's spatial shape differs from the reference key's and one of them has no affine.
+        """
+        d = dict(data)
+        present = [k for k in self.key_iterator(d)]
+        if not present:
+            return d
+        ref_key = present[0]
+        ref = d[ref_key]
+        nd = ddf.shape[0]
+        for key, mode in zip(self.keys, self.mode):
+            if key not in d:
+                continue
+            field = self._field_for(key, d[key], ref_key, ref, ddf, nd)
+            d[key] = self.rand.apply(d[key], field, mode)
+        return d
+
+    @staticmethod
+    def _field_for(
+        key: Hashable, img: Any, ref_key: Hashable, ref: Any, ddf: torch.Tensor, nd: int
+    ) -> torch.Tensor:
+        """``ddf`` carried to ``img``'s grid (itself when the grids agree)."""
+        if img is ref:
+            return ddf
+        shape, ref_shape = tuple(img.shape[1:]), tuple(ref.shape[1:])
+        has_affine = isinstance(img, MetaTensor) and isinstance(ref, MetaTensor)
+        if not has_affine:
+            if shape != ref_shape:
+                raise ValueError(
+                    f"key {key!r} has spatial shape {shape} but the reference key {ref_key!r} has {ref_shape}; "
+                    "carrying the field to another grid needs an affine on both: pass MONAI MetaTensors "
+                    "(e.g. from LoadImaged) or resample them to one grid first"
+                )
+            return ddf
+        if shape == ref_shape and same_grid(ref.affine, img.affine, nd):
+            return ddf
+        return resample_field(ddf[None], ref.affine, img.affine, shape)[0]
