@@ -19,10 +19,11 @@ ORDER = [
 HEADER = """# medfusion benchmark results
 
 Assembled by `python bench/assemble_results.py` from `bench/results/*.md`; edit those, not this file.
-Every figure states its command, machine and training budget. Session 1 (2026-11-26) had **no GPU**: all
-figures are from a shared 2-vCPU AMD EPYC VM (torch 2.13.0+cpu), often loaded by parallel jobs; GPU figures
+Every figure states its command, machine and training budget. Sessions 1 and 2 (2026-11-26/27) drew **no GPU**:
+all figures are from a 2-vCPU AMD EPYC VM (torch 2.13.0+cpu), often loaded by parallel jobs; GPU figures
 (`bench/train_step.py`, demo/standardize timings per 512² slice) are still to be measured on the device machine.
-Models trained for minutes on that CPU are pipeline checks, not converged results; each section says so.
+Session 2 trained with fixed step budgets (so figures do not depend on load; wall time beside them): thousands of
+CPU steps on small crops, i.e. small-scale results, far from the papers' GPU budgets; each section says so.
 
 """
 

@@ -17,6 +17,12 @@ Two LightningModules, one per training stage (both read ``keys.SOURCE`` = degrad
 Inference uses only stage-2 parts: CPEN_S2, 4 denoiser MLP calls and one DIRformer pass. Volumes larger than
 ``sw_roi_size`` are processed by MONAI's sliding-window inferer; each window gets its own Ẑ (the faithful choice:
 the IPR is one global vector per input), blended with Gaussian weights.
+
+Training randomness: stage 1 draws none. Stage 2 draws the IPR noise ``ε`` from a fresh CPU generator per step,
+seeded from (experiment seed, rank, global step, micro-batch) (:mod:`medfusion.models._rng`; the experiment seed is
+``torch.initial_seed()`` when the module is built, i.e. ``seed_everything``'s): ranks draw different noise and a run
+resumed from a checkpoint draws the same noise as the uninterrupted one (user_asks §0.12). The EMA is an
+``AveragedModel`` inside each module (``ema.module.*`` next to the raw weights in the checkpoint's ``state_dict``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.diffusion import prior as P
+from medfusion.models._rng import StepRNG
 from medfusion.models.export import CKPT_CLASS_KEY, class_path
 from medfusion.nets.diffir import CPEN, DIRformer, IPRDenoiser
 
@@ -177,8 +184,12 @@ class DiffIRStage1(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step  # optimiser steps: unchanged across gradient-accumulation micro-batches
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA right after the weights change (Lightning calls this once per optimiser step, also under gradient
+        # accumulation) and before any on_train_batch_end callback: ModelCheckpoint writes there, so a checkpoint of
+        # step k holds the EMA of step k (user_asks §0.12)
+        step = self.global_step + 1  # global_step counts the step just taken only after this hook returns
         if self.ema is not None and step > self._ema_step:
             self._ema_step = step
             self.ema.update_parameters(nn.ModuleDict({"cpen": self.cpen, "dirformer": self.dirformer}))
@@ -326,6 +337,7 @@ class DiffIRStage2(L.LightningModule):
         self.cpen_s1.requires_grad_(False)
         self.cpen_s1.eval()
         self.ema = _ema(self._student(), ema_decay)
+        self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
 
     @property
     def spatial_dims(self) -> int:
@@ -360,6 +372,9 @@ class DiffIRStage2(L.LightningModule):
         return 1 if self.global_step < self.hparams.encoder_steps else 2
 
     # ------------------------------------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        self._train_rng.sync(self)  # rank 0's base seed on every rank
+
     def on_train_start(self) -> None:
         if (
             self.trainer.world_size > 1
@@ -384,7 +399,8 @@ class DiffIRStage2(L.LightningModule):
         opt_e, opt_g = self.optimizers()
         phase = self.phase
         opt = opt_e if phase == 1 else opt_g
-        losses = self.losses(batch, phase)
+        # the IPR noise is a (B, 4·n_feats) vector: drawn on the CPU, as prior_train_forward does
+        losses = self.losses(batch, phase, generator=self._train_rng.generator(self, batch_idx))
         total = losses["total"]
         if phase == 1:
             # the DIRformer is idle in phase 1: a zero-weighted term gives each of its parameters a (zero) gradient,
@@ -425,6 +441,10 @@ class DiffIRStage2(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_CLASS_KEY] = class_path(self)
+        self._train_rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         betas = tuple(self.hparams.adam_betas)

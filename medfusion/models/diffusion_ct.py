@@ -26,6 +26,13 @@ The method has two stages, and so two LightningModules live in this one file:
 Batch keys read: ``source`` and ``target`` (``medfusion.keys``), images ``(B, 1, *spatial)`` in [-1, 1]; stage 1 also
 accepts ``image``.
 
+Training randomness (stage 1: the posterior sample when ``kl_weight > 0``; stage 2: ``t`` and the noise) comes from a
+fresh generator per step on the data's device, seeded from (experiment seed, rank, global step, micro-batch)
+(:mod:`medfusion.models._rng`; the experiment seed is ``torch.initial_seed()`` when the module is built, i.e.
+``seed_everything``'s): ranks draw different noise and a run resumed from a checkpoint draws the same noise as the
+uninterrupted one (user_asks §0.12). Stage 2's EMA is an ``AveragedModel`` inside the module: the checkpoint's
+``state_dict`` holds both the raw (``net.*``) and the EMA (``ema.module.*``) weights.
+
 Skip connections. The paper's lineage (UNet++ in LTDiff++) probably keeps decoder skips, but kernel differences are
 high-frequency texture and skips from the source encoder carry that texture past the bottleneck.
 ``skip_connections=False`` (default) uses MONAI's ``AutoencoderKL``; ``True`` uses a small U-Net encoder-decoder
@@ -47,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medfusion import keys
+from medfusion.models._rng import StepRNG
 from medfusion.models.export import CKPT_CLASS_KEY, class_path
 
 MODES = ("conditional", "translate")
@@ -243,6 +251,7 @@ class DiffusionCTAutoencoder(L.LightningModule):
         # latent scale s = 1 / std(mu) (running estimate over training batches, or exact via calibrate_latent_scale)
         self.register_buffer("latent_scale", torch.ones(()))
         self.register_buffer("latent_var", torch.zeros(()))  # 0 = not yet estimated
+        self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
 
     # -------------------------------------------------------------------------------- encode / decode
     @property
@@ -304,7 +313,7 @@ class DiffusionCTAutoencoder(L.LightningModule):
         z = enc.mean
         if hp.kl_weight > 0:
             eps = torch.randn(
-                z.shape, generator=generator, device="cpu" if generator is not None else z.device
+                z.shape, generator=generator, device=generator.device if generator is not None else z.device
             )
             z = z + enc.sigma * eps.to(z.device, z.dtype)
         recon = self.decode(z, enc.skips)
@@ -328,7 +337,7 @@ class DiffusionCTAutoencoder(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x = self._images(batch)
-        loss, mu = self.loss(x)
+        loss, mu = self.loss(x, generator=self._train_rng.generator(self, batch_idx, x.device))
         self._update_latent_stats(mu.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("latent_scale", self.latent_scale, batch_size=x.shape[0])
@@ -372,8 +381,15 @@ class DiffusionCTAutoencoder(L.LightningModule):
         self.latent_scale.fill_(1.0 / math.sqrt(max(var, 1e-12)))
         return float(self.latent_scale)
 
+    def on_fit_start(self) -> None:
+        self._train_rng.sync(self)  # rank 0's base seed on every rank
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
+        self._train_rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
@@ -501,6 +517,7 @@ class DiffusionCT(L.LightningModule):
             self.ema.requires_grad_(False)
         # r = 1 / std(z_std - z_src): calibrated on the first training batch (0 = not yet)
         self.register_buffer("residual_scale", torch.zeros(()))
+        self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
 
     # -------------------------------------------------------------------------------- helpers
     def train(self, mode: bool = True):  # the frozen stage 1 always stays in eval mode
@@ -557,7 +574,7 @@ class DiffusionCT(L.LightningModule):
         if self.uses_residual and self.residual_scale <= 0:
             self._calibrate_residual(z_src, z_tgt)
         x0, cond = self.diffusion_target(z_src, z_tgt)
-        dev = "cpu" if generator is not None else x0.device
+        dev = generator.device if generator is not None else x0.device
         t = torch.randint(
             0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=generator, device=dev
         )
@@ -576,17 +593,24 @@ class DiffusionCT(L.LightningModule):
         )
 
     # -------------------------------------------------------------------------------- Lightning hooks
+    def on_fit_start(self) -> None:
+        self._train_rng.sync(self)  # rank 0's base seed on every rank
+
     def on_train_start(self) -> None:
         # different diffusion noise / timesteps on every rank (user_asks §0.13)
         if self.trainer.world_size > 1:
             torch.manual_seed(int(torch.initial_seed()) + 7919 * self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        gen = self._train_rng.generator(self, batch_idx, batch[keys.SOURCE].device)
+        loss = self.loss(batch, generator=gen)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA right after the weights change (once per optimiser step) and before any on_train_batch_end callback:
+        # ModelCheckpoint writes there, so a checkpoint of step k holds the EMA of step k (user_asks §0.12)
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
@@ -611,6 +635,10 @@ class DiffusionCT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
+        self._train_rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(

@@ -17,7 +17,9 @@ displacement scale (mean / max |u| in % of image size) of fields generated from 
 
 Batch keys read: ``image`` (``medfusion.keys.IMAGE``, ``(B, C, *spatial)``, first channel used; any intensity
 range, the net min-max normalises its input); ``label`` (optional, ``(B, 1, *spatial)``) in ``predict_step``.
-Randomness: one CPU ``torch.Generator`` per rank, seeded ``seed`` + rank, so DDP ranks draw different fields.
+Randomness: every training step draws its timesteps and fields from a fresh CPU ``torch.Generator`` seeded from
+(``seed``, rank, global step, micro-batch) (:mod:`medfusion.models._rng`): DDP ranks draw different fields, and a run
+resumed from a checkpoint draws the same fields as the uninterrupted run (user_asks §0.12).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from medfusion.diffusion.deformation import (
 )
 from medfusion.fields import displacement_scale, folding_fraction
 from medfusion.fields.warp import LabelMode, PaddingMode
+from medfusion.models._rng import StepRNG
 from medfusion.models.export import CKPT_CLASS_KEY, class_path
 from medfusion.nets.drdm import DRDMRecoveryNet
 
@@ -60,7 +63,7 @@ class DRDM(L.LightningModule):
         lr: Adam learning rate (1e-4, no scheduler, as the official code).
         val_t_start: ``T'`` of the fields generated in validation; ``val_recovery_steps``: their recovery steps.
         val_num_samples: how many images of each validation batch are sampled (sampling is the costly part).
-        seed: base seed of the per-rank generators.
+        seed: base seed of the per-step training generators (a resumed run keeps its checkpoint's seed).
     """
 
     def __init__(
@@ -107,14 +110,20 @@ class DRDM(L.LightningModule):
             legacy_scale=legacy_scale,
         )
         self._generator: torch.Generator | None = None
+        self._train_rng = StepRNG(int(seed))
 
     # --- randomness -------------------------------------------------------------------------------
     def generator(self) -> torch.Generator:
-        """The training generator of this rank (seed + global rank), created on first use."""
+        """The training generator of the current step (seed, rank, global step, micro-batch; see ``_rng``).
+
+        Set by ``training_step``; before the first step it is the generator of step 0, batch 0.
+        """
         if self._generator is None:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            self._generator = torch.Generator().manual_seed(int(self.hparams.seed) * 1009 + rank)
+            self._generator = self._train_rng.generator(self, 0)
         return self._generator
+
+    def on_fit_start(self) -> None:
+        self._train_rng.sync(self)  # rank 0's base seed on every rank
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -136,6 +145,7 @@ class DRDM(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image = batch[keys.IMAGE]
+        self._generator = self._train_rng.generator(self, batch_idx)
         loss = self.losses(image, generator=self.generator())
         bs = image.shape[0]
         self.log("train/loss", loss.total, prog_bar=True, batch_size=bs)
@@ -228,6 +238,10 @@ class DRDM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
+        self._train_rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.recovery_net.parameters(), lr=self.hparams.lr)

@@ -22,6 +22,13 @@ drawn once per volume, so overlapping windows cannot drift apart.
 Networks are built from the typed init args (:class:`medfusion.nets.unet.DiffusionUNet`) so that
 ``medfusion.models.export.load_model`` can rebuild a trained model from its hyper-parameters; ``res_net`` /
 ``noise_net`` may be injected instead (tests, custom backbones; such a model is not rebuildable from YAML alone).
+
+Training randomness (``t`` and ``ε``) comes from a fresh generator per step on the data's device, seeded from
+(experiment seed, rank, global step, micro-batch) (:mod:`medfusion.models._rng`; the experiment seed is
+``torch.initial_seed()`` when the module is built, i.e. ``seed_everything``'s): ranks draw different noise and a run
+resumed from a checkpoint draws the same noise as the uninterrupted one (user_asks §0.12). The EMA is an
+``AveragedModel`` inside the module, so the checkpoint's ``state_dict`` holds both the raw (``nets.*``) and the EMA
+(``ema.module.*``) weights.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.diffusion import residual as R
+from medfusion.models._rng import StepRNG
 from medfusion.models.export import CKPT_CLASS_KEY, class_path
 
 LAYOUTS = ("two_nets", "one_net")
@@ -152,6 +160,7 @@ class RDDM(L.LightningModule):
             self.ema = AveragedModel(self.nets, multi_avg_fn=EMAAvgFn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         self._ema_step = 0  # optimiser step of the last EMA update
+        self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
 
     # ------------------------------------------------------------------------------------------- network
     @property
@@ -210,7 +219,7 @@ class RDDM(L.LightningModule):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Σ over heads of the per-sample-mean L1 (or L2) between heads and ``loss_targets`` (official ``p_losses``)."""
         x0, x_in = batch[keys.TARGET], batch[keys.SOURCE]
-        dev = "cpu" if generator is not None else x0.device
+        dev = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=dev)
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
         t, noise = t.to(x0.device), noise.to(x0.device)
@@ -221,19 +230,25 @@ class RDDM(L.LightningModule):
         per_head = [e.flatten(1).mean(1).mean() for e in err.chunk(self.n_heads, dim=1)]
         return torch.stack(per_head).sum()
 
+    def on_fit_start(self) -> None:
+        self._train_rng.sync(self)  # rank 0's base seed on every rank
+
     def on_train_start(self) -> None:
         if self.trainer.world_size > 1:  # different noise and timesteps on every rank
             torch.manual_seed((int(torch.initial_seed()) + 7919 * self.global_rank) % 2**64)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        gen = self._train_rng.generator(self, batch_idx, batch[keys.TARGET].device)
+        loss = self.loss(batch, generator=gen)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step counts optimiser steps: it stays put across the micro-batches of gradient accumulation, so
-        # update once per new step (not once per micro-batch, and not before the first step)
-        step = self.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA right after the weights change (Lightning calls this once per optimiser step, also under gradient
+        # accumulation) and before any on_train_batch_end callback: ModelCheckpoint writes there, so a checkpoint of
+        # step k holds the EMA of step k and a resumed run continues the same average (user_asks §0.12)
+        step = self.global_step + 1  # global_step counts the step just taken only after this hook returns
         if self.ema is not None and step > self._ema_step and step % self.hparams.ema_every == 0:
             self._ema_step = step
             self.ema.update_parameters(self.nets)
@@ -258,6 +273,10 @@ class RDDM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CKPT_CLASS_KEY] = class_path(self)
+        self._train_rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         return torch.optim.Adam(
