@@ -4,7 +4,16 @@ The batch-job behaviour users of dcm2niix / heudiconv ask for (user_asks.md §0.
 bundles: every series is discovered and reported (never silently one of several), bad series fail alone
 with a reason while the rest converts, files are written atomically (temporary name, then rename; the
 sidecar is written last and marks an output as complete), a rerun skips complete outputs, nothing is ever
-written inside INPUT, and the exit status tells "all ok" (0) from "some failed" (1) and "all failed" (2).
+written inside INPUT, and the exit status tells "all ok" (0) from "some failed" (1), "all failed" (2) and
+"incomplete volumes" (10, as dcm2niix: a 4D series whose partial last volume was dropped, user_asks §0.3).
+Failures take precedence over incomplete volumes: 2 or 1 whenever a series failed, 10 only when every
+series converted (or was skipped) and at least one dropped a partial volume — a wrapper that treats any
+non-zero status as "look at the report" sees both, and one that only tolerates 10 never hides a failure.
+
+4D series (the same slice positions repeated over time) become one 4D NIfTI ``[i, j, k, t]`` with the 3D
+affine, as dcm2niix writes them; the sidecar says which field ordered the time points (``time_key``,
+``time_values``) and ``incomplete`` records a dropped partial last volume (a rerun that skips the series
+still returns 10).
 
 Output layout: ``OUTPUT/<PatientID>/<StudyDate_StudyDescription>/<SeriesNumber>_<SeriesDescription>.nii.gz``
 (sanitised; a short hash of the UID is appended where two series or studies would get the same name).
@@ -30,9 +39,21 @@ import numpy as np
 from medfusion.io.atomic import write_text_atomic
 from medfusion.io.dicom import SIDECAR_KEYS, DicomSeries, discover_series, read_series
 from medfusion.io.nifti import sidecar_path, write_nifti
+from medfusion.io.volume import voxel_spacing
 
 Status = Literal["converted", "skipped", "failed"]
-SIDECAR_EXTRA_KEYS = ("StudyDate", "StudyDescription", "SplitReason", "warnings", "shape", "spacing")
+SIDECAR_EXTRA_KEYS = (
+    "StudyDate",
+    "StudyDescription",
+    "SplitReason",
+    "warnings",
+    "shape",
+    "spacing",
+    "time_key",
+    "time_values",
+    "incomplete",
+)
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED, EXIT_INCOMPLETE = 0, 1, 2, 10
 
 
 @dataclass
@@ -46,11 +67,13 @@ class SeriesOutcome:
     description: str | None = None
     sources: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
+    incomplete: str | None = None  # "incomplete: dropped last volume with k of n slices"
 
 
 @dataclass
 class ConvertReport:
-    """Return of :func:`convert_tree`; ``exit_code`` is 0 (all ok), 1 (some failed) or 2 (all failed)."""
+    """Return of :func:`convert_tree`; ``exit_code`` is 0 (all ok), 1 (some failed), 2 (all failed) or 10
+    (nothing failed, but a 4D series had its partial last volume dropped)."""
 
     input_dir: Path
     output_dir: Path
@@ -72,12 +95,18 @@ class ConvertReport:
         return self._with("failed")
 
     @property
+    def incomplete(self) -> list[SeriesOutcome]:
+        return [o for o in self.outcomes if o.incomplete and o.status != "failed"]
+
+    @property
     def exit_code(self) -> int:
         done = [o for o in self.outcomes if o.output is not None and o.status != "failed"]
         if not self.failed:
             # nothing but non-DICOM files (no series at all) counts as "all failed"
-            return 0 if done or any(o.series_uid for o in self.outcomes) else 2
-        return 1 if done else 2
+            if not (done or any(o.series_uid for o in self.outcomes)):
+                return EXIT_ALL_FAILED
+            return EXIT_INCOMPLETE if self.incomplete else EXIT_OK
+        return EXIT_SOME_FAILED if done else EXIT_ALL_FAILED
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -149,7 +178,12 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
         "sources": tuple(series.files),
     }
     if is_complete(nifti) and not overwrite:
-        return SeriesOutcome("skipped", "already converted", output=nifti, **common)
+        try:
+            incomplete = json.loads(sidecar_path(nifti).read_text()).get("incomplete")
+        except (OSError, ValueError, AttributeError):
+            incomplete = None
+        reason = "already converted" + (f"; warning: {incomplete}" if incomplete else "")
+        return SeriesOutcome("skipped", reason, output=nifti, incomplete=incomplete, **common)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -162,7 +196,10 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
             SplitReason=series.split_reason,
             warnings=volume.meta.get("warnings", []),
             shape=list(volume.array.shape),
-            spacing=list(volume.spacing),
+            spacing=list(voxel_spacing(volume.affine, min(volume.array.ndim, 3))),
+            time_key=volume.meta.get("time_key"),
+            time_values=volume.meta.get("time_values"),
+            incomplete=volume.meta.get("incomplete"),
         )
         write_text_atomic(sidecar_path(nifti), json.dumps(sidecar, indent=2) + "\n", overwrite=True)
     except Exception as exc:  # noqa: BLE001 - one bad series must not stop the batch (user_asks §0.6)
@@ -174,6 +211,7 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
         reason + ("; warning: " + "; ".join(notes) if notes else ""),
         nifti,
         warnings=notes,
+        incomplete=volume.meta.get("incomplete"),
         **common,
     )
 
@@ -199,6 +237,7 @@ def convert_tree(
     progress: bool = True,
     include_derived: bool = False,
     include_localizers: bool = False,
+    merge_acquisitions: bool = False,
 ) -> ConvertReport:
     """Convert every DICOM series under ``input_dir`` to ``output_dir/<name>.nii.gz`` + ``<name>.json``.
 
@@ -209,6 +248,8 @@ def convert_tree(
         overwrite: reconvert series whose outputs are already complete (default: skip them).
         progress: show a rich progress bar on stderr.
         include_derived, include_localizers: convert ImageType DERIVED / LOCALIZER series too.
+        merge_acquisitions: keep repeated acquisitions (same positions, different AcquisitionNumber) in one
+            4D volume ordered by AcquisitionNumber instead of one volume each (contrast phases).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
@@ -216,7 +257,12 @@ def convert_tree(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_output_location(input_dir, output_dir)
-    found = discover_series(input_dir, include_derived=include_derived, include_localizers=include_localizers)
+    found = discover_series(
+        input_dir,
+        include_derived=include_derived,
+        include_localizers=include_localizers,
+        merge_acquisitions=merge_acquisitions,
+    )
     report = ConvertReport(input_dir, output_dir)
     for item in found.skipped:
         report.outcomes.append(
@@ -326,16 +372,29 @@ def print_summary(report: ConvertReport, file=None) -> None:
         print(
             f"FAILED {outcome.description or ''} [{outcome.series_uid}]: {outcome.reason}", file=console.file
         )
+    for outcome in report.incomplete:
+        print(
+            f"INCOMPLETE {outcome.description or ''} [{outcome.series_uid}]: {outcome.incomplete}",
+            file=console.file,
+        )
     console.print(
-        f"converted {len(report.converted)}, skipped {len(report.skipped)}, failed {len(report.failed)}; "
-        f"exit status {report.exit_code}"
+        f"converted {len(report.converted)}, skipped {len(report.skipped)}, failed {len(report.failed)}, "
+        f"incomplete {len(report.incomplete)}; exit status {report.exit_code}"
     )
 
 
 # --------------------------------------------------------------------------------------------- CLI
 
 
+EXIT_STATUS_HELP = (
+    "exit status: 0 all ok; 1 some series failed; 2 all failed (or bad arguments); 10 nothing failed but "
+    "incomplete volumes (a 4D series' partial last volume was dropped). Failures take precedence over 10."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    if parser.epilog is None:
+        parser.epilog = EXIT_STATUS_HELP
     parser.add_argument("input", type=Path, help="DICOM folder tree (read only)")
     parser.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
@@ -344,11 +403,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include-derived", action="store_true", help="also convert ImageType DERIVED series"
     )
     parser.add_argument("--include-localizers", action="store_true", help="also convert localizer series")
+    parser.add_argument(
+        "--merge-acquisitions",
+        action="store_true",
+        help="keep repeated acquisitions (same positions, different AcquisitionNumber) as one 4D volume",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status: 0 all ok, 1 some series failed, 2 all failed (or bad arguments)."""
+    """Exit status: 0 all ok, 1 some series failed, 2 all failed (or bad arguments), 10 incomplete volumes
+    (nothing failed, a partial last 4D volume was dropped); 1 / 2 take precedence over 10."""
     try:
         report = convert_tree(
             args.input,
@@ -358,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not getattr(args, "no_progress", False),
             include_derived=getattr(args, "include_derived", False),
             include_localizers=getattr(args, "include_localizers", False),
+            merge_acquisitions=getattr(args, "merge_acquisitions", False),
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"medfusion convert: {exc}", file=sys.stderr)

@@ -18,6 +18,12 @@ ImageOrientationPatient (along a row, along a column) and ``PixelSpacing = (dr, 
 sorted by ``IPP . (X x Y)`` — never by file name, InstanceNumber or SliceLocation. The :class:`Volume` has
 ``array[i, j, k]`` = column ``i``, row ``j``, slice ``k`` and a RAS+ affine (``diag(-1, -1, 1, 1) @ LPS``).
 
+4D series (dynamic / perfusion CT, fMRI-like MR: the same positions repeated over time) are read as
+``array[i, j, k, t]`` with the 3D affine of every time point, ordered by TemporalPositionIdentifier, else
+AcquisitionNumber, else TriggerTime / ContentTime / AcquisitionTime (:func:`series_geometry`). A partial last
+time point (a scan stopped early, dcm2niix#357/#742) is dropped and reported, never written with t and z
+mixed up (dcm2niix#515); a partial earlier one is refused.
+
 Gantry tilt (slices shifted in-plane from one to the next, a sheared grid) is **refused** with a clear error,
 not resampled: the NIfTI qform cannot store a sheared grid and resampling changes the voxel values; convert
 tilted CT with dcm2niix (``-y``) or resample explicitly before using medfusion.
@@ -101,6 +107,16 @@ WRITABLE_MODALITIES = ("CT", "MR")
 _ORIENT_TOL = 1e-3  # direction-cosine difference treated as "same orientation"
 _SPACING_TOL = 1e-3  # mm, pixel spacing difference treated as "same spacing"
 _DUP_TOL = 1e-2  # mm along the normal: positions closer than this are duplicates
+_SAME_POS_TOL = 5e-2  # mm along the normal: frames this close are "the same slice" of different time points
+# Header fields that order the time points of a 4D series, in order of preference, and whether a value is a
+# discrete label (time point = value) or a clock (time point = rank at each position).
+TIME_KEYS: tuple[tuple[str, str, bool], ...] = (
+    ("TemporalPositionIdentifier", "temporal_index", True),
+    ("AcquisitionNumber", "acquisition_number", True),
+    ("TriggerTime", "trigger_time", False),
+    ("ContentTime", "content_time", False),
+    ("AcquisitionTime", "acquisition_time", False),
+)
 
 
 class DicomSeriesError(ValueError):
@@ -125,6 +141,9 @@ class FrameInfo:
     echo_number: int | None
     temporal_index: int | None
     instance_number: int | None
+    trigger_time: float | None = None  # TriggerTime (ms) / NominalCardiacTriggerDelayTime
+    content_time: float | None = None  # ContentTime (s since midnight) / FrameReferenceDateTime
+    acquisition_time: float | None = None  # AcquisitionTime (s since midnight) / FrameAcquisitionDateTime
 
 
 @dataclass
@@ -175,12 +194,21 @@ class DiscoveryResult:
 
 @dataclass(frozen=True)
 class SeriesGeometry:
-    """Sorted frames and the voxel -> RAS+ affine of a series (from headers only)."""
+    """Sorted frames and the voxel -> RAS+ affine of a series (from headers only).
+
+    ``shape`` is ``(I, J[, K])`` for one time point, ``(I, J, K, T)`` for a 4D series; ``frames`` are then
+    time-major (``frames[t * K + k]`` is slice ``k`` of time point ``t``) and the affine is the 3D one of
+    every time point. ``time_key`` names the header field that ordered the time points (None for 3D),
+    ``time_values`` its value per kept time point, ``incomplete`` describes a dropped partial last volume.
+    """
 
     frames: list[FrameInfo]
     affine: np.ndarray
     shape: tuple[int, ...]
     warnings: tuple[str, ...]
+    time_key: str | None = None
+    time_values: tuple[float, ...] = ()
+    incomplete: str | None = None
 
 
 # ----------------------------------------------------------------------------------------- headers
@@ -251,6 +279,33 @@ def _opt_int(value: Any) -> int | None:
         return None
 
 
+def _tm_seconds(value: Any) -> float | None:
+    """DICOM TM (``HHMMSS.FFFFFF``, legacy ``HH:MM:SS``) or the time part of a DT -> seconds since midnight."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().replace(":", "")
+    if len(text) >= 14 and text[:8].isdigit():  # DT: YYYYMMDDHHMMSS.FFFFFF[&ZZXX]
+        days = int(text[6:8])
+        text = text[8:].split("+")[0].split("-")[0]
+    else:
+        days = 0
+    try:
+        hours = int(text[0:2])
+        minutes = int(text[2:4]) if len(text) >= 4 else 0
+        seconds = float(text[4:]) if len(text) > 4 else 0.0
+    except ValueError:
+        return None
+    return days * 86400.0 + hours * 3600.0 + minutes * 60.0 + seconds
+
+
+def _opt_float(value: Any) -> float | None:
+    try:
+        out = None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out is not None and math.isfinite(out) else None
+
+
 def _group_value(item: Any, shared: Any, sequence: str, keyword: str) -> Any:
     for source in (item, shared):
         if source is not None and sequence in source and source[sequence].value:
@@ -277,6 +332,9 @@ def _frames_from_header(ds: Any, path: Path) -> list[FrameInfo]:
     thick = ds.get("SliceThickness")
     thick = float(thick) if thick not in (None, "") else None
     temporal = _opt_int(ds.get("TemporalPositionIdentifier"))
+    trigger = _opt_float(ds.get("TriggerTime"))
+    content = _tm_seconds(ds.get("ContentTime"))
+    acq_time = _tm_seconds(ds.get("AcquisitionTime"))
 
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame:
@@ -317,6 +375,17 @@ def _frames_from_header(ds: Any, path: Path) -> list[FrameInfo]:
                         _group_value(item, shared, "FrameContentSequence", "TemporalPositionIndex")
                     ),
                     instance_number=inst,
+                    trigger_time=_opt_float(
+                        _group_value(
+                            item, shared, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime"
+                        )
+                    ),
+                    content_time=_tm_seconds(
+                        _group_value(item, shared, "FrameContentSequence", "FrameReferenceDateTime")
+                    ),
+                    acquisition_time=_tm_seconds(
+                        _group_value(item, shared, "FrameContentSequence", "FrameAcquisitionDateTime")
+                    ),
                 )
             )
         return frames
@@ -346,6 +415,9 @@ def _frames_from_header(ds: Any, path: Path) -> list[FrameInfo]:
                 echo_number=echo,
                 temporal_index=temporal,
                 instance_number=inst,
+                trigger_time=trigger,
+                content_time=content,
+                acquisition_time=acq_time,
             )
         )
     return frames
@@ -440,8 +512,15 @@ def _cluster(values: Sequence[tuple[float, ...] | None], tol: float) -> list[int
     return labels
 
 
-def _split_frames(frames: list[FrameInfo]) -> tuple[list[list[FrameInfo]], str | None]:
-    """Split one SeriesInstanceUID into regular stacks; return the parts and why (None: no split)."""
+def _split_frames(
+    frames: list[FrameInfo], merge_acquisitions: bool = False
+) -> tuple[list[list[FrameInfo]], str | None]:
+    """Split one SeriesInstanceUID into regular stacks; return the parts and why (None: no split).
+
+    Repeated positions with different AcquisitionNumber are split (contrast phases, user_asks §0.1) unless
+    ``merge_acquisitions`` or the frames carry several TemporalPositionIdentifiers (a declared dynamic /
+    4D series, read as one 4D volume by :func:`series_geometry`).
+    """
     keys = {
         "orientation": _cluster([f.orientation for f in frames], _ORIENT_TOL),
         "image size": [hash((f.rows, f.columns)) for f in frames],
@@ -462,7 +541,10 @@ def _split_frames(frames: list[FrameInfo]) -> tuple[list[list[FrameInfo]], str |
     for part in parts:
         positions = [tuple(round(v, 2) for v in f.position) for f in part if f.position is not None]
         acquisitions = {f.acquisition_number for f in part}
-        if len(positions) != len(set(positions)) and len(acquisitions) > 1:
+        temporal = {f.temporal_index for f in part}
+        declared_4d = None not in temporal and len(temporal) > 1
+        repeated = len(positions) != len(set(positions))
+        if repeated and len(acquisitions) > 1 and not (merge_acquisitions or declared_4d):
             by_acq: dict[int | None, list[FrameInfo]] = {}
             for frame in part:
                 by_acq.setdefault(frame.acquisition_number, []).append(frame)
@@ -476,7 +558,11 @@ def _split_frames(frames: list[FrameInfo]) -> tuple[list[list[FrameInfo]], str |
 
 
 def discover_series(
-    root: str | os.PathLike, *, include_derived: bool = False, include_localizers: bool = False
+    root: str | os.PathLike,
+    *,
+    include_derived: bool = False,
+    include_localizers: bool = False,
+    merge_acquisitions: bool = False,
 ) -> DiscoveryResult:
     """Find every DICOM image series under ``root`` (any file names, nested folders).
 
@@ -484,7 +570,9 @@ def discover_series(
     number or a repeated acquisition (same positions, different AcquisitionNumber) is mixed; each split
     series carries ``split_reason``. Skipped, with a reason each: non-DICOM and unreadable files, non-image
     objects (SEG, SR, RTSTRUCT, ...), localizers (ImageType LOCALIZER) unless ``include_localizers``, and
-    derived images (ImageType DERIVED) unless ``include_derived``.
+    derived images (ImageType DERIVED) unless ``include_derived``. A series whose repeated positions carry
+    several TemporalPositionIdentifiers is kept whole (a 4D series); ``merge_acquisitions`` also keeps
+    repeated acquisitions (different AcquisitionNumber) whole, to be read as a 4D volume ordered by it.
     """
     root = Path(root)
     if not root.exists():
@@ -529,7 +617,7 @@ def discover_series(
             continue
         meta = header_meta(kept[0][1])
         frames = [f for _, _, fs in kept for f in fs]
-        parts, reason = _split_frames(frames)
+        parts, reason = _split_frames(frames, merge_acquisitions)
         for index, part in enumerate(parts):
             series_meta = dict(meta)
             part_files = {f.path for f in part}
@@ -556,12 +644,141 @@ def _fail(label: str, problem: str, files: Iterable[Path]) -> DicomSeriesError:
     return DicomSeriesError(f"{label}: {problem} [files: {shown}]")
 
 
-def series_geometry(frames: Sequence[FrameInfo], label: str = "series") -> SeriesGeometry:
-    """Check that ``frames`` form one regular stack; return them sorted along the normal and the affine.
+def _position_clusters(proj: np.ndarray) -> np.ndarray:
+    """Label positions along the normal: sorted neighbours closer than ``_SAME_POS_TOL`` share a label."""
+    order = np.argsort(proj, kind="stable")
+    labels = np.empty(len(proj), dtype=int)
+    current = 0
+    for rank, index in enumerate(order):
+        if rank and proj[index] - proj[order[rank - 1]] >= _SAME_POS_TOL:
+            current += 1
+        labels[index] = current
+    return labels
 
-    Raises :class:`DicomSeriesError` for mixed image sizes / orientations / pixel spacings, missing or
-    duplicate slice positions, non-uniform spacing and gantry tilt.
+
+def _time_points(
+    frames: list[FrameInfo], labels: np.ndarray, proj: np.ndarray, key: str, discrete: bool
+) -> tuple[list[list[int]], list[float]] | str:
+    """Frame indices per time point (time-ordered) and the time value of each, or why ``key`` cannot
+    order them (missing on some frames, equal at one position, inconsistent)."""
+    values = [getattr(f, key) for f in frames]
+    if any(v is None for v in values):
+        return "not present on every frame"
+    by_position: dict[int, list[int]] = {}
+    for index, lab in enumerate(labels):
+        by_position.setdefault(int(lab), []).append(index)
+    for members in by_position.values():
+        if len({values[i] for i in members}) != len(members):
+            return "equal on two frames at the same position"
+    if discrete:
+        groups: dict[float, list[int]] = {}
+        for index, value in enumerate(values):
+            groups.setdefault(value, []).append(index)
+        times = sorted(groups)
+        return [groups[t] for t in times], [float(t) for t in times]
+    # a clock: the r-th frame (in time) at each position belongs to time point r
+    ranked: dict[int, list[int]] = {}
+    for members in by_position.values():
+        for rank, index in enumerate(sorted(members, key=lambda i: values[i])):
+            ranked.setdefault(rank, []).append(index)
+    points = [ranked[r] for r in sorted(ranked)]
+    for t in range(len(points) - 1):
+        if max(values[i] for i in points[t]) >= min(values[i] for i in points[t + 1]):
+            return f"time points {t} and {t + 1} overlap in time"
+    return points, [float(min(values[i] for i in p)) for p in points]
+
+
+def series_geometry(frames: Sequence[FrameInfo], label: str = "series") -> SeriesGeometry:
+    """Check that ``frames`` form one regular stack (or a 4D series of them); return them sorted and the affine.
+
+    3D: slices sorted along the normal of ImageOrientationPatient. Raises :class:`DicomSeriesError` for mixed
+    image sizes / orientations / pixel spacings, missing slices (naming the missing positions along the
+    normal), duplicate positions, non-uniform spacing and gantry tilt.
+
+    4D (user_asks §0.3): when positions repeat, the frames are assigned to time points by the first field of
+    :data:`TIME_KEYS` that is present on every frame and differs between the frames at each position:
+    TemporalPositionIdentifier (enhanced: TemporalPositionIndex), else AcquisitionNumber (time point = value,
+    ordered by value), else TriggerTime, ContentTime, AcquisitionTime (clocks: the r-th frame in time at each
+    position is time point r, and time points must not overlap in time). Every time point must hold the same
+    full set of positions; a **partial last** time point (a scan stopped early) is dropped with the warning
+    ``"incomplete: dropped last volume with k of n slices"`` (``incomplete`` is set); a partial earlier time
+    point, or repeated positions that no field tells apart, raise. Frames come back time-major, ``shape`` is
+    ``(I, J, K, T)`` (``(I, J, K)`` when one complete time point is left) and the affine is the 3D one.
     """
+    frames = list(frames)
+    if len(frames) < 2 or any(f.position is None for f in frames) or frames[0].orientation is None:
+        return _stack_geometry(frames, label)
+    iop = np.asarray(frames[0].orientation, dtype=float)
+    normal = np.cross(iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:]))
+    proj = np.array([float(np.dot(f.position, normal)) for f in frames])
+    labels = _position_clusters(proj)
+    n_positions = int(labels.max()) + 1
+    if n_positions == len(frames):
+        return _stack_geometry(frames, label)
+
+    reasons = []
+    for name, attribute, discrete in TIME_KEYS:
+        found = _time_points(frames, labels, proj, attribute, discrete)
+        if isinstance(found, str):
+            reasons.append(f"{name}: {found}")
+            continue
+        points, times = found
+        counts = [len({int(labels[i]) for i in p}) for p in points]
+        if any(c != len(p) for c, p in zip(counts, points)):
+            reasons.append(f"{name}: a time point holds one position twice")
+            continue
+        short = [t for t, c in enumerate(counts) if c < n_positions]
+        if short and short != [len(points) - 1]:
+            centres = {int(lab): float(np.mean(proj[labels == lab])) for lab in range(n_positions)}
+            details = []
+            for t in short[:5]:
+                present = {int(labels[i]) for i in points[t]}
+                gone = ", ".join(f"{centres[lab]:.2f}" for lab in sorted(set(centres) - present)[:8])
+                details.append(
+                    f"time point {t} ({name} {times[t]:g}) has {counts[t]} of {n_positions} slices, "
+                    f"missing {gone} mm"
+                )
+            reasons.append(f"{name}: " + "; ".join(details))
+            continue
+        break
+    else:
+        dup = [i for i in range(len(frames)) if np.sum(labels == labels[i]) > 1]
+        raise _fail(
+            label,
+            f"duplicate slice positions: {len(frames) - n_positions} frame(s) repeat a position along the "
+            f"normal, first at {proj[dup[0]]:.3f} mm, and no field orders them as time points of a 4D series "
+            f"({'; '.join(reasons)})",
+            [frames[i].path for i in dup],
+        )
+
+    notes: list[str] = []
+    incomplete = None
+    if short:
+        incomplete = f"incomplete: dropped last volume with {counts[-1]} of {n_positions} slices"
+        notes.append(incomplete)
+        points, times = points[:-1], times[:-1]
+    base = _stack_geometry([frames[i] for i in points[0]], label)
+    position_of = {id(f): int(labels[i]) for i, f in enumerate(frames)}
+    slot = {position_of[id(f)]: k for k, f in enumerate(base.frames)}
+    ordered = list(base.frames)
+    for p in points[1:]:
+        ordered.extend(sorted((frames[i] for i in p), key=lambda f: slot[position_of[id(f)]]))
+    shape = tuple(base.shape) + ((len(points),) if len(points) > 1 else ())
+    if len(points) > 1 and len(shape) == 3:  # one slice per time point: (I, J, 1, T)
+        shape = (shape[0], shape[1], 1, len(points))
+    return SeriesGeometry(
+        ordered,
+        base.affine,
+        shape,
+        tuple(notes) + base.warnings,
+        time_key=name,
+        time_values=tuple(times),
+        incomplete=incomplete,
+    )
+
+
+def _stack_geometry(frames: Sequence[FrameInfo], label: str) -> SeriesGeometry:
+    """One 3D stack: the checks of :func:`series_geometry` for a single time point."""
     frames = list(frames)
     if not frames:
         raise DicomSeriesError(f"{label}: no image frames")
@@ -615,13 +832,10 @@ def series_geometry(frames: Sequence[FrameInfo], label: str = "series") -> Serie
             dups = np.flatnonzero(diffs < _DUP_TOL)
             if dups.size:
                 pairs = [(ordered[i].path, ordered[i + 1].path) for i in dups]
-                extra = ""
-                if len({f.temporal_index for f in frames}) > 1:
-                    extra = " (several temporal positions: 4D series are not supported)"
                 raise _fail(
                     label,
                     f"duplicate slice positions: {len(dups)} pair(s) at the same position along the normal, "
-                    f"first at {proj[dups[0]]:.3f} mm{extra}",
+                    f"first at {proj[dups[0]]:.3f} mm",
                     [p for pair in pairs for p in pair],
                 )
             # reference spacing = the smallest step; jitter below `tol` (low-precision IPP) is accepted
@@ -632,11 +846,16 @@ def series_geometry(frames: Sequence[FrameInfo], label: str = "series") -> Serie
                 ratios = diffs[bad] / base
                 if np.all(np.abs(ratios - np.rint(ratios)) < 0.1) and np.all(ratios > 1.5):
                     gaps = [
-                        f"{int(round(r)) - 1} missing between {ordered[i].path.name} ({proj[i]:.2f} mm) and "
-                        f"{ordered[i + 1].path.name} ({proj[i + 1]:.2f} mm)"
+                        f"{int(round(r)) - 1} missing at "
+                        + ", ".join(f"{proj[i] + m * base:.2f}" for m in range(1, int(round(r))))
+                        + f" mm (between {ordered[i].path.name} at {proj[i]:.2f} mm and "
+                        f"{ordered[i + 1].path.name} at {proj[i + 1]:.2f} mm)"
                         for i, r in zip(bad, ratios)
                     ]
-                    problem = f"missing slice(s) (spacing {base:.3f} mm): " + "; ".join(gaps)
+                    problem = (
+                        f"missing slice(s) (spacing {base:.3f} mm; positions along the slice normal): "
+                        + "; ".join(gaps)
+                    )
                 else:
                     problem = (
                         f"slice spacing varies from {diffs.min():.3f} to {diffs.max():.3f} mm "
@@ -760,7 +979,7 @@ def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
 
 
 def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str | os.PathLike]) -> Volume:
-    """Read one DICOM series to a :class:`Volume` (``array[i, j, k]``, RAS+ affine, header ``meta``).
+    """Read one DICOM series to a :class:`Volume` (``array[i, j, k]`` or ``array[i, j, k, t]``, RAS+ affine).
 
     Args:
         series_or_files: a :class:`DicomSeries` from :func:`discover_series`, a folder holding exactly one
@@ -769,10 +988,17 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
     Slices are sorted along the normal of ImageOrientationPatient. RescaleSlope / RescaleIntercept are
     applied per frame: the array is float32 then (CT in HU); otherwise the stored integer type is kept
     (uint16 above 32767 survives). Raises :class:`DicomSeriesError` naming the series and the files.
+
+    A 4D series (repeated positions, see :func:`series_geometry` for how time points are ordered) gives
+    ``array[i, j, k, t]`` with the 3D affine of every time point (nibabel writes it as a 4D NIfTI, as
+    dcm2niix does); ``meta["time_key"]`` / ``meta["time_values"]`` say how time was ordered, and
+    ``meta["incomplete"]`` (also in ``meta["warnings"]``) says when a partial last volume was dropped.
+    Note that :attr:`Volume.spacing` is meant for 2D/3D arrays: use ``voxel_spacing(affine, 3)`` for 4D.
     """
     frames, meta, label = _resolve(series_or_files)
     geometry = series_geometry(frames, label)
     ordered = geometry.frames
+    n_slices = geometry.shape[2] if len(geometry.shape) > 2 else 1
     rescale = any(f.slope != 1.0 or f.intercept != 0.0 for f in ordered) or meta.get("Modality") == "CT"
     decoded: dict[Path, np.ndarray] = {}
     out: np.ndarray | None = None
@@ -794,16 +1020,23 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
                 [frame.path],
             )
         if out is None:
-            out = np.empty((frame.columns, frame.rows, n), dtype=np.float32 if rescale else pixels.dtype)
+            out = np.empty(
+                (frame.columns, frame.rows, n_slices, n // n_slices),
+                dtype=np.float32 if rescale else pixels.dtype,
+            )
+        index = (slice(None), slice(None), k % n_slices, k // n_slices)  # frames are time-major
         if rescale:
-            out[:, :, k] = pixels.T.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+            out[index] = pixels.T.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
         else:
-            out[:, :, k] = pixels.T
+            out[index] = pixels.T
     assert out is not None  # n >= 1 is guaranteed by series_geometry
-    array = out[:, :, 0] if n == 1 else out
+    array = out.reshape(geometry.shape)
     meta = dict(meta)
     meta["source_files"] = [str(p) for p in dict.fromkeys(f.path for f in ordered)]
     meta["warnings"] = list(geometry.warnings)
+    meta["time_key"] = geometry.time_key
+    meta["time_values"] = list(geometry.time_values) if geometry.time_key else None
+    meta["incomplete"] = geometry.incomplete
     for note in geometry.warnings:
         warnings.warn(f"{label}: {note}", stacklevel=2)
     return Volume(array=array, affine=geometry.affine, meta=meta)

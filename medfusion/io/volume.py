@@ -35,8 +35,9 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, ...]:
-        """Voxel size in mm per array axis (column norms of the affine)."""
-        return voxel_spacing(self.affine, self.array.ndim)
+        """Voxel size in mm per spatial array axis (column norms of the affine); a 4D ``array[i, j, k, t]`` gives
+        three values (the affine is spatial; time points are listed in ``meta["time_values"]``)."""
+        return voxel_spacing(self.affine, min(self.array.ndim, 3))
 
     @property
     def affine_lps(self) -> np.ndarray:
