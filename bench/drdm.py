@@ -144,21 +144,28 @@ def _builtin_slices(size: int, n_patients: int = 60):
     return load(["training"]), load(["test", "validation"])
 
 
-def train(steps: int, size: int, batch: int, lr: float, save: str, every: int = 1000) -> dict:
-    """Plain loop over ``DRDM.losses`` (spec §3: Adam, no scheduler, no EMA); weights saved every ``every`` steps."""
+def train(
+    steps: int, size: int, batch: int, lr: float, save: str, every: int = 1000, device: str = "cpu",
+    max_minutes: float = 0.0,
+) -> dict:  # fmt: skip
+    """Plain loop over ``DRDM.losses`` (spec §3: Adam, no scheduler, no EMA); weights saved every ``every`` steps.
+
+    ``device``: where the recovery net runs (the random fields are drawn on the CPU generator either way);
+    ``max_minutes`` > 0: stop (and save) after the first step past that wall time (GPU time guard).
+    """
     from pathlib import Path
 
     from medfusion.models.drdm import DRDM
 
     (x_tr, _), _ = _builtin_slices(size)
     torch.manual_seed(0)
-    model = DRDM(spatial_dims=2, lr=lr)
+    model = DRDM(spatial_dims=2, lr=lr).to(device)
     opt = torch.optim.Adam(model.recovery_net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
     Path(save).mkdir(parents=True, exist_ok=True)
     t0, losses, log = time.time(), [], []
     for step in range(1, steps + 1):
-        xb = x_tr[torch.randint(0, len(x_tr), (batch,), generator=gen)]
+        xb = x_tr[torch.randint(0, len(x_tr), (batch,), generator=gen)].to(device)
         xb = torch.rot90(xb, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
         if torch.rand(1, generator=gen).item() < 0.5:
             xb = xb.flip(2)
@@ -170,9 +177,12 @@ def train(steps: int, size: int, batch: int, lr: float, save: str, every: int = 
         if step % 100 == 0:
             log.append((step, float(np.mean(losses[-100:])), time.time() - t0))
             print(f"step {step} loss {log[-1][1]:.4f} {log[-1][2]:.0f} s", flush=True)
-        if step % every == 0 or step == steps:
+        stop = max_minutes > 0 and time.time() - t0 > 60 * max_minutes
+        if step % every == 0 or step == steps or stop:
             torch.save(model.recovery_net.state_dict(), Path(save) / f"step_{step:06d}.pt")
-    return {"steps": steps, "train_slices": len(x_tr), "minutes": (time.time() - t0) / 60, "log": log}
+        if stop:
+            break
+    return {"steps": step, "train_slices": len(x_tr), "minutes": (time.time() - t0) / 60, "log": log}
 
 
 def _dice(lab: torch.Tensor, ref: torch.Tensor) -> float:
@@ -185,8 +195,13 @@ def _dice(lab: torch.Tensor, ref: torch.Tensor) -> float:
     )
 
 
-def evaluate(ckpt: str | None, size: int, t_starts=(40, 48, 64), step_list=(2, 4, 8, 16, None), seeds=3):
-    """Rows (name, mean %, p95 %, max %, folding %, folding in body %, Dice) on the held-out slices."""
+def evaluate(
+    ckpt: str | None, size: int, t_starts=(40, 48, 64), step_list=(2, 4, 8, 16, None), seeds=3, device: str = "cpu"
+):  # fmt: skip
+    """Rows (name, mean %, p95 %, max %, folding %, folding in body %, Dice) on the held-out slices.
+
+    ``device``: where DRDM sampling runs (fields are moved back to the CPU for the statistics).
+    """
     from monai.transforms import Rand2DElasticd
 
     from medfusion.fields import warp_labels
@@ -195,8 +210,8 @@ def evaluate(ckpt: str | None, size: int, t_starts=(40, 48, 64), step_list=(2, 4
     _, (x_te, l_te) = _builtin_slices(size)
     model = DRDM(spatial_dims=2)
     if ckpt:
-        model.recovery_net.load_state_dict(torch.load(ckpt, weights_only=True))
-    model.eval()
+        model.recovery_net.load_state_dict(torch.load(ckpt, weights_only=True, map_location="cpu"))
+    model.to(device).eval()
     body = x_te > 0.3  # HU > -400
 
     def stats(ddf, lab):
@@ -212,11 +227,12 @@ def evaluate(ckpt: str | None, size: int, t_starts=(40, 48, 64), step_list=(2, 4
             for seed in range(seeds):
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = model.sample(x_te, t_start=t_start, steps=n_steps, label=l_te,
+                    out = model.sample(x_te.to(device), t_start=t_start, steps=n_steps, label=l_te.to(device),
                                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                    ddf, random_ddf = out.ddf.cpu(), out.random_ddf.cpu()
                 dt = (time.perf_counter() - t0) / len(x_te)
-                agg["DRDM"].append((*stats(out.ddf, warp_labels(l_te, out.ddf)), dt))
-                agg["random"].append((*stats(out.random_ddf, warp_labels(l_te, out.random_ddf)), 0.0))
+                agg["DRDM"].append((*stats(ddf, warp_labels(l_te, ddf)), dt))
+                agg["random"].append((*stats(random_ddf, warp_labels(l_te, random_ddf)), 0.0))
             if n_steps == step_list[0]:
                 rows.append((f"random field T'={t_start}", *np.mean(agg["random"], 0)))
             rows.append((f"DRDM T'={t_start}, {n_steps or t_start} steps", *np.mean(agg["DRDM"], 0)))
@@ -253,13 +269,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--save", default="/tmp/drdm_train")
     p.add_argument("--evaluate", default=None, help="evaluate a saved recovery net ('' = untrained) and exit")
+    p.add_argument("--device", default="cpu", help="training / evaluation device (cpu, cuda)")
+    p.add_argument("--train-minutes", type=float, default=0.0, help="training time guard (0 = none)")
     a = p.parse_args()
     if a.train_steps:
-        info = train(a.train_steps, a.size, a.batch, a.lr, a.save)
+        info = train(
+            a.train_steps, a.size, a.batch, a.lr, a.save, device=a.device, max_minutes=a.train_minutes
+        )
         print(info)
         return
     if a.evaluate is not None:
-        rows, n_te = evaluate(a.evaluate or None, a.size)
+        rows, n_te = evaluate(a.evaluate or None, a.size, device=a.device)
         lines = [
             f"Checkpoint `{a.evaluate or '(untrained)'}`, {n_te} held-out slices ({a.size}^2), 3 seeds per row; "
             "scale = |u| in % of the image size (mean, 95th percentile, max); folding = % of voxels with det J <= 0.",
