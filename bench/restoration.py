@@ -496,7 +496,7 @@ def main() -> int:
     cmd = (
         f".venv/bin/python bench/restoration.py --task {args.task} --patients {args.patients} --size {args.size} "
         f"--crop {args.crop} --batch {args.batch} --rddm-steps {args.rddm_steps} --unet-steps {args.unet_steps} "
-        f"--s1-steps {args.s1_steps} --s2-steps {args.s2_steps} --lr {args.lr}"
+        f"--s1-steps {args.s1_steps} --s2-steps {args.s2_steps} --lr {args.lr} --device {args.device}"
     )
     lines = [
         f"# Restoration benchmark: {TASK_TITLES[args.task]}",
@@ -518,7 +518,7 @@ def main() -> int:
     lines += [
         "",
         f"| method | PSNR (dB) | SSIM | noise SD ({unit}) | edge sharpness (1/px) | texture CCC | params | NFE "
-        "| CPU s / 256² slice |",
+        f"| s / 256² slice ({dev.type}) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per, tex, p, nfe, sec in rows:

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Download (here, on the CPU machine that reaches PyPI) the wheels that the device image lacks, into .gpu_wheels/
+# (git-ignored; carried to the GPU machine with run(..., carry=[".gpu_wheels"])). See bench/gpu/README.md.
+#
+# The device image (python3 = /opt/torch/.venv/bin/python3, Python 3.12, x86_64) already holds torch, lightning,
+# numpy, scipy, scikit-image, safetensors, einops, rich, matplotlib, PyYAML, pytest (+ pytest-timeout), packaging,
+# typing-extensions. It lacks:
+#   monai, nibabel, pydicom          imported by medfusion, the bench scripts and the tests (module level)
+#   jsonargparse, docstring-parser,  only for `medfusion fit/validate/...` (LightningCLI with signatures); small,
+#   typeshed-client                  carried so that a config can be trained there too
+# Left out on purpose: SimpleITK (~50 MB wheel; imported lazily in medfusion/io/displacement.py and inside test
+# functions only: nothing run_all.sh runs needs it), nilearn (restoration --task sr only), pydicom-data, pylibjpeg*,
+# python-gdcm (compressed DICOM only), diffusers (tests that compare samplers; skipped when missing).
+# Versions: the ones installed in .venv (so the GPU run uses exactly what was tested here).
+#
+#     bash bench/gpu/prepare.sh            # -> .gpu_wheels/*.whl, prints the total size
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+DEST=.gpu_wheels
+PKGS=(monai nibabel pydicom jsonargparse docstring-parser typeshed-client)
+
+pins=()
+for p in "${PKGS[@]}"; do
+    v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$p")
+    pins+=("$p==$v")
+done
+rm -rf "$DEST"
+mkdir -p "$DEST"
+echo "downloading: ${pins[*]}"
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$DEST" \
+    --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+    "${pins[@]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+
+# every wheel must install on CPython 3.12 x86_64 (pure python or cp312/abi3 manylinux)
+bad=0
+for w in "$DEST"/*.whl; do
+    tags=${w##*/}
+    tags=${tags%.whl}
+    IFS=- read -r -a parts <<<"$tags"
+    n=${#parts[@]}
+    py=${parts[n - 3]} abi=${parts[n - 2]} plat=${parts[n - 1]}
+    case "$py/$abi/$plat" in
+        *py3*/none/any | *cp312*/cp312/*x86_64* | *cp3*/abi3/*x86_64*) echo "  ok  ${w##*/}" ;;
+        *) echo "  BAD tag (not Python 3.12 x86_64): ${w##*/}"; bad=1 ;;
+    esac
+done
+[ "$bad" = 0 ] || { echo "prepare.sh: incompatible wheel(s) above" >&2; exit 1; }
+count=$(ls "$DEST"/*.whl | wc -l)
+[ "$count" = "${#PKGS[@]}" ] || { echo "prepare.sh: expected ${#PKGS[@]} wheels, got $count" >&2; exit 1; }
+total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
+echo "total: $count wheels, $((total / 1024)) KiB ($(awk -v b="$total" 'BEGIN{printf "%.1f", b/1048576}') MiB) in $DEST/"
+# the whole travelling tree must stay under 64 MiB: warn early
+tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+echo "working tree that travels (tracked + untracked-not-ignored): $((tree / 1048576)) MiB; with wheels: $(((tree + total) / 1048576)) MiB (limit 64)"

@@ -1,0 +1,185 @@
+"""Time ``DiffusionCT.standardize`` per 512² slice and per 512² x 300 volume (the demo's CUDA-budget model size).
+
+The model is *untrained* (random weights, ``residual_scale`` set to 1): the compute per call does not depend on
+the weights, so this measures what ``medfusion standardize`` costs on a trained model of the same size. Sizes are
+``medfusion.apps.demo.budget_for(quick=False, cuda=True)``: stage 1 = skip-connected encoder-decoder
+(channels (32, 64, 64), 4 latent channels, skip from level 1, latent 1/4 of the image), stage 2 = conditional
+latent U-Net (64, 128, 128) with attention on the lowest level, v-prediction, residual, DPM-Solver++(2M) with the
+budget's sample steps (20).
+
+Rows: one slice ``(1, 1, 512, 512)`` through ``standardize`` directly, and a ``512 x 512 x 300`` HU volume through
+``medfusion.apps.volume_job.apply_to_array`` (the code path of ``medfusion standardize`` for 2D models: slices in
+batches, padding to ``divisible_by``, HU window) at several batch sizes; each in fp32 (what the CLI runs) and under
+bf16 autocast (what a faster CLI could run); torch's default TF32 / cuDNN settings, as in the CLI (which sets
+none). Warm-up first, ``torch.cuda.synchronize`` around each timed call, median of ``--repeats`` for the slice; peak
+memory from ``torch.cuda.max_memory_allocated``. Nothing here is a new method: it times existing code paths.
+
+    python3 bench/gpu/standardize_timing.py --out $OUT/standardize_timing.md          # GPU (run_all.sh step c)
+    .venv/bin/python bench/gpu/standardize_timing.py --small --out /tmp/st.md         # CPU dry run, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def build_model(small: bool):
+    """Untrained DiffusionCT (stage 1 built from its config, as ``load_model`` rebuilds exported models)."""
+    from medfusion.apps.demo import budget_for
+    from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
+    from medfusion.models.export import module_config
+
+    b = budget_for(quick=small, cuda=True)
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(
+        spatial_dims=2, channels=b.ae_channels, latent_channels=b.latent_channels, norm_num_groups=b.ae_groups,
+        skip_connections=b.ae_skip, skip_from_level=b.ae_skip_from,
+    )  # fmt: skip
+    model = DiffusionCT(
+        autoencoder_config=module_config(ae), mode="conditional", channels=b.unet_channels,
+        attention_levels=b.unet_attention, num_head_channels=b.head_channels,
+        unet_kwargs={"norm_num_groups": b.unet_groups}, prediction="v", residual=True, sampler=b.sampler,
+        num_inference_steps=b.sample_steps, ema_decay=0.995,
+    )  # fmt: skip
+    model.residual_scale.fill_(1.0)  # calibrated on the first training batch in real runs
+    return model, b
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _amp(dev: torch.device, bf16: bool):
+    if bf16 and dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_reset(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="markdown results file")
+    p.add_argument("--small", action="store_true", help="CPU dry run: toy model, 64² x 6 volume, 2 steps")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    p.add_argument("--size", type=int, default=None, help="slice size (default 512; --small 64)")
+    p.add_argument("--depth", type=int, default=None, help="volume slices (default 300; --small 6)")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="volume batch sizes (default 8 32)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed single-slice calls (median)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast rows")
+    args = p.parse_args(argv)
+
+    from medfusion.apps.volume_job import apply_to_array, resolve_device
+    from medfusion.io.atomic import write_text_atomic
+
+    dev = resolve_device(args.device)
+    size = args.size or (64 if args.small else 512)
+    depth = args.depth or (6 if args.small else 300)
+    batch_sizes = args.batch_sizes or ([2] if args.small else [8, 32])
+    model, b = build_model(args.small)
+    model = model.to(dev).eval()
+    n_ae = sum(p.numel() for p in model.autoencoder.parameters())
+    n_unet = sum(p.numel() for p in model.net.parameters())
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    modes = [False] if (args.no_bf16 or dev.type != "cuda") else [False, True]
+    rng = np.random.default_rng(0)
+    lines = [
+        "# DiffusionCT standardize timing (untrained model of the demo's CUDA-budget size)",
+        "",
+        f"Device: {card}; torch {torch.__version__}. Command: `python3 bench/gpu/standardize_timing.py"
+        f"{' --small' if args.small else ''} --size {size} --depth {depth} --batch-sizes "
+        f"{' '.join(map(str, batch_sizes))}`.",
+        f"Model: stage 1 channels {tuple(b.ae_channels)}, latent {b.latent_channels} ch, skip from level "
+        f"{b.ae_skip_from} ({n_ae / 1e6:.2f} M params); stage 2 U-Net {tuple(b.unet_channels)}, attention "
+        f"{tuple(b.unet_attention)} ({n_unet / 1e6:.2f} M params); {b.sampler} {b.sample_steps} steps "
+        f"(= {b.sample_steps} U-Net calls + 1 encode + 1 decode per batch); divisible_by {model.divisible_by}.",
+        "",
+        "| case | precision | batch | total s | ms / slice | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+
+    def row(case: str, bf16: bool, batch: int, total: float, n: int) -> None:
+        prec = "bf16 autocast" if bf16 else "fp32 (torch defaults)" if dev.type == "cuda" else "fp32"
+        lines.append(
+            f"| {case} | {prec} | {batch} | {total:.3f} | {1000 * total / n:.1f} | {_peak(dev):.2f} |"
+        )
+        print(lines[-1], flush=True)
+        # written after every row: a later timeout keeps what was measured
+        write_text_atomic(args.out, "\n".join(lines) + "\n", overwrite=True)
+
+    for bf16 in modes:
+        try:
+            # one slice, standardize() directly (CPU generator, as the CLI)
+            x = torch.from_numpy(rng.uniform(-1, 1, (1, 1, size, size)).astype(np.float32)).to(dev)
+            _peak_reset(dev)
+            with _amp(dev, bf16):
+                for _ in range(2):  # warm-up: cuDNN autotuning, allocator
+                    model.standardize(x, generator=torch.Generator().manual_seed(0))
+                times = []
+                for i in range(args.repeats):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    model.standardize(x, generator=torch.Generator().manual_seed(i))
+                    _sync(dev)
+                    times.append(time.perf_counter() - t0)
+            row(f"1 slice {size}²", bf16, 1, statistics.median(times), 1)
+            # one volume through apply_to_array (the `medfusion standardize` path for 2D models)
+            vol = rng.uniform(-1000, 1000, (size, size, depth)).astype(np.float32)
+            for batch in batch_sizes:
+                gen = {"g": torch.Generator().manual_seed(0)}
+
+                def fn(xb: torch.Tensor, gen=gen) -> torch.Tensor:
+                    return model.standardize(xb, generator=gen["g"])
+
+                _peak_reset(dev)
+                with _amp(dev, bf16):
+                    apply_to_array(
+                        vol[:, :, :batch], fn, divisible_by=model.divisible_by, batch_size=batch, device=dev
+                    )
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    out = apply_to_array(
+                        vol, fn, divisible_by=model.divisible_by, batch_size=batch, device=dev
+                    )
+                    _sync(dev)
+                    total = time.perf_counter() - t0
+                if out.shape != vol.shape or not np.isfinite(out).all():
+                    raise RuntimeError(f"bad output: shape {out.shape}, finite {np.isfinite(out).all()}")
+                row(f"volume {size}² x {depth}", bf16, batch, total, depth)
+        except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:  # keep the rows already measured
+            prec = "bf16 autocast" if bf16 else "fp32"
+            lines.append(
+                f"| failed | {prec} | | {type(err).__name__}: {str(err).splitlines()[0][:200]} | | |"
+            )
+            print(lines[-1], flush=True)
+            write_text_atomic(args.out, "\n".join(lines) + "\n", overwrite=True)
+    lines += [
+        "",
+        "Volume rows include the HU -> [-1, 1] window, host <-> device copies and padding (apply_to_array); "
+        "the single-slice row is the model call alone. Untrained weights: timing only, the images mean nothing.",
+    ]
+    write_text_atomic(args.out, "\n".join(lines) + "\n", overwrite=True)
+    print(lines[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
