@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.diffusion import prior as P
-from medfusion.models._rng import StepRNG
+from medfusion.models._rng import StepRNG, StepRNGHooks
 from medfusion.models.export import CKPT_CLASS_KEY, class_path
 from medfusion.nets.diffir import CPEN, DIRformer, IPRDenoiser
 
@@ -263,7 +263,7 @@ def load_stage1_weights(path: str | Path) -> dict[str, Tensor]:
     return out
 
 
-class DiffIRStage2(L.LightningModule):
+class DiffIRStage2(StepRNGHooks, L.LightningModule):
     """DiffIR_S2: CPEN_S2 + IPR diffusion + DIRformer, initialised from stage 1 (see the module docstring).
 
     Args:
@@ -372,9 +372,6 @@ class DiffIRStage2(L.LightningModule):
         return 1 if self.global_step < self.hparams.encoder_steps else 2
 
     # ------------------------------------------------------------------------------------------- training
-    def on_fit_start(self) -> None:
-        self._train_rng.sync(self)  # rank 0's base seed on every rank
-
     def on_train_start(self) -> None:
         if (
             self.trainer.world_size > 1
@@ -438,13 +435,6 @@ class DiffIRStage2(L.LightningModule):
         return self.sample(
             batch[keys.SOURCE], generator=torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_CLASS_KEY] = class_path(self)
-        self._train_rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         betas = tuple(self.hparams.adam_betas)

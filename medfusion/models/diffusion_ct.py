@@ -54,8 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medfusion import keys
-from medfusion.models._rng import StepRNG
-from medfusion.models.export import CKPT_CLASS_KEY, class_path
+from medfusion.models._rng import StepRNG, StepRNGHooks
 
 MODES = ("conditional", "translate")
 
@@ -171,7 +170,7 @@ class _SkipAutoencoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- stage 1
-class DiffusionCTAutoencoder(L.LightningModule):
+class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
     """DiffusionCT phase 1: CT encoder-decoder whose bottleneck is the latent space of the diffusion model.
 
     Args:
@@ -381,16 +380,6 @@ class DiffusionCTAutoencoder(L.LightningModule):
         self.latent_scale.fill_(1.0 / math.sqrt(max(var, 1e-12)))
         return float(self.latent_scale)
 
-    def on_fit_start(self) -> None:
-        self._train_rng.sync(self)  # rank 0's base seed on every rank
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
-        self._train_rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_rng.load(checkpoint)
-
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
         return _with_cosine(self, opt)
@@ -411,7 +400,7 @@ def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
-class DiffusionCT(L.LightningModule):
+class DiffusionCT(StepRNGHooks, L.LightningModule):
     """DiffusionCT phase 2: latent DDPM with the phase-1 encoder-decoder frozen (see the module docstring).
 
     Args:
@@ -593,9 +582,6 @@ class DiffusionCT(L.LightningModule):
         )
 
     # -------------------------------------------------------------------------------- Lightning hooks
-    def on_fit_start(self) -> None:
-        self._train_rng.sync(self)  # rank 0's base seed on every rank
-
     def on_train_start(self) -> None:
         # different diffusion noise / timesteps on every rank (user_asks §0.13)
         if self.trainer.world_size > 1:
@@ -632,13 +618,6 @@ class DiffusionCT(L.LightningModule):
             ).mean()
             self.log("val/psnr", psnr, prog_bar=True, rank_zero_only=True, batch_size=n)
             self.log("val/ssim", ssim, rank_zero_only=True, batch_size=n)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
-        self._train_rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(

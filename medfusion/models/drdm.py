@@ -40,14 +40,13 @@ from medfusion.diffusion.deformation import (
 )
 from medfusion.fields import displacement_scale, folding_fraction
 from medfusion.fields.warp import LabelMode, PaddingMode
-from medfusion.models._rng import StepRNG
-from medfusion.models.export import CKPT_CLASS_KEY, class_path
+from medfusion.models._rng import StepRNG, StepRNGHooks
 from medfusion.nets.drdm import DRDMRecoveryNet
 
 _PADDING = ("zeros", "border", "reflection")
 
 
-class DRDM(L.LightningModule):
+class DRDM(StepRNGHooks, L.LightningModule):
     """DRDM training and sampling for 2D and 3D images.
 
     Args:
@@ -121,9 +120,6 @@ class DRDM(L.LightningModule):
         if self._generator is None:
             self._generator = self._train_rng.generator(self, 0)
         return self._generator
-
-    def on_fit_start(self) -> None:
-        self._train_rng.sync(self)  # rank 0's base seed on every rank
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -235,13 +231,6 @@ class DRDM(L.LightningModule):
             label=batch.get(keys.LABEL),
             generator=gen,
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_CLASS_KEY] = class_path(self)  # lets export.load_model rebuild it without pickle
-        self._train_rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.recovery_net.parameters(), lr=self.hparams.lr)

@@ -42,14 +42,13 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.diffusion import residual as R
-from medfusion.models._rng import StepRNG
-from medfusion.models.export import CKPT_CLASS_KEY, class_path
+from medfusion.models._rng import StepRNG, StepRNGHooks
 
 LAYOUTS = ("two_nets", "one_net")
 LOSS_TYPES = ("l1", "l2")
 
 
-class RDDM(L.LightningModule):
+class RDDM(StepRNGHooks, L.LightningModule):
     """Residual denoising diffusion restorer (see the module docstring).
 
     Args:
@@ -230,9 +229,6 @@ class RDDM(L.LightningModule):
         per_head = [e.flatten(1).mean(1).mean() for e in err.chunk(self.n_heads, dim=1)]
         return torch.stack(per_head).sum()
 
-    def on_fit_start(self) -> None:
-        self._train_rng.sync(self)  # rank 0's base seed on every rank
-
     def on_train_start(self) -> None:
         if self.trainer.world_size > 1:  # different noise and timesteps on every rank
             torch.manual_seed((int(torch.initial_seed()) + 7919 * self.global_rank) % 2**64)
@@ -270,13 +266,6 @@ class RDDM(L.LightningModule):
         return self.sample(
             batch[keys.SOURCE], generator=torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_CLASS_KEY] = class_path(self)
-        self._train_rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_rng.load(checkpoint)
 
     def configure_optimizers(self):
         return torch.optim.Adam(
