@@ -14,8 +14,9 @@ series with protocol headers, and one Decathlon-style manifest per task in ``DIR
 
 2D slices are scanned from a thin slab of the phantom so that each protocol's slice thickness averages the
 anatomy along z (a thick slice blurs what the thin ground truth keeps sharp). Protocols of equal thickness share
-one forward projection. Acquisitions of one patient share a noise seed (as kernels reconstructed from one raw
-scan do), the repeat scan uses another. Every file is written atomically; a rerun with the same parameters
+one forward projection per thin row. All protocols of one patient come from one raw acquisition (kernels filter the
+same projections, thick slices combine thin rows, lower doses are noise insertions: :func:`~medfusion.data.ctsim.scan_protocols`),
+as paired kernel data do; the repeat scan is an independent acquisition. Every file is written atomically; a rerun with the same parameters
 skips what exists (resume), different parameters need ``overwrite``.
 """
 
@@ -38,7 +39,7 @@ from medfusion.io.atomic import write_text_atomic
 TASKS: tuple[str, ...] = ("standardize", "restore", "segment", "register")
 REPEAT = "standard_repeat"
 RESTORE_SOURCE = "low_dose"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: protocols share one raw acquisition (session 3)
 SLAB_SPACING_MM = 1.0
 
 
@@ -97,36 +98,31 @@ def _scan_case(
 
     anat = draw_anatomy(_seed(seed, case_index, 0))
     acq_seed, repeat_seed = _seed(seed, case_index, 1), _seed(seed, case_index, 2)
-    acquisitions = [(name, ctsim.PROTOCOLS[name], acq_seed) for name in protocols]
-    acquisitions.append((REPEAT, ctsim.PROTOCOLS[ctsim.STANDARD], repeat_seed))
-    scans: dict[str, np.ndarray] = {}
+    standard = ctsim.PROTOCOLS[ctsim.STANDARD]
     if dim == 2:
         spacing = default_spacing((size, size))
         pixel = spacing[0]
-        t_max = max(p.slice_thickness_mm for _, p, _ in acquisitions)
+        t_max = max([standard.slice_thickness_mm] + [ctsim.PROTOCOLS[n].slice_thickness_mm for n in protocols])
         n_half = max(0, math.ceil(t_max / (2 * SLAB_SPACING_MM) - 0.5))
-        slab = render(
+        rows = render(
             anat, (size, size, 2 * n_half + 1), (pixel, pixel, SLAB_SPACING_MM), z_center_mm=anat.slice_z_mm
         )
-        hu, labels = slab.hu[..., n_half], slab.labels[..., n_half]
-        views = ctsim.default_n_views(size)
-        sinograms: dict[float, np.ndarray] = {}
-        for name, protocol, s in acquisitions:
-            t = protocol.slice_thickness_mm
-            if t not in sinograms:
-                thick = ctsim.thickness_blur(slab.hu, SLAB_SPACING_MM, t)[..., n_half]
-                sinograms[t] = ctsim.project(thick, pixel_size_mm=pixel, n_views=views)
-            rng = np.random.default_rng(s)
-            scans[name] = ctsim.acquire_and_reconstruct(sinograms[t], protocol, rng=rng, pixel_size_mm=pixel)
+        hu, labels = rows.hu[..., n_half], rows.labels[..., n_half]
+        scan_kw = dict(pixel_size_mm=pixel, row_mm=SLAB_SPACING_MM, slices=[n_half])
+        rows_hu = rows.hu
     else:
         d = size if depth is None else depth
         spacing = default_spacing((size, size, d))
         ph = render(anat, (size, size, d), spacing)
         hu, labels = ph.hu, ph.labels
-        for name, protocol, s in acquisitions:
-            scans[name] = ctsim.simulate(
-                hu, protocol, seed=s, pixel_size_mm=spacing[0], slice_spacing_mm=spacing[2]
-            )
+        scan_kw = dict(pixel_size_mm=spacing[0], row_mm=spacing[2])
+        rows_hu = hu
+    # one raw acquisition for every protocol (kernels, thickness, noise insertion for lower doses), another for
+    # the repeat scan (ctsim module docstring)
+    scans = ctsim.scan_protocols(rows_hu, list(protocols), seed=acq_seed, **scan_kw)
+    scans[REPEAT] = ctsim.scan_protocols(rows_hu, [standard], seed=repeat_seed, **scan_kw)[ctsim.STANDARD]
+    if dim == 2:
+        scans = {k: v[..., 0] for k, v in scans.items()}
     return hu, labels, tuple(spacing), scans
 
 

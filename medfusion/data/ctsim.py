@@ -20,6 +20,21 @@ thickness (detector row width). It is also scaled with the grid so that a protoc
 ``I0_REF`` is set so that the standard protocol gives ~12 HU noise in soft tissue (a standard-dose abdomen);
 at the reference grid (128^2 over 400 mm, 202 views) it is 1.4e5 photons per ray.
 
+One raw acquisition, several reconstructions (:func:`scan_protocols`). Real protocol pairs come from one raw scan:
+kernels are different filters of the same projections; a thick slice combines thin detector rows; a lower dose is
+simulated by noise insertion into the full-dose projections (the Mayo/AAPM low-dose challenge recipe; Yu et al.,
+Med Phys 39:2012). Here each thin detector row is counted once at the highest dose of the protocol set,
+``N_k ~ Poisson(I0_row exp(-p_k))``, and every lower (dose x row-overlap) fraction ``f`` is a binomial thinning of
+it, chained from the largest fraction down so that smaller ones are subsets of larger ones
+(``Binomial(Poisson(l), f) = Poisson(f l)``, so each protocol's counts are exactly Poisson at its own flux). A
+protocol's line integral is the overlap-weighted mean of its rows' ``-log(N_k(f) / (f I0_row))`` (image-domain z
+combination, as multi-slice scanners form thick slices; its variance is ``1 / (dose * I0 per mm * thickness)``, the
+same flux rule as below). So protocols of equal dose and thickness share their noise exactly (only the kernel
+differs), a low-dose scan's noise is the standard's plus independent extra noise, and the repeat scan (another
+seed) shares nothing. Independent acquisitions per protocol would make any generator of standard texture lose
+PSNR against the standard scan by construction (its noise realisation cannot be predicted), which is not how
+paired kernel data behave.
+
 Why hand-written: no maintained library simulates a protocol (kernel, dose, thickness) end to end on CPU; ASTRA
 and TIGRE need GPUs or compiled extensions. scikit-image provides the projector and FBP; the rest is the few
 lines of physics above.
@@ -28,7 +43,7 @@ lines of physics above.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,39 +200,6 @@ def project(image_hu: np.ndarray, *, pixel_size_mm: float, n_views: int) -> np.n
     return radon(rel, theta, circle=True) * pixel_size_mm
 
 
-def acquire_and_reconstruct(
-    water_length: np.ndarray,
-    protocol: Protocol | str,
-    *,
-    rng: np.random.Generator,
-    pixel_size_mm: float,
-) -> np.ndarray:
-    """Steps 4-6 for one slice: photon counts at the protocol's flux, log, FBP with its kernel, HU.
-
-    Args:
-        water_length: ``(N, n_views)`` from :func:`project`.
-        protocol: a :class:`Protocol` or a name in :data:`PROTOCOLS`.
-        rng: numpy generator (the only randomness).
-        pixel_size_mm: pixel size of the slice that was projected.
-    """
-    from skimage.transform import iradon
-
-    protocol = _check_protocol(protocol)
-    n, n_views = water_length.shape
-    mu_w = MU_WATER[protocol.kvp]
-    p = water_length * mu_w
-    i0 = incident_flux(protocol, pixel_size_mm, n_views)
-    counts = rng.poisson(i0 * np.exp(-p)).astype(np.float64)
-    if protocol.electronic_noise > 0:
-        counts += rng.normal(0.0, protocol.electronic_noise, size=counts.shape)
-    p_noisy = -np.log(np.maximum(counts, 1.0) / i0)
-    theta = np.linspace(0.0, 180.0, n_views, endpoint=False)
-    mu = iradon(p_noisy / pixel_size_mm, theta, output_size=n, filter_name=protocol.kernel, circle=True)
-    hu = 1000.0 * (mu / mu_w - 1.0)
-    hu[~_circle(n)] = -1000.0
-    return hu.astype(np.float32)
-
-
 def reconstruct_noiseless(
     water_length: np.ndarray, protocol: Protocol | str, *, pixel_size_mm: float
 ) -> np.ndarray:
@@ -233,6 +215,118 @@ def reconstruct_noiseless(
     return hu.astype(np.float32)
 
 
+def _row_weights(thickness_mm: float, row_mm: float) -> dict[int, float]:
+    """Overlap (in row widths) of row ``k`` (``[k - 1/2, k + 1/2] * row_mm``) with ``[-t/2, t/2]``; sums to ``t / row_mm``
+    (a protocol thinner than a row takes the fraction ``t / row_mm`` of the centre row's photons)."""
+    half = thickness_mm / (2.0 * row_mm)
+    n = max(0, int(math.ceil(half - 0.5)))
+    out = {}
+    for k in range(-n, n + 1):
+        w = min(k + 0.5, half) - max(k - 0.5, -half)
+        if w > 1e-9:
+            out[k] = float(w)
+    return out
+
+
+def scan_protocols(
+    rows_hu: np.ndarray,
+    protocols: Sequence[Protocol | str],
+    *,
+    seed: int,
+    pixel_size_mm: float,
+    row_mm: float,
+    slices: Sequence[int] | None = None,
+    n_views: int | None = None,
+) -> dict[str, np.ndarray]:
+    """One raw acquisition of ``rows_hu``, reconstructed with every protocol (see the module docstring).
+
+    Args:
+        rows_hu: ``(N, N, R)`` HU, one thin detector row per z index, each ``row_mm`` wide.
+        protocols: :class:`Protocol` objects or names in :data:`PROTOCOLS`; protocols of one kVp share the photons.
+        seed: noise seed (numpy ``default_rng``); the same seed reproduces every scan exactly.
+        pixel_size_mm: in-plane pixel size.
+        row_mm: detector row width (z spacing of ``rows_hu``).
+        slices: z indices to reconstruct (default: all rows). Rows beyond the volume do not exist: a slice at the
+            edge averages the rows it has (fewer photons, a little more noise).
+        n_views: projections over 180 degrees; default :func:`default_n_views`.
+
+    Returns:
+        ``{protocol name: float32 HU (N, N, len(slices))}``.
+    """
+    from skimage.transform import iradon
+
+    protos = [_check_protocol(p) for p in protocols]
+    names = [p.name for p in protos]
+    if len(set(names)) != len(names):
+        raise ValueError(f"protocol names must be unique, got {names}")
+    rows_hu = np.asarray(rows_hu, dtype=np.float32)
+    if rows_hu.ndim != 3 or rows_hu.shape[0] != rows_hu.shape[1]:
+        raise ValueError(f"rows_hu must be (N, N, R), got shape {rows_hu.shape}")
+    if pixel_size_mm <= 0 or row_mm <= 0:
+        raise ValueError(f"pixel_size_mm and row_mm must be > 0, got {pixel_size_mm}, {row_mm}")
+    n, _, n_rows = rows_hu.shape
+    views = default_n_views(n) if n_views is None else int(n_views)
+    if views < 1:
+        raise ValueError(f"n_views must be >= 1, got {views}")
+    out_slices = list(range(n_rows)) if slices is None else [int(j) for j in slices]
+    if any(not 0 <= j < n_rows for j in out_slices):
+        raise ValueError(f"slices must lie in [0, {n_rows}), got {out_slices}")
+    theta = np.linspace(0.0, 180.0, views, endpoint=False)
+    circle = _circle(n)
+    rng = np.random.default_rng(seed)
+    out = {p.name: np.empty((n, n, len(out_slices)), dtype=np.float32) for p in protos}
+    water: dict[int, np.ndarray] = {}  # water path lengths per row, shared by every kVp
+
+    for kvp in sorted({p.kvp for p in protos}):
+        group = [p for p in protos if p.kvp == kvp]
+        mu_w = MU_WATER[kvp]
+        d_max = max(p.dose for p in group)
+        i0_row = I0_REF * d_max * (row_mm / THICKNESS_REF_MM) * (PIXEL_REF_MM / pixel_size_mm) ** 2 * (N_VIEWS_REF / views)
+        # (protocol, slice) -> {row: (fraction of the row's full-dose photons, its readout-noise SD)}; the readout
+        # noise of a row is sigma_e * sqrt(w / sum w), so the combined slice has the protocol's sigma_e
+        plan: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
+        for p in group:
+            weights = _row_weights(p.slice_thickness_mm, row_mm)
+            for j in out_slices:
+                have = {j + k: w for k, w in weights.items() if 0 <= j + k < n_rows}
+                total = sum(have.values())
+                plan[(p.name, j)] = {
+                    k: ((p.dose / d_max) * w, p.electronic_noise * math.sqrt(w / total)) for k, w in have.items()
+                }
+        needed: dict[int, set[tuple[float, float]]] = {}
+        for fr in plan.values():
+            for k, fs in fr.items():
+                needed.setdefault(k, set()).add(fs)
+        line: dict[tuple[int, float, float], np.ndarray] = {}  # (row, fraction, readout SD) -> noisy line integral
+        for k in sorted(needed):
+            if k not in water:
+                water[k] = project(rows_hu[:, :, k], pixel_size_mm=pixel_size_mm, n_views=views)
+            lam = i0_row * np.exp(-water[k] * mu_w)
+            counts = rng.poisson(lam).astype(np.float64)
+            e = rng.standard_normal(counts.shape)  # the row's readout noise, shared by its reconstructions
+            prev = 1.0
+            for f in sorted({f for f, _ in needed[k]}, reverse=True):  # nested: smaller fractions are subsets
+                if f < prev:
+                    counts = rng.binomial(counts.astype(np.int64), f / prev).astype(np.float64)
+                    prev = f
+                for s_e in sorted({s for g, s in needed[k] if g == f}):
+                    c = counts + s_e * e if s_e > 0 else counts
+                    line[(k, f, s_e)] = -np.log(np.maximum(c, 1.0) / (f * i0_row))
+        cache: dict[tuple, np.ndarray] = {}  # protocols of equal dose/thickness/noise share one sinogram
+        for p in group:
+            for idx, j in enumerate(out_slices):
+                fr = plan[(p.name, j)]
+                key = tuple(sorted(fr.items()))
+                if key not in cache:
+                    total = sum(f for f, _ in fr.values())
+                    cache[key] = sum(f * line[(k, f, s_e)] for k, (f, s_e) in fr.items()) / total
+                mu = iradon(cache[key] / (mu_w * pixel_size_mm), theta, output_size=n, filter_name=p.kernel, circle=True)
+                hu = 1000.0 * (mu - 1.0)  # iradon of the line integrals in units of mu_water * pixel
+                hu[~circle] = -1000.0
+                out[p.name][:, :, idx] = hu
+    return out
+
+
 def simulate(
     volume_hu: np.ndarray,
     protocol: Protocol | str,
@@ -242,16 +336,16 @@ def simulate(
     slice_spacing_mm: float | None = None,
     n_views: int | None = None,
 ) -> np.ndarray:
-    """Scan ``volume_hu`` with ``protocol``: deterministic for a given ``seed``.
+    """Scan ``volume_hu`` with one ``protocol``: deterministic for a given ``seed`` (:func:`scan_protocols`).
 
     Args:
         volume_hu: ``(N, N)`` slice or ``(N, N, D)`` volume in HU (D along z; slices are scanned one by one).
         protocol: a :class:`Protocol` or a name in :data:`PROTOCOLS`.
         seed: noise seed (numpy ``default_rng``); the same seed reproduces the scan exactly.
         pixel_size_mm: in-plane pixel size; default ``400 mm / N``.
-        slice_spacing_mm: z spacing of a volume (for the slice-thickness average); default = ``pixel_size_mm``.
-            A 2D slice gets no z averaging (render a slab and use :func:`thickness_blur` for that); its
-            thickness only sets the photon flux.
+        slice_spacing_mm: z spacing of a volume (detector rows of this width, combined over the thickness);
+            default = ``pixel_size_mm``. A 2D slice gets no z averaging (render a slab and use
+            :func:`scan_protocols` for that); its thickness only sets the photon flux.
         n_views: projections over 180 degrees; default :func:`default_n_views`.
 
     Returns:
@@ -263,21 +357,15 @@ def simulate(
         raise ValueError(f"volume_hu must be (N, N) or (N, N, D), got shape {vol.shape}")
     n = vol.shape[0]
     pixel = FOV_MM / n if pixel_size_mm is None else float(pixel_size_mm)
-    views = default_n_views(n) if n_views is None else int(n_views)
-    if pixel <= 0 or views < 1:
-        raise ValueError(f"pixel_size_mm must be > 0 and n_views >= 1, got {pixel}, {views}")
-    rng = np.random.default_rng(seed)
     if vol.ndim == 2:
-        return acquire_and_reconstruct(
-            project(vol, pixel_size_mm=pixel, n_views=views), protocol, rng=rng, pixel_size_mm=pixel
-        )
+        row = protocol.slice_thickness_mm  # one row as wide as the slice: the thickness sets the flux only
+        return scan_protocols(
+            vol[:, :, None], [protocol], seed=seed, pixel_size_mm=pixel, row_mm=row, n_views=n_views
+        )[protocol.name][:, :, 0]
     dz = pixel if slice_spacing_mm is None else float(slice_spacing_mm)
-    vol = thickness_blur(vol, dz, protocol.slice_thickness_mm)
-    out = np.empty_like(vol)
-    for k in range(vol.shape[2]):
-        sino = project(vol[:, :, k], pixel_size_mm=pixel, n_views=views)
-        out[:, :, k] = acquire_and_reconstruct(sino, protocol, rng=rng, pixel_size_mm=pixel)
-    return out
+    return scan_protocols(vol, [protocol], seed=seed, pixel_size_mm=pixel, row_mm=dz, n_views=n_views)[
+        protocol.name
+    ]
 
 
 def dicom_meta(protocol: Protocol | str) -> Mapping[str, object]:

@@ -125,3 +125,67 @@ def test_scan_speed_128():
     t0 = time.perf_counter()
     simulate(img, STANDARD, seed=0)
     assert time.perf_counter() - t0 < 3.0  # ~0.1-0.2 s alone
+
+
+# --- one raw acquisition, several reconstructions (scan_protocols) ------------------------------------------------
+
+
+def _water_rows(n_rows: int = 5):
+    img, roi = _water_phantom()
+    return np.repeat(img[:, :, None], n_rows, axis=2), roi
+
+
+def _noise_field(scan: np.ndarray, protocol: Protocol, img: np.ndarray) -> np.ndarray:
+    sino = ctsim.project(img, pixel_size_mm=400.0 / N, n_views=ctsim.default_n_views(N))
+    return scan - ctsim.reconstruct_noiseless(sino, protocol, pixel_size_mm=400.0 / N)
+
+
+def test_protocols_of_equal_dose_and_thickness_share_their_raw_data():
+    rows, roi = _water_rows()
+    std = PROTOCOLS[STANDARD]
+    twin = dataclasses.replace(std, name="twin")
+    smooth = PROTOCOLS["smooth"]
+    out = ctsim.scan_protocols(rows, [std, twin, smooth], seed=0, pixel_size_mm=400.0 / N, row_mm=1.0, slices=[2])
+    np.testing.assert_array_equal(out[STANDARD], out["twin"])  # same photons, same kernel: the same image
+    # same photons, another kernel: the smooth noise is a low-pass of the standard noise (strongly correlated)
+    a = _noise_field(out[STANDARD][..., 0], std, rows[..., 2])[roi]
+    b = _noise_field(out["smooth"][..., 0], smooth, rows[..., 2])[roi]
+    assert np.corrcoef(a, b)[0, 1] > 0.6
+
+
+def test_lower_dose_is_noise_insertion_into_the_standard_scan():
+    """Nested photons: corr(noise_low, noise_std) = sqrt(dose_low / dose_std); an independent scan: 0."""
+    rows, roi = _water_rows()
+    std, low = PROTOCOLS[STANDARD], dataclasses.replace(PROTOCOLS["low_dose"], dose=0.25, electronic_noise=0.0)
+    std = dataclasses.replace(std, electronic_noise=0.0)
+    kw = dict(pixel_size_mm=400.0 / N, row_mm=1.0, slices=[2])
+    out = ctsim.scan_protocols(rows, [std, low], seed=0, **kw)
+    rep = ctsim.scan_protocols(rows, [std], seed=1, **kw)[STANDARD]
+    n_std = _noise_field(out[STANDARD][..., 0], std, rows[..., 2])[roi]
+    n_low = _noise_field(out["low_dose"][..., 0], low, rows[..., 2])[roi]
+    n_rep = _noise_field(rep[..., 0], std, rows[..., 2])[roi]
+    assert abs(np.corrcoef(n_std, n_low)[0, 1] - 0.5) < 0.08
+    assert abs(np.corrcoef(n_std, n_rep)[0, 1]) < 0.08
+    assert n_low.std() / n_std.std() == pytest.approx(2.0, rel=0.1)  # 1 / sqrt(0.25)
+
+
+def test_thick_slices_from_thin_rows_follow_the_flux_rule():
+    """Combining 5 one-mm rows gives the noise of one 5 mm detector row (variance 1 / (dose I0 thickness))."""
+    rows, roi = _water_rows()
+    thick = dataclasses.replace(PROTOCOLS["thick"], electronic_noise=0.0)
+    combined = ctsim.scan_protocols(rows, [thick], seed=0, pixel_size_mm=400.0 / N, row_mm=1.0, slices=[2])
+    single = simulate(rows[..., 2], thick, seed=0)  # one 5 mm row
+    assert noise_sd(combined["thick"][..., 0], roi) == pytest.approx(noise_sd(single, roi), rel=0.1)
+
+
+def test_scan_protocols_rejects_bad_arguments():
+    rows, _ = _water_rows()
+    kw = dict(seed=0, pixel_size_mm=400.0 / N, row_mm=1.0)
+    with pytest.raises(ValueError, match="unique"):
+        ctsim.scan_protocols(rows, [STANDARD, STANDARD], **kw)
+    with pytest.raises(ValueError, match="slices"):
+        ctsim.scan_protocols(rows, [STANDARD], slices=[5], **kw)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        ctsim.scan_protocols(rows, ["nope"], **kw)
+    with pytest.raises(ValueError, match="row_mm"):
+        ctsim.scan_protocols(rows, [STANDARD], seed=0, pixel_size_mm=1.0, row_mm=0.0)
