@@ -6,15 +6,16 @@ patients, for
 
 * identity (raw input) and the standard repeat scan (test-retest ceiling of the CCC);
 * a Gaussian filter whose sigma is tuned per protocol on the validation patients (PSNR);
-* a supervised residual U-Net (MONAI ``UNet``, similar size) trained on the same pairs for the same wall time;
+* a supervised residual U-Net (MONAI ``UNet``, similar size) trained on the same pairs;
 * DiffusionCT stage-1 passthrough ``decode(encode(source))`` and its ceiling ``decode(encode(standard))``;
-* DiffusionCT conditional (residual, v-prediction) and translate (SDEdit) modes;
+* DiffusionCT conditional (residual target, v-prediction) and translate (SDEdit) modes, each decoded the paper's way
+  (``D(z_hat)``) and with residual decoding (``x + D(z_hat) - D(E(x))``, ``DiffusionCT(decode=...)``);
 * sampler steps vs quality for the conditional model (DDPM 1000, DDIM 50, DPM-Solver++ 10 / 20).
 
-Every model gets a wall-clock budget (``--minutes``) plus a step cap; the steps reached are written beside every
-figure. Usage::
+Every model trains for a fixed number of optimiser steps (``--ae-steps``, ``--dm-steps``, ``--unet-steps``), so the
+figures do not depend on machine load; the wall time is written beside them. Usage::
 
-    python bench/diffusion_ct.py --out /tmp/bench_dct --results bench/results/diffusion_ct.md --minutes 2
+    python bench/diffusion_ct.py --out /tmp/bench_dct --results bench/results/diffusion_ct_bench.md
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
 
     from medfusion.apps.demo import _load_test_entries, _trainer, image_metrics, texture_ccc
     from medfusion.apps.volume_job import apply_to_array
-    from medfusion.data.builtin import REPEAT, make_dataset
+    from medfusion.data.builtin import FORMAT_VERSION, REPEAT, make_dataset
     from medfusion.data.datamodule import ManifestDataModule
     from medfusion.io.nifti import read_nifti
     from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
@@ -78,14 +79,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--results", default=None)
-    p.add_argument("--minutes", type=float, default=2.0, help="wall-clock budget per trained model")
-    p.add_argument("--patients", type=int, default=32)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--minutes", type=float, default=60.0, help="safety wall-clock cap per trained model")
+    p.add_argument("--patients", type=int, default=80, help="80 gives 12 test patients (texture CCC needs >= 12)")
+    p.add_argument("--size", type=int, default=128)
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--ae-steps", type=int, default=3000)
+    p.add_argument("--dm-steps", type=int, default=4000)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--latent-channels", type=int, default=16)
+    p.add_argument(
+        "--ae-skip-from", type=int, default=2,
+        help="skip-connected encoder-decoder, skips from this level (2 = none with 3 levels); -1 = MONAI AutoencoderKL",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--skip-ddpm1000", action="store_true")
     p.add_argument("--sweep-protocol", default="sharp_low_dose", help="protocol of the sampler-steps sweep")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
@@ -102,16 +113,19 @@ def main() -> None:
 
     # --- models --------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
+    skip = args.ae_skip_from >= 0
     ae = DiffusionCTAutoencoder(
-        spatial_dims=2, channels=(32, 64, 64), latent_channels=4, kl_weight=1e-6, lr=1e-3
-    )
-    d1 = dm(4)
-    tr = _trainer(args.max_steps, args.minutes, dev, out, True)
+        spatial_dims=2, channels=(32, 64, 64), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
+        skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0),
+    )  # fmt: skip
+    d1 = dm(2)
+    tr = _trainer(args.ae_steps, args.minutes, dev, out, True)
     tr.fit(ae, datamodule=d1)
     ae.calibrate_latent_scale(d1.train_dataloader(), max_batches=50)
     export_model(ae.cpu(), out / "stage1", overwrite=True)
     budget["stage 1 AE"] = (
-        f"{tr.global_step} steps, bs 8 images ({args.crop}² crops), {time.perf_counter() - t0:.0f} s"
+        f"{tr.global_step} steps, bs 4 images ({args.crop}² crops), {args.latent_channels} latent channels, "
+        f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}, {time.perf_counter() - t0:.0f} s"
     )
 
     models = {}
@@ -121,12 +135,13 @@ def main() -> None:
             autoencoder=str(out / "stage1"), mode=mode, channels=(64, 128), attention_levels=(False, True),
             prediction="v", residual=True, num_inference_steps=10, translate_strength=0.3, lr=2e-4, ema_decay=0.995,
         )  # fmt: skip
-        tr = _trainer(args.max_steps, args.minutes, dev, out, True)
+        tr = _trainer(args.dm_steps, args.minutes, dev, out, True)
         tr.fit(m, datamodule=dm(8))
+        export_model(m.cpu(), out / f"stage2_{mode}", overwrite=True)
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = f"{tr.global_step} steps, bs 8, {time.perf_counter() - t0:.0f} s"
     t0 = time.perf_counter()
-    unet, unet_steps = _train_unet(dm(8), args.minutes, args.max_steps, dev)
+    unet, unet_steps = _train_unet(dm(8), args.minutes, args.unet_steps, dev)
     budget["supervised U-Net"] = f"{unet_steps} steps, bs 8, {time.perf_counter() - t0:.0f} s"
     ae = models["conditional"].autoencoder
     div = models["conditional"].divisible_by
@@ -161,8 +176,14 @@ def main() -> None:
         "gaussian (val-tuned)": lambda s, p: gaussian_filter(s, best_sigma.get(p, 0.0)),
         "supervised U-Net": lambda s, p: run(s, unet),
         "stage-1 passthrough": lambda s, p: run(s, ae.reconstruct),
-        "DiffusionCT conditional (DPM++ 10)": lambda s, p: run(s, seeded("conditional")),
-        "DiffusionCT translate (s=0.3, DPM++ 10)": lambda s, p: run(s, seeded("translate")),
+        "DiffusionCT conditional (DPM++ 10), D(z)": lambda s, p: run(s, seeded("conditional")),
+        "DiffusionCT conditional (DPM++ 10), residual decoding": lambda s, p: run(
+            s, seeded("conditional", decode="residual")
+        ),
+        "DiffusionCT translate (s=0.3, DPM++ 10), D(z)": lambda s, p: run(s, seeded("translate")),
+        "DiffusionCT translate (s=0.3, DPM++ 10), residual decoding": lambda s, p: run(
+            s, seeded("translate", decode="residual")
+        ),
     }
     sweep = {
         "DDIM 50": dict(sampler="ddim", num_steps=50),
@@ -204,7 +225,7 @@ def main() -> None:
         t0 = time.perf_counter()
         y = (
             models["conditional"]
-            .standardize(x, generator=torch.Generator().manual_seed(0), **kw)
+            .standardize(x, generator=torch.Generator().manual_seed(0), decode="residual", **kw)
             .cpu()
             .numpy()[:, 0]
         )
@@ -248,13 +269,15 @@ def main() -> None:
     lines = [
         "# DiffusionCT benchmark (built-in 2D phantoms)",
         "",
-        f"Command: `python bench/diffusion_ct.py --out {args.out} --minutes {args.minutes} --patients {args.patients} "
-        f"--size {args.size} --crop {args.crop}{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
-        f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}; the 2-core machine was shared with other "
-        f"jobs, load 6-9). Total wall time {total_min:.1f} min. Test set: {n_test} held-out patients, "
-        f"{args.size}² slices, one slice per patient and protocol.",
+        f"Command: `python bench/diffusion_ct.py --out {args.out} --patients {args.patients} --size {args.size} "
+        f"--crop {args.crop} --ae-steps {args.ae_steps} --dm-steps {args.dm_steps} --unet-steps {args.unet_steps} "
+        f"--latent-channels {args.latent_channels} --ae-skip-from {args.ae_skip_from}"
+        f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
+        f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
+        f"Test set: {n_test} held-out patients, {args.size}² slices, one slice per patient and protocol; built-in "
+        f"data format {FORMAT_VERSION} (protocols from one raw acquisition).",
         "",
-        "Training budget per model (wall-clock cap --minutes, step cap --max-steps):",
+        "Training budget per model (fixed optimiser steps):",
         "",
         *[f"- {k}: {v}" for k, v in budget.items()],
         f"- Gaussian sigma per protocol, tuned on validation (MSE): {best_sigma}",
@@ -267,11 +290,11 @@ def main() -> None:
             f"Standard repeat scan vs standard (test-retest): PSNR {rep['psnr']:.2f} dB, noise SD {rep['noise_sd']:.1f} "
             f"HU, edge {rep['edge_sharpness']:.3f}, texture CCC {rep['texture_ccc']:.3f}."
         )
-    lines += ["", f"Sampler sweep (rows 'sweep ...'): conditional model, protocol {sweep_proto} only, its test slices in one batch; "
+    lines += ["", f"Sampler sweep (rows 'sweep ...'): conditional model with residual decoding, protocol {sweep_proto} only, its test slices in one batch; "
               "time s = per protocol (methods) or for the whole sweep batch.",
               "", "PSNR/SSIM on [-1000, 1000] HU; noise SD in an eroded liver ROI (HU); edge = peak LSF slope of the "
               "body outline (1/px); CCC = median over texture features across test patients "
-              f"(only {n_test} patients: CCC is very noisy).", ""]  # fmt: skip
+              f"({n_test} patients).", ""]  # fmt: skip
     for proto, res in results.items():
         lines += [f"## {proto}", "", "| method | PSNR dB | SSIM | noise SD HU | edge | texture CCC | time s |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip

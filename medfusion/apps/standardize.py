@@ -22,6 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, 20)")
     parser.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc")
     parser.add_argument("--strength", type=float, default=None, help="translate mode: noise level in [0, 1]")
+    parser.add_argument(
+        "--decode",
+        choices=("latent", "residual"),
+        default=None,
+        help="latent: D(z) (the paper); residual: x + D(z) - D(E(x)), keeps what the latent cannot represent "
+        "(default: the model's)",
+    )
 
 
 def model_window(model) -> tuple[float, float]:
@@ -53,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             return model.standardize(
-                x, num_steps=args.steps, sampler=args.sampler, strength=args.strength, generator=state["gen"]
+                x, num_steps=args.steps, sampler=args.sampler, strength=args.strength, generator=state["gen"],
+                decode=args.decode,
             )
 
         results = run_volume_job(

@@ -23,6 +23,15 @@ The method has two stages, and so two LightningModules live in this one file:
    exponential-moving-average copy of the denoiser. ``v``-prediction is the default because ε-prediction collapsed
    in short training (feasibility note, risk 3).
 
+Decoding (``decode``). ``"latent"`` (the paper): the output is ``D(z_hat)``, so it can be no closer to the standard
+scan than the encoder-decoder's own reconstruction (its ceiling). At the budgets we can train (CPU minutes), that
+ceiling (36-38 dB on the built-in 128² phantoms) lies *below* the raw input of mild protocols (38-44 dB against the
+standard scan), so every latent-decoded output loses fidelity there (bench/results/diffusion_ct.md). ``"residual"``
+(our deliberate deviation) decodes only the *change* the diffusion makes to the latent and adds it to the input:
+``y = x + D(z_hat) - D(E(x))``. The autoencoder's reconstruction error cancels to first order, ``z_hat = z_src``
+returns the input exactly, and the standardization is still the decoder's image of the latent transformation; what
+the latent cannot represent (finer than the autoencoder resolves) is kept from the input, not replaced.
+
 Batch keys read: ``source`` and ``target`` (``medfusion.keys``), images ``(B, 1, *spatial)`` in [-1, 1]; stage 1 also
 accepts ``image``.
 
@@ -57,6 +66,7 @@ from medfusion import keys
 from medfusion.models._rng import StepRNG, StepRNGHooks
 
 MODES = ("conditional", "translate")
+DECODES = ("latent", "residual")
 
 
 class Encoded(NamedTuple):
@@ -416,6 +426,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         residual: in conditional mode diffuse ``r * (z_std - z_src)`` instead of ``z_std``.
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), None = off.
         sampler, num_inference_steps, timestep_spacing: defaults used by :meth:`standardize`.
+        decode: ``"latent"`` (output ``D(z_hat)``, the paper) or ``"residual"`` (output ``x + D(z_hat) - D(E(x))``;
+            see the module docstring); :meth:`standardize` can override it per call.
         translate_strength: fraction of T to which the source latent is noised in translate mode.
         lr, weight_decay: AdamW; ema_decay: decay of the EMA copy used for sampling (None = no EMA).
         val_num_samples: slices sampled per validation epoch on rank 0 for PSNR/SSIM.
@@ -440,6 +452,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         num_inference_steps: int = 20,
         timestep_spacing: str = "trailing",
         translate_strength: float = 0.5,
+        decode: Literal["latent", "residual"] = "latent",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         ema_decay: float | None = 0.999,
@@ -452,6 +465,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0.0 <= translate_strength <= 1.0:
             raise ValueError(f"translate_strength must be in [0, 1], got {translate_strength}")
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
         from medfusion.diffusion.gaussian import PREDICTIONS
         from medfusion.diffusion.samplers import SAMPLERS
         from medfusion.diffusion.schedules import SPACINGS
@@ -636,12 +651,14 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         strength: float | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        decode: str | None = None,
     ) -> Tensor:
         """Standardize ``images`` ``(B, 1, *spatial)`` in [-1, 1] (HU window of training) -> same shape and range.
 
         Spatial sizes must be multiples of :attr:`divisible_by` (``medfusion.apps.volume_job`` pads for you).
         ``generator`` (CPU) makes the result reproducible; ``strength`` overrides ``translate_strength`` (translate
-        mode runs ``min(num_steps, t_start + 1)`` steps from ``t_start = round(strength * (T - 1))``).
+        mode runs ``min(num_steps, t_start + 1)`` steps from ``t_start = round(strength * (T - 1))``); ``decode``
+        overrides the ``decode`` hyperparameter (``"latent"`` or ``"residual"``).
         """
         from medfusion.diffusion.gaussian import q_sample
         from medfusion.diffusion.samplers import sample
@@ -657,6 +674,9 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             raise ValueError(
                 f"spatial sizes {tuple(images.shape[2:])} must be multiples of {self.divisible_by}"
             )
+        how = hp.get("decode", "latent") if decode is None else decode
+        if how not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {how!r}")
         was_training = self.training
         self.eval()
         steps = int(num_steps or hp.num_inference_steps)
@@ -713,6 +733,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             )
             z = z_src + x0 / self.residual_scale if self.uses_residual else x0
         out = self.autoencoder.decode_latent(z, skips)
+        if how == "residual":  # y = x + D(z_hat) - D(E(x)) (module docstring)
+            out = x + (out - self.autoencoder.decode_latent(z_src, skips))
         self.train(was_training)
         return out
 

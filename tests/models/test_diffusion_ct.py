@@ -194,6 +194,28 @@ def test_translate_strength_zero_returns_reconstruction(ae2d):
     assert not torch.allclose(partial, out)
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["aekl", "skip"])
+def test_residual_decoding_adds_the_decoded_latent_change_to_the_input(tmp_path, skip):
+    """decode='residual': y = x + D(z_hat) - D(E(x)); an unchanged latent returns the input exactly (any ceiling)."""
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=skip, **AE_KW)
+    batch = _pair(2)
+    ae.calibrate_latent_scale([batch])
+    export_model(ae, tmp_path / "stage1")
+    model = _stage2(tmp_path / "stage1", "translate")
+    x = batch[keys.SOURCE][:2]
+    assert not torch.allclose(ae.reconstruct(x), x, atol=1e-2)  # an untrained autoencoder is far from lossless
+    torch.testing.assert_close(model.standardize(x, strength=0.0, decode="residual"), x)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    latent = model.standardize(x, strength=0.4, generator=gen())
+    resid = model.standardize(x, strength=0.4, generator=gen(), decode="residual")
+    torch.testing.assert_close(resid, x + latent - ae.reconstruct(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="latent"):
+        model.standardize(x, decode="pixel")
+    with pytest.raises(ValueError, match="residual"):
+        DiffusionCT(autoencoder=str(tmp_path / "stage1"), decode="both")
+
+
 def test_bad_arguments_raise_clear_errors(ae2d, tmp_path):
     sd, path, batch = ae2d
     with pytest.raises(ValueError, match="conditional"):
