@@ -67,6 +67,7 @@ class DemoBudget:
     crop_foreground: bool = True  # body-cropped training crops (False, i.e. crops with air as inference sees: 34.4 dB ceiling vs 38.0)
     sample_steps: int = 10
     sampler: str = "dpmpp_2m"
+    decode: str = "latent"  # how the exported model decodes by default ("latent" D(z) or "residual"; both are scored)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -261,7 +262,7 @@ def run_demo(
         autoencoder=str(stage1_dir), mode="conditional", channels=b.unet_channels, attention_levels=b.unet_attention,
         num_head_channels=b.head_channels, unet_kwargs={"norm_num_groups": b.unet_groups}, prediction="v",
         residual=True, sampler=b.sampler, num_inference_steps=b.sample_steps, lr=2e-4, ema_decay=0.995 if not quick else 0.5,
-        seed=seed,
+        seed=seed, decode=b.decode,
     )  # fmt: skip
     tr2 = _trainer(b.dm_steps, b.dm_minutes, dev, output, quick)
     tr2.fit(model, datamodule=datamodule(b.dm_batch))
@@ -280,6 +281,11 @@ def run_demo(
 
     def run_dct(x: torch.Tensor) -> torch.Tensor:
         return model.standardize(x, generator=gen)
+
+    other = "latent" if b.decode == "residual" else "residual"
+
+    def run_dct_other(x: torch.Tensor) -> torch.Tensor:  # the other decoding, same seed: an ablation row
+        return model.standardize(x, generator=torch.Generator().manual_seed(seed), decode=other)
 
     def run_ae(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -300,18 +306,22 @@ def run_demo(
         vol = read_nifti(e["target"])
         ref = np.asarray(vol.array, dtype=np.float32)
         lab = np.asarray(read_nifti(e["label"]).array)
+        gen.manual_seed(seed)
         out = apply(src, run_dct)
+        out_other = apply(src, run_dct_other)
         ae_out = apply(src, run_ae)
         name = f"{e.get(keys.CASE_ID, 'case')}_{proto}"
         write_nifti(output / "standardized" / f"{name}.nii.gz", out, vol.affine, overwrite=overwrite)
         d = per.setdefault(
-            proto, {"identity": [], "passthrough": [], "diffusion_ct": [], "ref": [], "label": []}
+            proto,
+            {"identity": [], "passthrough": [], "diffusion_ct": [], f"diffusion_ct_{other}": [], "ref": [], "label": []},
         )
         if e.get(keys.CASE_ID) not in ceiling:  # stage-1 ceiling: decode(encode(standard)) vs standard
             ceiling[e.get(keys.CASE_ID)] = image_metrics(apply(ref, run_ae), ref, lab)
         d["identity"].append(src)
         d["passthrough"].append(ae_out)
         d["diffusion_ct"].append(out)
+        d[f"diffusion_ct_{other}"].append(out_other)
         d["ref"].append(ref)
         d["label"].append(lab)
         if len(d["ref"]) == 1:
@@ -319,7 +329,7 @@ def run_demo(
     timings["standardize_s"] = time.perf_counter() - t0
 
     # metrics ---------------------------------------------------------------------------------------------
-    methods = ("identity", "passthrough", "diffusion_ct")
+    methods = ("identity", "passthrough", "diffusion_ct", f"diffusion_ct_{other}")
     results: dict[str, Any] = {}
     for proto, d in sorted(per.items()):
         res = {}

@@ -18,7 +18,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     protocols = {e["protocol"] for e in test_entries}
     assert set(metrics["protocols"]) == protocols and "standard" not in protocols
     for res in metrics["protocols"].values():
-        assert set(res) == {"identity", "passthrough", "diffusion_ct"}
+        other = "latent" if metrics["budget"]["decode"] == "residual" else "residual"
+        assert set(res) == {"identity", "passthrough", "diffusion_ct", f"diffusion_ct_{other}"}
         for m in res.values():
             assert {"psnr", "ssim", "noise_sd", "edge_sharpness", "texture_ccc"} <= set(m)
             assert np.isfinite(m["psnr"]) and 0 < m["noise_sd"]
