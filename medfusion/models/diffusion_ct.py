@@ -4,7 +4,10 @@ The method has two stages, and so two LightningModules live in this one file:
 
 1. :class:`DiffusionCTAutoencoder` (phase 1 of the paper): an encoder-decoder trained alone to reconstruct CT of
    *every* protocol (standard and non-standard), so that its bottleneck is a shared latent representation.
-   Loss ``L1 + w_ssim (1 - SSIM) + w_kl KL`` on images scaled to [-1, 1] by the HU window of the data pipeline.
+   Loss ``L1 + w_ssim (1 - SSIM) + w_kl KL (+ w_adv L_adv)`` on images scaled to [-1, 1] by the HU window of the data
+   pipeline. The optional patch-adversarial term (``adv_weight > 0``; MONAI ``PatchDiscriminator`` and least-squares
+   ``PatchAdversarialLoss``, as in Rombach et al. 2022's autoencoders and MONAI's generative tutorials) trains a
+   discriminator in the same step (manual optimisation, two optimisers) from ``adv_start_step`` on.
    After training, latents are used as ``z = s * mu`` with the scale ``s = 1 / std(mu)`` over the training set
    (Rombach et al. 2022, sec. 3.3; user_asks §0.10). ``s`` is stored with the weights (buffer ``latent_scale``).
 2. :class:`DiffusionCT` (phase 2): a DDPM (Ho et al. 2020, eq. 4 and 14) in that latent space, with the autoencoder
@@ -198,6 +201,11 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
             (0 = every level including full resolution; 1 = drop the full-resolution skip, which carries most of
             the noise / kernel texture; ``len(channels) - 1`` = no skip at all).
         l1_weight, ssim_weight, kl_weight: loss weights of ``L1``, ``1 - SSIM`` (data range 2) and the KL term.
+        adv_weight: weight of the generator's patch-adversarial loss (0 = off, no discriminator is built).
+        adv_start_step: training iteration from which the adversarial terms are on (reconstruction warm-up).
+        disc_channels, disc_layers, disc_lr: the ``PatchDiscriminator`` (instance norm) and its Adam rate
+            (default ``lr``). With the adversarial term one training iteration steps two optimisers, and
+            Lightning counts both in ``global_step``: ``max_steps`` is then twice the iterations.
         lr: Adam learning rate (cosine decay over the trainer's steps when they are finite).
         scale_momentum: momentum of the running variance of posterior means that gives ``latent_scale``.
         hu_window: (low, high) HU mapped to [-1, 1] by the data pipeline; stored so that inference
@@ -218,6 +226,11 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
         l1_weight: float = 1.0,
         ssim_weight: float = 0.2,
         kl_weight: float = 1e-6,
+        adv_weight: float = 0.0,
+        adv_start_step: int = 0,
+        disc_channels: int = 32,
+        disc_layers: int = 3,
+        disc_lr: float | None = None,
         lr: float = 1e-3,
         scale_momentum: float = 0.02,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
@@ -254,9 +267,22 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
                 with_encoder_nonlocal_attn=bool(attention),
                 with_decoder_nonlocal_attn=bool(attention),
             )
+        if adv_weight < 0 or adv_start_step < 0:
+            raise ValueError(f"adv_weight and adv_start_step must be >= 0, got {adv_weight}, {adv_start_step}")
         from monai.losses import SSIMLoss
 
         self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=2.0, win_size=7)
+        self.discriminator: nn.Module | None = None
+        if adv_weight > 0:
+            from monai.losses import PatchAdversarialLoss
+            from monai.networks.nets import PatchDiscriminator
+
+            self.discriminator = PatchDiscriminator(
+                spatial_dims=spatial_dims, num_layers_d=disc_layers, channels=disc_channels, in_channels=in_channels,
+                out_channels=1, norm="INSTANCE",
+            )  # fmt: skip
+            self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+            self.automatic_optimization = False  # generator and discriminator step in turn
         # latent scale s = 1 / std(mu) (running estimate over training batches, or exact via calibrate_latent_scale)
         self.register_buffer("latent_scale", torch.ones(()))
         self.register_buffer("latent_var", torch.zeros(()))  # 0 = not yet estimated
@@ -315,8 +341,8 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
             )
         return torch.cat([torch.as_tensor(p) for p in parts], dim=0)
 
-    def loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Training loss of images ``x`` and the posterior means (for the latent statistics)."""
+    def _losses(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Generator loss, posterior means and the reconstruction of images ``x``."""
         hp = self.hparams
         enc = self.encode(x)
         z = enc.mean
@@ -333,7 +359,31 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
             var = enc.sigma.pow(2)
             kl = 0.5 * (enc.mean.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1).flatten(1).sum(1).mean()
             loss = loss + hp.kl_weight * kl
-        return loss, enc.mean
+        if self._adversarial_on():
+            fake = self.discriminator(recon.contiguous())[-1]
+            loss = loss + hp.adv_weight * self.adv_loss(fake, target_is_real=True, for_discriminator=False)
+        return loss, enc.mean, recon
+
+    def loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Training loss of images ``x`` (with the generator's adversarial term when on) and the posterior means."""
+        loss, mu, _ = self._losses(x, generator)
+        return loss, mu
+
+    def _iteration(self) -> int:
+        """Training iterations done (Lightning's ``global_step`` counts both optimisers with the discriminator)."""
+        return int(self.global_step) // (2 if self.discriminator is not None else 1)
+
+    def _adversarial_on(self) -> bool:
+        return self.discriminator is not None and self._iteration() >= self.hparams.adv_start_step
+
+    def discriminator_loss(self, x: Tensor, recon: Tensor) -> Tensor:
+        """Least-squares patch loss of the discriminator: real ``x`` -> 1, reconstructions -> 0."""
+        fake = self.discriminator(recon.detach().contiguous())[-1]
+        real = self.discriminator(x.contiguous())[-1]
+        return 0.5 * (
+            self.adv_loss(fake, target_is_real=False, for_discriminator=True)
+            + self.adv_loss(real, target_is_real=True, for_discriminator=True)
+        )
 
     @torch.no_grad()
     def _update_latent_stats(self, mu: Tensor) -> None:
@@ -346,10 +396,28 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x = self._images(batch)
-        loss, mu = self.loss(x, generator=self._train_rng.generator(self, batch_idx, x.device))
+        loss, mu, recon = self._losses(x, generator=self._train_rng.generator(self, batch_idx, x.device))
         self._update_latent_stats(mu.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("latent_scale", self.latent_scale, batch_size=x.shape[0])
+        if self.automatic_optimization:
+            return loss
+        # manual optimisation (adversarial term): generator step, then discriminator step, then the schedules
+        opt_g, opt_d = self.optimizers()
+        self.toggle_optimizer(opt_g)
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        opt_d.zero_grad()
+        d_loss = self.discriminator_loss(x, recon) * (1.0 if self._adversarial_on() else 0.0)
+        self.manual_backward(d_loss)
+        opt_d.step()  # always stepped (zero loss in warm-up), so global_step = 2 x iterations throughout
+        self.untoggle_optimizer(opt_d)
+        for sched in self.lr_schedulers() or []:
+            sched.step()
+        self.log("train/d_loss", d_loss, batch_size=x.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -392,13 +460,19 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
-        return _with_cosine(self, opt)
+        if self.discriminator is None:
+            return _with_cosine(self, opt)
+        opt_d = torch.optim.Adam(
+            self.discriminator.parameters(), lr=self.hparams.disc_lr or self.hparams.lr, betas=(0.5, 0.9)
+        )
+        g, d = _with_cosine(self, opt, steps_per_iteration=2), _with_cosine(self, opt_d, steps_per_iteration=2)
+        return [g if isinstance(g, dict) else {"optimizer": g}, d if isinstance(d, dict) else {"optimizer": d}]
 
 
-def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer):
+def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer, steps_per_iteration: int = 1):
     """Cosine decay over the trainer's total steps when those are finite, else a constant rate."""
     try:
-        total = module.trainer.estimated_stepping_batches
+        total = module.trainer.estimated_stepping_batches / steps_per_iteration
     except (RuntimeError, AttributeError):
         total = float("inf")
     if not math.isfinite(total) or total <= 0:

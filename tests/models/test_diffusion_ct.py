@@ -109,6 +109,31 @@ def test_autoencoder_one_step_lowers_loss(spatial_dims):
     assert after.item() < before.item()
 
 
+@pytest.mark.parametrize("start", [0, 100], ids=["adversarial", "warm-up"])
+def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
+    """adv_weight > 0: generator and discriminator step in turn (2 optimiser steps per iteration); during the
+    warm-up (iteration < adv_start_step) the discriminator does not move and the loss has no adversarial term."""
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=2, adv_weight=0.1, adv_start_step=start, disc_channels=8, **AE_KW)
+    plain = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)
+    plain.net.load_state_dict(ae.net.state_dict())
+    x = ae._images(_pair(2))
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    with_adv, _ = ae.loss(x, generator=g())
+    without, _ = plain.loss(x, generator=g())
+    assert (with_adv.item() > without.item()) == (start == 0)
+    disc0 = [q.detach().clone() for q in ae.discriminator.parameters()]
+    net0 = [q.detach().clone() for q in ae.net.parameters()]
+    batch = _pair(2)
+    _trainer(tmp_path, 6).fit(ae, DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], batch_size=2))
+    assert ae.trainer.global_step == 6 and ae._iteration() == 3
+    moved = any(not torch.equal(a, b) for a, b in zip(disc0, ae.discriminator.parameters()))
+    assert moved == (start == 0)
+    assert any(not torch.equal(a, b) for a, b in zip(net0, ae.net.parameters()))
+    with pytest.raises(ValueError, match="adv_weight"):
+        DiffusionCTAutoencoder(spatial_dims=2, adv_weight=-1.0, **AE_KW)
+
+
 def test_latent_scale_round_trip_and_running_estimate(tmp_path):
     torch.manual_seed(0)
     ae = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)

@@ -102,31 +102,33 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
 
 
-def _kill_and_resume(build, tmp_path, callbacks=lambda: [], resume_seed: int = 1234):
-    """Runs A (6 steps) and B (3 steps, checkpoint, new module, 3 more); returns what the tests compare."""
+def _kill_and_resume(build, tmp_path, callbacks=lambda: [], resume_seed: int = 1234, k: int = 1):
+    """Runs A (6 steps) and B (3 steps, checkpoint, new module, 3 more); returns what the tests compare.
+
+    ``k``: optimiser steps per training iteration (2 with a GAN's two optimisers; Lightning counts both)."""
     torch.manual_seed(0)
     a = build()
     cb_a = callbacks()
-    _, rec_a = _fit(a, 6, tmp_path / "a", callbacks=cb_a)
+    _, rec_a = _fit(a, 6 * k, tmp_path / "a", callbacks=cb_a)
 
     torch.manual_seed(0)
     b = build()
     cb_b = callbacks()
     # written at the end of step 3, the last batch of epoch 0 (Lightning 2.6 then resumes at epoch 1, batch 0; an
     # every_n_epochs checkpoint without validation re-enters epoch 0 and replays one batch, see the module docstring)
-    saver = ModelCheckpoint(tmp_path / "b", "{step}", save_top_k=-1, every_n_train_steps=3)
+    saver = ModelCheckpoint(tmp_path / "b", "{step}", save_top_k=-1, every_n_train_steps=3 * k)
     with pytest.raises(_Killed):
-        _fit(b, 6, tmp_path / "b", callbacks=[*cb_b, saver, _Kill(3)])
-    ckpt = tmp_path / "b" / "step=3.ckpt"
+        _fit(b, 6 * k, tmp_path / "b", callbacks=[*cb_b, saver, _Kill(3 * k)])
+    ckpt = tmp_path / "b" / f"step={3 * k}.ckpt"
 
     torch.manual_seed(resume_seed)  # by default seeded differently: the checkpoint's seed must win
     c = build()
     cb_c = callbacks()
-    _, rec_c = _fit(c, 6, tmp_path / "c", ckpt_path=ckpt, callbacks=cb_c)
+    _, rec_c = _fit(c, 6 * k, tmp_path / "c", ckpt_path=ckpt, callbacks=cb_c)
 
-    assert sorted(rec_a.losses) == [1, 2, 3, 4, 5, 6]
-    assert sorted(rec_c.losses) == [4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(rec_a.losses) == [k * i for i in range(1, 7)]
+    assert sorted(rec_c.losses) == [k * i for i in (4, 5, 6)]
+    for step in (4 * k, 5 * k, 6 * k):
         assert rec_c.losses[step] == pytest.approx(rec_a.losses[step], abs=1e-5), step
     # the losses really depend on the noise: the steps do not all give one value
     assert len({round(v, 6) for v in rec_a.losses.values()}) > 1
@@ -199,6 +201,17 @@ def tiny_ae(tmp_path_factory):
 def test_diffusion_ct_autoencoder_resume(tmp_path):
     run = _kill_and_resume(lambda: DiffusionCTAutoencoder(spatial_dims=2, ssim_weight=0.0, **AE_KW), tmp_path)
     _check_checkpoint(run)
+
+
+def test_diffusion_ct_adversarial_autoencoder_resume(tmp_path):
+    """Manual optimisation with two optimisers (generator, discriminator): both come back exactly."""
+    run = _kill_and_resume(
+        lambda: DiffusionCTAutoencoder(spatial_dims=2, ssim_weight=0.0, adv_weight=0.1, disc_channels=8, **AE_KW),
+        tmp_path,
+        k=2,
+    )
+    ckpt = _check_checkpoint(run)
+    assert len(ckpt["optimizer_states"]) == 2
 
 
 class _GlobalRNGAutoencoder(DiffusionCTAutoencoder):
