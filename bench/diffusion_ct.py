@@ -92,6 +92,14 @@ def main() -> None:
         help="skip-connected encoder-decoder, skips from this level (2 = none with 3 levels); -1 = MONAI AutoencoderKL",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument(
+        "--reuse", action="store_true",
+        help="load the models a previous run saved in --out (stage1/, stage2_*/, unet.safetensors) instead of training",
+    )  # fmt: skip
+    p.add_argument(
+        "--residual-sigmas", type=float, nargs="*", default=[1.0],
+        help="extra rows: residual decoding keeping only the Gaussian low-pass (px) of the autoencoder's error",
+    )  # fmt: skip
     p.add_argument("--skip-ddpm1000", action="store_true")
     p.add_argument("--sweep-protocol", default="sharp_low_dose", help="protocol of the sampler-steps sweep")
     args = p.parse_args()
@@ -112,25 +120,37 @@ def main() -> None:
     budget: dict[str, str] = {}
 
     # --- models --------------------------------------------------------------------------------------------
+    from safetensors.torch import load_file, save_file
+
+    from medfusion.models.export import load_model
+
+    prev = json.loads((out / "results.json").read_text())["budget"] if (out / "results.json").exists() else {}
     t0 = time.perf_counter()
     skip = args.ae_skip_from >= 0
-    ae = DiffusionCTAutoencoder(
-        spatial_dims=2, channels=(32, 64, 64), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
-        skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0),
-    )  # fmt: skip
-    d1 = dm(2)
-    tr = _trainer(args.ae_steps, args.minutes, dev, out, True)
-    tr.fit(ae, datamodule=d1)
-    ae.calibrate_latent_scale(d1.train_dataloader(), max_batches=50)
-    export_model(ae.cpu(), out / "stage1", overwrite=True)
-    budget["stage 1 AE"] = (
-        f"{tr.global_step} steps, bs 4 images ({args.crop}² crops), {args.latent_channels} latent channels, "
-        f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}, {time.perf_counter() - t0:.0f} s"
-    )
+    if args.reuse and (out / "stage1").exists():
+        budget["stage 1 AE"] = prev.get("stage 1 AE", "reused")
+    else:
+        ae = DiffusionCTAutoencoder(
+            spatial_dims=2, channels=(32, 64, 64), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
+            skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0),
+        )  # fmt: skip
+        d1 = dm(2)
+        tr = _trainer(args.ae_steps, args.minutes, dev, out, True)
+        tr.fit(ae, datamodule=d1)
+        ae.calibrate_latent_scale(d1.train_dataloader(), max_batches=50)
+        export_model(ae.cpu(), out / "stage1", overwrite=True)
+        budget["stage 1 AE"] = (
+            f"{tr.global_step} steps, bs 4 images ({args.crop}² crops), {args.latent_channels} latent channels, "
+            f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}, {time.perf_counter() - t0:.0f} s"
+        )
 
     models = {}
     for mode in ("conditional", "translate"):
         t0 = time.perf_counter()
+        if args.reuse and (out / f"stage2_{mode}").exists():
+            models[mode] = load_model(out / f"stage2_{mode}").to(dev).eval()
+            budget[f"stage 2 {mode}"] = prev.get(f"stage 2 {mode}", "reused")
+            continue
         m = DiffusionCT(
             autoencoder=str(out / "stage1"), mode=mode, channels=(64, 128), attention_levels=(False, True),
             prediction="v", residual=True, num_inference_steps=10, translate_strength=0.3, lr=2e-4, ema_decay=0.995,
@@ -141,8 +161,14 @@ def main() -> None:
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = f"{tr.global_step} steps, bs 8, {time.perf_counter() - t0:.0f} s"
     t0 = time.perf_counter()
-    unet, unet_steps = _train_unet(dm(8), args.minutes, args.unet_steps, dev)
-    budget["supervised U-Net"] = f"{unet_steps} steps, bs 8, {time.perf_counter() - t0:.0f} s"
+    if args.reuse and (out / "unet.safetensors").exists():
+        unet, _ = _train_unet(dm(8), args.minutes, 0, dev)
+        unet.load_state_dict(load_file(str(out / "unet.safetensors")))
+        budget["supervised U-Net"] = prev.get("supervised U-Net", "reused")
+    else:
+        unet, unet_steps = _train_unet(dm(8), args.minutes, args.unet_steps, dev)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
+        budget["supervised U-Net"] = f"{unet_steps} steps, bs 8, {time.perf_counter() - t0:.0f} s"
     ae = models["conditional"].autoencoder
     div = models["conditional"].divisible_by
 
@@ -180,6 +206,12 @@ def main() -> None:
         "DiffusionCT conditional (DPM++ 10), residual decoding": lambda s, p: run(
             s, seeded("conditional", decode="residual")
         ),
+        **{
+            f"DiffusionCT conditional (DPM++ 10), residual decoding, low-pass {sg:g} px": (
+                lambda s, p, sg=sg: run(s, seeded("conditional", decode="residual", residual_sigma=sg))
+            )
+            for sg in args.residual_sigmas
+        },
         "DiffusionCT translate (s=0.3, DPM++ 10), D(z)": lambda s, p: run(s, seeded("translate")),
         "DiffusionCT translate (s=0.3, DPM++ 10), residual decoding": lambda s, p: run(
             s, seeded("translate", decode="residual")

@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="latent: D(z) (the paper); residual: x + D(z) - D(E(x)), keeps what the latent cannot represent "
         "(default: the model's)",
     )
+    parser.add_argument(
+        "--residual-sigma",
+        type=float,
+        default=None,
+        help="with --decode residual: keep only the Gaussian low-pass (SD in pixels) of the autoencoder's error "
+        "(drops source noise the latent cannot represent; default: the model's)",
+    )
 
 
 def model_window(model) -> tuple[float, float]:
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         def fn(x: torch.Tensor) -> torch.Tensor:
             return model.standardize(
                 x, num_steps=args.steps, sampler=args.sampler, strength=args.strength, generator=state["gen"],
-                decode=args.decode,
+                decode=args.decode, residual_sigma=args.residual_sigma,
             )
 
         results = run_volume_job(

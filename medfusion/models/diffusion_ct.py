@@ -34,6 +34,11 @@ standard scan), so every latent-decoded output loses fidelity there (bench/resul
 ``y = x + D(z_hat) - D(E(x))``. The autoencoder's reconstruction error cancels to first order, ``z_hat = z_src``
 returns the input exactly, and the standardization is still the decoder's image of the latent transformation; what
 the latent cannot represent (finer than the autoencoder resolves) is kept from the input, not replaced.
+``residual_sigma = s > 0`` keeps only the low-pass part (Gaussian, ``s`` pixels) of the autoencoder's error:
+``y = D(z_hat) + G_s * (x - D(E(x)))``. It corrects the autoencoder's coarse errors (its context-dependent HU bias,
+bench/results/diffusion_ct.md) while, as in latent decoding, source noise finer than ``s`` that the latent cannot
+represent is dropped, not kept: the right choice when sources are noisier than the standard (low dose, sharp
+kernels); the full residual (``s = 0``) when they are smoother. Measured on both in bench/results/diffusion_ct.md.
 
 Batch keys read: ``source`` and ``target`` (``medfusion.keys``), images ``(B, 1, *spatial)`` in [-1, 1]; stage 1 also
 accepts ``image``.
@@ -502,6 +507,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         sampler, num_inference_steps, timestep_spacing: defaults used by :meth:`standardize`.
         decode: ``"latent"`` (output ``D(z_hat)``, the paper) or ``"residual"`` (output ``x + D(z_hat) - D(E(x))``;
             see the module docstring); :meth:`standardize` can override it per call.
+        residual_sigma: with ``decode="residual"``, keep only the Gaussian low-pass (SD in pixels) of the
+            autoencoder's error ``x - D(E(x))`` (0 = all of it).
         translate_strength: fraction of T to which the source latent is noised in translate mode.
         lr, weight_decay: AdamW; ema_decay: decay of the EMA copy used for sampling (None = no EMA).
         val_num_samples: slices sampled per validation epoch on rank 0 for PSNR/SSIM.
@@ -527,6 +534,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         timestep_spacing: str = "trailing",
         translate_strength: float = 0.5,
         decode: Literal["latent", "residual"] = "latent",
+        residual_sigma: float = 0.0,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         ema_decay: float | None = 0.999,
@@ -541,6 +549,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             raise ValueError(f"translate_strength must be in [0, 1], got {translate_strength}")
         if decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+        if residual_sigma < 0:
+            raise ValueError(f"residual_sigma must be >= 0 (pixels), got {residual_sigma}")
         from medfusion.diffusion.gaussian import PREDICTIONS
         from medfusion.diffusion.samplers import SAMPLERS
         from medfusion.diffusion.schedules import SPACINGS
@@ -726,13 +736,15 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         decode: str | None = None,
+        residual_sigma: float | None = None,
     ) -> Tensor:
         """Standardize ``images`` ``(B, 1, *spatial)`` in [-1, 1] (HU window of training) -> same shape and range.
 
         Spatial sizes must be multiples of :attr:`divisible_by` (``medfusion.apps.volume_job`` pads for you).
         ``generator`` (CPU) makes the result reproducible; ``strength`` overrides ``translate_strength`` (translate
         mode runs ``min(num_steps, t_start + 1)`` steps from ``t_start = round(strength * (T - 1))``); ``decode``
-        overrides the ``decode`` hyperparameter (``"latent"`` or ``"residual"``).
+        overrides the ``decode`` hyperparameter (``"latent"`` or ``"residual"``), ``residual_sigma`` the low-pass of the
+        residual (pixels; 0 = none).
         """
         from medfusion.diffusion.gaussian import q_sample
         from medfusion.diffusion.samplers import sample
@@ -751,6 +763,9 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         how = hp.get("decode", "latent") if decode is None else decode
         if how not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {how!r}")
+        sigma = float(hp.get("residual_sigma", 0.0) if residual_sigma is None else residual_sigma)
+        if sigma < 0:
+            raise ValueError(f"residual_sigma must be >= 0 (pixels), got {sigma}")
         was_training = self.training
         self.eval()
         steps = int(num_steps or hp.num_inference_steps)
@@ -807,8 +822,13 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             )
             z = z_src + x0 / self.residual_scale if self.uses_residual else x0
         out = self.autoencoder.decode_latent(z, skips)
-        if how == "residual":  # y = x + D(z_hat) - D(E(x)) (module docstring)
-            out = x + (out - self.autoencoder.decode_latent(z_src, skips))
+        if how == "residual":  # y = D(z_hat) + G_s * (x - D(E(x))) (module docstring; s = 0: no low-pass)
+            error = x - self.autoencoder.decode_latent(z_src, skips)
+            if sigma > 0:
+                from monai.networks.layers import GaussianFilter
+
+                error = GaussianFilter(self.spatial_dims, sigma).to(error.device)(error)
+            out = out + error
         self.train(was_training)
         return out
 

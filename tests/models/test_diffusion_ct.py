@@ -235,6 +235,15 @@ def test_residual_decoding_adds_the_decoded_latent_change_to_the_input(tmp_path,
     latent = model.standardize(x, strength=0.4, generator=gen())
     resid = model.standardize(x, strength=0.4, generator=gen(), decode="residual")
     torch.testing.assert_close(resid, x + latent - ae.reconstruct(x), atol=1e-5, rtol=1e-5)
+    # residual_sigma: only the low-pass of the autoencoder's error is kept (a constant error passes whole)
+    from monai.networks.layers import GaussianFilter
+
+    lp = model.standardize(x, strength=0.4, generator=gen(), decode="residual", residual_sigma=1.5)
+    err = GaussianFilter(2, 1.5)(x - ae.reconstruct(x))
+    torch.testing.assert_close(lp, latent + err, atol=1e-5, rtol=1e-5)
+    assert (lp - latent).std() < (resid - latent).std()  # the fine part of the error is dropped
+    with pytest.raises(ValueError, match="residual_sigma"):
+        model.standardize(x, decode="residual", residual_sigma=-1.0)
     with pytest.raises(ValueError, match="latent"):
         model.standardize(x, decode="pixel")
     with pytest.raises(ValueError, match="residual"):
