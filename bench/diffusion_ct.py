@@ -91,11 +91,13 @@ def main() -> None:
         "--ae-skip-from", type=int, default=2,
         help="skip-connected encoder-decoder, skips from this level (2 = none with 3 levels); -1 = MONAI AutoencoderKL",
     )  # fmt: skip
+    p.add_argument("--ae-cross", action="store_true", help="stage 1 trained with cross skips (cross_skips=True)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument(
         "--reuse", action="store_true",
         help="load the models a previous run saved in --out (stage1/, stage2_*/, unet.safetensors) instead of training",
     )  # fmt: skip
+    p.add_argument("--translate-strengths", type=float, nargs="*", default=[0.1, 0.3])
     p.add_argument(
         "--residual-sigmas", type=float, nargs="*", default=[1.0],
         help="extra rows: residual decoding keeping only the Gaussian low-pass (px) of the autoencoder's error",
@@ -132,7 +134,7 @@ def main() -> None:
     else:
         ae = DiffusionCTAutoencoder(
             spatial_dims=2, channels=(32, 64, 64), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
-            skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0),
+            skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0), cross_skips=args.ae_cross,
         )  # fmt: skip
         d1 = dm(2)
         tr = _trainer(args.ae_steps, args.minutes, dev, out, True)
@@ -141,7 +143,8 @@ def main() -> None:
         export_model(ae.cpu(), out / "stage1", overwrite=True)
         budget["stage 1 AE"] = (
             f"{tr.global_step} steps, bs 4 images ({args.crop}² crops), {args.latent_channels} latent channels, "
-            f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}, {time.perf_counter() - t0:.0f} s"
+            f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}"
+            f"{', cross skips' if args.ae_cross else ''}, {time.perf_counter() - t0:.0f} s"
         )
 
     models = {}
@@ -212,10 +215,15 @@ def main() -> None:
             )
             for sg in args.residual_sigmas
         },
-        "DiffusionCT translate (s=0.3, DPM++ 10), D(z)": lambda s, p: run(s, seeded("translate")),
-        "DiffusionCT translate (s=0.3, DPM++ 10), residual decoding": lambda s, p: run(
-            s, seeded("translate", decode="residual")
-        ),
+        **{
+            f"DiffusionCT translate (s={st:g}, DPM++ 10), {dec}": (
+                lambda s, p, st=st, dec=dec: run(
+                    s, seeded("translate", strength=st, decode="latent" if dec == "D(z)" else "residual")
+                )
+            )
+            for st in args.translate_strengths
+            for dec in ("D(z)", "residual decoding")
+        },
     }
     sweep = {
         "DDIM 50": dict(sampler="ddim", num_steps=50),
@@ -303,7 +311,7 @@ def main() -> None:
         "",
         f"Command: `python bench/diffusion_ct.py --out {args.out} --patients {args.patients} --size {args.size} "
         f"--crop {args.crop} --ae-steps {args.ae_steps} --dm-steps {args.dm_steps} --unet-steps {args.unet_steps} "
-        f"--latent-channels {args.latent_channels} --ae-skip-from {args.ae_skip_from}"
+        f"--latent-channels {args.latent_channels} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
         f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
         f"Test set: {n_test} held-out patients, {args.size}² slices, one slice per patient and protocol; built-in "

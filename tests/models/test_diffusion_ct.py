@@ -109,6 +109,34 @@ def test_autoencoder_one_step_lowers_loss(spatial_dims):
     assert after.item() < before.item()
 
 
+def test_cross_skips_trains_each_latent_with_the_other_scans_skips(tmp_path):
+    """cross_skips: loss = 1/2 (self-reconstruction + reconstruction from the pair partner's skips)."""
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(
+        spatial_dims=2, skip_connections=True, cross_skips=True, kl_weight=0.0, ssim_weight=0.0, **AE_KW
+    )
+    batch = _pair(2)
+    src, tgt = batch[keys.SOURCE], batch[keys.TARGET]
+    x = torch.cat([src, tgt])
+    loss, _ = ae.loss(x)
+    enc_s, enc_t = ae.encode(src), ae.encode(tgt)
+    self_rec = torch.cat([ae.decode(enc_s.mean, enc_s.skips), ae.decode(enc_t.mean, enc_t.skips)])
+    cross_rec = torch.cat([ae.decode(enc_s.mean, enc_t.skips), ae.decode(enc_t.mean, enc_s.skips)])
+    expected = 0.5 * (torch.nn.functional.l1_loss(self_rec, x) + torch.nn.functional.l1_loss(cross_rec, x))
+    torch.testing.assert_close(loss, expected)
+    # it trains (one optimiser step lowers the loss) and needs pairs and skips
+    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
+    loss.backward()
+    opt.step()
+    assert ae.loss(x)[0].item() < loss.item()
+    with pytest.raises(ValueError, match="paired"):
+        ae.loss(x[:3])
+    with pytest.raises(ValueError, match="skip_connections"):
+        DiffusionCTAutoencoder(spatial_dims=2, cross_skips=True, **AE_KW)
+    with pytest.raises(KeyError, match="paired"):
+        ae.training_step({keys.IMAGE: tgt}, 0)
+
+
 @pytest.mark.parametrize("start", [0, 100], ids=["adversarial", "warm-up"])
 def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
     """adv_weight > 0: generator and discriminator step in turn (2 optimiser steps per iteration); during the
