@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    "convert", "data_pipelines", "dataset", "samplers", "diffusion_ct", "drdm",
+    "convert", "data_pipelines", "dataset", "samplers", "diffusion_ct_bench", "diffusion_ct", "drdm",
     "restoration_lowdose", "restoration_kernel", "restoration_sr",
 ]  # fmt: skip
 HEADER = """# medfusion benchmark results
@@ -24,6 +24,9 @@ all figures are from a 2-vCPU AMD EPYC VM (torch 2.13.0+cpu), often loaded by pa
 (`bench/train_step.py`, demo/standardize timings per 512² slice) are still to be measured on the device machine.
 Session 2 trained with fixed step budgets (so figures do not depend on load; wall time beside them): thousands of
 CPU steps on small crops, i.e. small-scale results, far from the papers' GPU budgets; each section says so.
+Session 3 (no GPU either) changed the built-in data to format 2: every protocol of a patient now comes from one raw
+acquisition (kernels of the same projections, thick slices from thin rows, lower doses by noise insertion), as real
+paired kernel data do. Tables measured on format-1 data (protocols with independent noise) say so at their top.
 
 """
 
