@@ -80,7 +80,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--results", default=None)
     p.add_argument("--minutes", type=float, default=60.0, help="safety wall-clock cap per trained model")
-    p.add_argument("--patients", type=int, default=80, help="80 gives 12 test patients (texture CCC needs >= 12)")
+    p.add_argument(
+        "--patients", type=int, default=80, help="80 gives 12 test patients (texture CCC needs >= 12)"
+    )
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--ae-steps", type=int, default=3000)
@@ -91,7 +93,9 @@ def main() -> None:
         "--ae-skip-from", type=int, default=2,
         help="skip-connected encoder-decoder, skips from this level (2 = none with 3 levels); -1 = MONAI AutoencoderKL",
     )  # fmt: skip
-    p.add_argument("--ae-cross", action="store_true", help="stage 1 trained with cross skips (cross_skips=True)")
+    p.add_argument(
+        "--ae-cross", action="store_true", help="stage 1 trained with cross skips (cross_skips=True)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument(
         "--reuse", action="store_true",

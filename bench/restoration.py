@@ -465,6 +465,8 @@ def main() -> int:
     )
     if dct is not None:
         gen = torch.Generator().manual_seed(args.seed)
+        sigma = float(dct.hparams.get("residual_sigma", 0.0))
+        lowpass = f", low-pass {sigma:g} px" if sigma > 0 else ""
 
         def fdct(x):
             return dct.standardize(x.to(dev), generator=gen).cpu()
@@ -483,7 +485,8 @@ def main() -> int:
         )
         rows.append(
             (
-                f"DiffusionCT conditional ({dct.hparams.sampler} {dct.hparams.num_inference_steps})",
+                f"DiffusionCT conditional ({dct.hparams.sampler} {dct.hparams.num_inference_steps}, "
+                f"{dct.hparams.get('decode', 'latent')} decoding{lowpass})",
                 *score(batched(fdct, te_s)),
                 nparams(dct.autoencoder) + nparams(dct._denoiser(True)),
                 f"{dct.hparams.num_inference_steps} U-Net + enc + dec",

@@ -321,7 +321,14 @@ def run_demo(
         write_nifti(output / "standardized" / f"{name}.nii.gz", out, vol.affine, overwrite=overwrite)
         d = per.setdefault(
             proto,
-            {"identity": [], "passthrough": [], "diffusion_ct": [], f"diffusion_ct_{other}": [], "ref": [], "label": []},
+            {
+                "identity": [],
+                "passthrough": [],
+                "diffusion_ct": [],
+                f"diffusion_ct_{other}": [],
+                "ref": [],
+                "label": [],
+            },
         )
         if e.get(keys.CASE_ID) not in ceiling:  # stage-1 ceiling: decode(encode(standard)) vs standard
             ceiling[e.get(keys.CASE_ID)] = image_metrics(apply(ref, run_ae), ref, lab)

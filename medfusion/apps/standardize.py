@@ -67,8 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             return model.standardize(
-                x, num_steps=args.steps, sampler=args.sampler, strength=args.strength, generator=state["gen"],
-                decode=args.decode, residual_sigma=args.residual_sigma,
+                x,
+                num_steps=args.steps,
+                sampler=args.sampler,
+                strength=args.strength,
+                generator=state["gen"],
+                decode=args.decode,
+                residual_sigma=args.residual_sigma,
             )
 
         results = run_volume_job(

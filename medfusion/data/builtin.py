@@ -102,7 +102,9 @@ def _scan_case(
     if dim == 2:
         spacing = default_spacing((size, size))
         pixel = spacing[0]
-        t_max = max([standard.slice_thickness_mm] + [ctsim.PROTOCOLS[n].slice_thickness_mm for n in protocols])
+        t_max = max(
+            [standard.slice_thickness_mm] + [ctsim.PROTOCOLS[n].slice_thickness_mm for n in protocols]
+        )
         n_half = max(0, math.ceil(t_max / (2 * SLAB_SPACING_MM) - 0.5))
         rows = render(
             anat, (size, size, 2 * n_half + 1), (pixel, pixel, SLAB_SPACING_MM), z_center_mm=anat.slice_z_mm

@@ -281,7 +281,13 @@ def scan_protocols(
         group = [p for p in protos if p.kvp == kvp]
         mu_w = MU_WATER[kvp]
         d_max = max(p.dose for p in group)
-        i0_row = I0_REF * d_max * (row_mm / THICKNESS_REF_MM) * (PIXEL_REF_MM / pixel_size_mm) ** 2 * (N_VIEWS_REF / views)
+        i0_row = (
+            I0_REF
+            * d_max
+            * (row_mm / THICKNESS_REF_MM)
+            * (PIXEL_REF_MM / pixel_size_mm) ** 2
+            * (N_VIEWS_REF / views)
+        )
         # (protocol, slice) -> {row: (fraction of the row's full-dose photons, its readout-noise SD)}; the readout
         # noise of a row is sigma_e * sqrt(w / sum w), so the combined slice has the protocol's sigma_e
         plan: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
@@ -291,13 +297,16 @@ def scan_protocols(
                 have = {j + k: w for k, w in weights.items() if 0 <= j + k < n_rows}
                 total = sum(have.values())
                 plan[(p.name, j)] = {
-                    k: ((p.dose / d_max) * w, p.electronic_noise * math.sqrt(w / total)) for k, w in have.items()
+                    k: ((p.dose / d_max) * w, p.electronic_noise * math.sqrt(w / total))
+                    for k, w in have.items()
                 }
         needed: dict[int, set[tuple[float, float]]] = {}
         for fr in plan.values():
             for k, fs in fr.items():
                 needed.setdefault(k, set()).add(fs)
-        line: dict[tuple[int, float, float], np.ndarray] = {}  # (row, fraction, readout SD) -> noisy line integral
+        line: dict[
+            tuple[int, float, float], np.ndarray
+        ] = {}  # (row, fraction, readout SD) -> noisy line integral
         for k in sorted(needed):
             if k not in water:
                 water[k] = project(rows_hu[:, :, k], pixel_size_mm=pixel_size_mm, n_views=views)
@@ -320,7 +329,13 @@ def scan_protocols(
                 if key not in cache:
                     total = sum(f for f, _ in fr.values())
                     cache[key] = sum(f * line[(k, f, s_e)] for k, (f, s_e) in fr.items()) / total
-                mu = iradon(cache[key] / (mu_w * pixel_size_mm), theta, output_size=n, filter_name=p.kernel, circle=True)
+                mu = iradon(
+                    cache[key] / (mu_w * pixel_size_mm),
+                    theta,
+                    output_size=n,
+                    filter_name=p.kernel,
+                    circle=True,
+                )
                 hu = 1000.0 * (mu - 1.0)  # iradon of the line integrals in units of mu_water * pixel
                 hu[~circle] = -1000.0
                 out[p.name][:, :, idx] = hu

@@ -283,9 +283,13 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
                 with_decoder_nonlocal_attn=bool(attention),
             )
         if cross_skips and not skip_connections:
-            raise ValueError("cross_skips needs skip_connections=True (it trains the decoder on swapped skips)")
+            raise ValueError(
+                "cross_skips needs skip_connections=True (it trains the decoder on swapped skips)"
+            )
         if adv_weight < 0 or adv_start_step < 0:
-            raise ValueError(f"adv_weight and adv_start_step must be >= 0, got {adv_weight}, {adv_start_step}")
+            raise ValueError(
+                f"adv_weight and adv_start_step must be >= 0, got {adv_weight}, {adv_start_step}"
+            )
         from monai.losses import SSIMLoss
 
         self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=2.0, win_size=7)
@@ -426,7 +430,9 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.hparams.get("cross_skips", False):
             if keys.SOURCE not in batch or keys.TARGET not in batch:
-                raise KeyError(f"cross_skips needs paired batches with {keys.SOURCE!r} and {keys.TARGET!r}; got {sorted(batch)}")
+                raise KeyError(
+                    f"cross_skips needs paired batches with {keys.SOURCE!r} and {keys.TARGET!r}; got {sorted(batch)}"
+                )
             x = torch.cat([torch.as_tensor(batch[keys.SOURCE]), torch.as_tensor(batch[keys.TARGET])], dim=0)
         else:
             x = self._images(batch)
@@ -499,8 +505,14 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
         opt_d = torch.optim.Adam(
             self.discriminator.parameters(), lr=self.hparams.disc_lr or self.hparams.lr, betas=(0.5, 0.9)
         )
-        g, d = _with_cosine(self, opt, steps_per_iteration=2), _with_cosine(self, opt_d, steps_per_iteration=2)
-        return [g if isinstance(g, dict) else {"optimizer": g}, d if isinstance(d, dict) else {"optimizer": d}]
+        g, d = (
+            _with_cosine(self, opt, steps_per_iteration=2),
+            _with_cosine(self, opt_d, steps_per_iteration=2),
+        )
+        return [
+            g if isinstance(g, dict) else {"optimizer": g},
+            d if isinstance(d, dict) else {"optimizer": d},
+        ]
 
 
 def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer, steps_per_iteration: int = 1):

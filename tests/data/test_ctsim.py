@@ -145,7 +145,9 @@ def test_protocols_of_equal_dose_and_thickness_share_their_raw_data():
     std = PROTOCOLS[STANDARD]
     twin = dataclasses.replace(std, name="twin")
     smooth = PROTOCOLS["smooth"]
-    out = ctsim.scan_protocols(rows, [std, twin, smooth], seed=0, pixel_size_mm=400.0 / N, row_mm=1.0, slices=[2])
+    out = ctsim.scan_protocols(
+        rows, [std, twin, smooth], seed=0, pixel_size_mm=400.0 / N, row_mm=1.0, slices=[2]
+    )
     np.testing.assert_array_equal(out[STANDARD], out["twin"])  # same photons, same kernel: the same image
     # same photons, another kernel: the smooth noise is a low-pass of the standard noise (strongly correlated)
     a = _noise_field(out[STANDARD][..., 0], std, rows[..., 2])[roi]
@@ -156,7 +158,10 @@ def test_protocols_of_equal_dose_and_thickness_share_their_raw_data():
 def test_lower_dose_is_noise_insertion_into_the_standard_scan():
     """Nested photons: corr(noise_low, noise_std) = sqrt(dose_low / dose_std); an independent scan: 0."""
     rows, roi = _water_rows()
-    std, low = PROTOCOLS[STANDARD], dataclasses.replace(PROTOCOLS["low_dose"], dose=0.25, electronic_noise=0.0)
+    std, low = (
+        PROTOCOLS[STANDARD],
+        dataclasses.replace(PROTOCOLS["low_dose"], dose=0.25, electronic_noise=0.0),
+    )
     std = dataclasses.replace(std, electronic_noise=0.0)
     kw = dict(pixel_size_mm=400.0 / N, row_mm=1.0, slices=[2])
     out = ctsim.scan_protocols(rows, [std, low], seed=0, **kw)

@@ -142,7 +142,9 @@ def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
     """adv_weight > 0: generator and discriminator step in turn (2 optimiser steps per iteration); during the
     warm-up (iteration < adv_start_step) the discriminator does not move and the loss has no adversarial term."""
     torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(spatial_dims=2, adv_weight=0.1, adv_start_step=start, disc_channels=8, **AE_KW)
+    ae = DiffusionCTAutoencoder(
+        spatial_dims=2, adv_weight=0.1, adv_start_step=start, disc_channels=8, **AE_KW
+    )
     plain = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)
     plain.net.load_state_dict(ae.net.state_dict())
     x = ae._images(_pair(2))
@@ -153,7 +155,9 @@ def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
     disc0 = [q.detach().clone() for q in ae.discriminator.parameters()]
     net0 = [q.detach().clone() for q in ae.net.parameters()]
     batch = _pair(2)
-    _trainer(tmp_path, 6).fit(ae, DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], batch_size=2))
+    _trainer(tmp_path, 6).fit(
+        ae, DataLoader([{k: v[i] for k, v in batch.items()} for i in range(4)], batch_size=2)
+    )
     assert ae.trainer.global_step == 6 and ae._iteration() == 3
     moved = any(not torch.equal(a, b) for a, b in zip(disc0, ae.discriminator.parameters()))
     assert moved == (start == 0)
@@ -257,7 +261,9 @@ def test_residual_decoding_adds_the_decoded_latent_change_to_the_input(tmp_path,
     export_model(ae, tmp_path / "stage1")
     model = _stage2(tmp_path / "stage1", "translate")
     x = batch[keys.SOURCE][:2]
-    assert not torch.allclose(ae.reconstruct(x), x, atol=1e-2)  # an untrained autoencoder is far from lossless
+    assert not torch.allclose(
+        ae.reconstruct(x), x, atol=1e-2
+    )  # an untrained autoencoder is far from lossless
     torch.testing.assert_close(model.standardize(x, strength=0.0, decode="residual"), x)
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     latent = model.standardize(x, strength=0.4, generator=gen())

@@ -206,7 +206,9 @@ def test_diffusion_ct_autoencoder_resume(tmp_path):
 def test_diffusion_ct_adversarial_autoencoder_resume(tmp_path):
     """Manual optimisation with two optimisers (generator, discriminator): both come back exactly."""
     run = _kill_and_resume(
-        lambda: DiffusionCTAutoencoder(spatial_dims=2, ssim_weight=0.0, adv_weight=0.1, disc_channels=8, **AE_KW),
+        lambda: DiffusionCTAutoencoder(
+            spatial_dims=2, ssim_weight=0.0, adv_weight=0.1, disc_channels=8, **AE_KW
+        ),
         tmp_path,
         k=2,
     )
