@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -281,13 +281,8 @@ def scan_protocols(
         group = [p for p in protos if p.kvp == kvp]
         mu_w = MU_WATER[kvp]
         d_max = max(p.dose for p in group)
-        i0_row = (
-            I0_REF
-            * d_max
-            * (row_mm / THICKNESS_REF_MM)
-            * (PIXEL_REF_MM / pixel_size_mm) ** 2
-            * (N_VIEWS_REF / views)
-        )
+        # photons per ray of one full-dose row: the flux rule with the row's width as thickness
+        i0_row = incident_flux(replace(group[0], dose=d_max, slice_thickness_mm=row_mm), pixel_size_mm, views)
         # (protocol, slice) -> {row: (fraction of the row's full-dose photons, its readout-noise SD)}; the readout
         # noise of a row is sigma_e * sqrt(w / sum w), so the combined slice has the protocol's sigma_e
         plan: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
