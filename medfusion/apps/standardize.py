@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.ckpt} holds a {type(model).__name__}, not a DiffusionCT model")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.residual_sigma is not None and args.residual_sigma < 0:
+            raise ValueError(f"--residual-sigma must be >= 0 (pixels), got {args.residual_sigma}")
         model = model.to(device).eval()
         window = tuple(args.hu_window) if args.hu_window else model_window(model)
         state = {"gen": torch.Generator().manual_seed(args.seed)}

@@ -95,7 +95,8 @@ def test_standardize_refuses_to_overwrite(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "case, message",
     [("missing", "not found"), ("text", "unsupported input"), ("empty_dir", "no NIfTI files and no DICOM"),
-     ("dicom_from_nifti", "needs DICOM input"), ("wrong_model", "not a DiffusionCT")],
+     ("dicom_from_nifti", "needs DICOM input"), ("wrong_model", "not a DiffusionCT"),
+     ("negative_sigma", "--residual-sigma must be >= 0")],
 )  # fmt: skip
 def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message):
     write_nifti(tmp_path / "a.nii.gz", _volume(), AFFINE)
@@ -110,6 +111,8 @@ def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message)
             "--input", str(inp), "--output", str(tmp_path / "out"), "--quiet"]  # fmt: skip
     if case == "dicom_from_nifti":
         args += ["--format", "dicom"]
+    if case == "negative_sigma":
+        args += ["--decode", "residual", "--residual-sigma", "-1"]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
