@@ -138,7 +138,7 @@ def main() -> None:
     else:
         ae = DiffusionCTAutoencoder(
             spatial_dims=2, channels=(32, 64, 64), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
-            skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0), cross_skips=args.ae_cross,
+            skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0), cross_skips=args.ae_cross, skip_dropout=args.skip_dropout,
         )  # fmt: skip
         d1 = dm(2)
         tr = _trainer(args.ae_steps, args.minutes, dev, out, True)
@@ -148,7 +148,8 @@ def main() -> None:
         budget["stage 1 AE"] = (
             f"{tr.global_step} steps, bs 4 images ({args.crop}² crops), {args.latent_channels} latent channels, "
             f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}"
-            f"{', cross skips' if args.ae_cross else ''}, {time.perf_counter() - t0:.0f} s"
+            f"{', cross skips' if args.ae_cross else ''}"
+            f"{f', skip dropout {args.skip_dropout:g}' if args.skip_dropout else ''}, {time.perf_counter() - t0:.0f} s"
         )
 
     models = {}
@@ -168,9 +169,10 @@ def main() -> None:
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = f"{tr.global_step} steps, bs 8, {time.perf_counter() - t0:.0f} s"
     t0 = time.perf_counter()
-    if args.reuse and (out / "unet.safetensors").exists():
+    unet_file = Path(args.unet_from or out) / "unet.safetensors"
+    if (args.reuse or args.unet_from) and unet_file.exists():
         unet, _ = _train_unet(dm(8), args.minutes, 0, dev)
-        unet.load_state_dict(load_file(str(out / "unet.safetensors")))
+        unet.load_state_dict(load_file(str(unet_file)))
         budget["supervised U-Net"] = prev.get("supervised U-Net", "reused")
     else:
         unet, unet_steps = _train_unet(dm(8), args.minutes, args.unet_steps, dev)
@@ -316,6 +318,7 @@ def main() -> None:
         f"Command: `python bench/diffusion_ct.py --out {args.out} --patients {args.patients} --size {args.size} "
         f"--crop {args.crop} --ae-steps {args.ae_steps} --dm-steps {args.dm_steps} --unet-steps {args.unet_steps} "
         f"--latent-channels {args.latent_channels} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
+        f"{f' --skip-dropout {args.skip_dropout:g}' if args.skip_dropout else ''}"
         f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
         f"Test set: {n_test} held-out patients, {args.size}² slices, one slice per patient and protocol; built-in "

@@ -137,6 +137,29 @@ def test_cross_skips_trains_each_latent_with_the_other_scans_skips(tmp_path):
         ae.training_step({keys.IMAGE: tgt}, 0)
 
 
+def test_skip_dropout_makes_the_latent_reconstruct_alone_sometimes():
+    """skip_dropout = p: a training decode gets all-zero skips with probability p (seeded); eval never drops."""
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_dropout=0.5, **AE_KW)
+    x = ae._images(_pair(2))
+    enc = ae.encode(x)
+    with_skips = ae.decode(enc.mean, enc.skips)
+    without = ae.decode(enc.mean, tuple(torch.zeros_like(t) for t in enc.skips))
+    ae.train()
+    seen = set()
+    for seed in range(12):
+        out = ae._train_decode(enc.mean, enc.skips, torch.Generator().manual_seed(seed))
+        seen.add("dropped" if torch.allclose(out, without) else "kept")
+        assert torch.allclose(out, without) or torch.allclose(out, with_skips)
+    assert seen == {"dropped", "kept"}
+    ae.eval()
+    torch.testing.assert_close(ae.reconstruct(x), with_skips)
+    with pytest.raises(ValueError, match="skip_dropout"):
+        DiffusionCTAutoencoder(spatial_dims=2, skip_dropout=0.5, **AE_KW)  # no skips to drop
+    with pytest.raises(ValueError, match="skip_dropout"):
+        DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_dropout=1.0, **AE_KW)
+
+
 @pytest.mark.parametrize("start", [0, 100], ids=["adversarial", "warm-up"])
 def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
     """adv_weight > 0: generator and discriminator step in turn (2 optimiser steps per iteration); during the
