@@ -397,7 +397,10 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
             kl = 0.5 * (enc.mean.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1).flatten(1).sum(1).mean()
             loss = loss + hp.kl_weight * kl
         if self._adversarial_on():
-            fake = self.discriminator(recon.contiguous())[-1]
+            # the generator's term sees the discriminator with detached weights: its gradient reaches the generator
+            # only, so generator and discriminator losses can share one backward pass (one DDP reduction per step)
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            fake = torch.func.functional_call(self.discriminator, frozen, (recon.contiguous(),))[-1]
             loss = loss + hp.adv_weight * self.adv_loss(fake, target_is_real=True, for_discriminator=False)
         return loss, enc.mean, recon
 
@@ -466,19 +469,16 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
         self.log("latent_scale", self.latent_scale, batch_size=x.shape[0])
         if self.automatic_optimization:
             return loss
-        # manual optimisation (adversarial term): generator step, then discriminator step, then the schedules
+        # manual optimisation (adversarial term): the discriminator's loss sees detached reconstructions and the
+        # generator's loss a detached discriminator, so one backward of their sum gives each optimiser exactly its
+        # own gradient; one backward per step is what DDP's gradient reduction expects (every parameter used once)
         opt_g, opt_d = self.optimizers()
-        self.toggle_optimizer(opt_g)
-        opt_g.zero_grad()
-        self.manual_backward(loss)
-        opt_g.step()
-        self.untoggle_optimizer(opt_g)
-        self.toggle_optimizer(opt_d)
-        opt_d.zero_grad()
         d_loss = self.discriminator_loss(x, recon) * (1.0 if self._adversarial_on() else 0.0)
-        self.manual_backward(d_loss)
+        opt_g.zero_grad()
+        opt_d.zero_grad()
+        self.manual_backward(loss + d_loss)
+        opt_g.step()
         opt_d.step()  # always stepped (zero loss in warm-up), so global_step = 2 x iterations throughout
-        self.untoggle_optimizer(opt_d)
         for sched in self.lr_schedulers() or []:
             sched.step()
         self.log("train/d_loss", d_loss, batch_size=x.shape[0])
