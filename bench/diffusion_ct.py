@@ -96,6 +96,12 @@ def main() -> None:
     p.add_argument(
         "--ae-cross", action="store_true", help="stage 1 trained with cross skips (cross_skips=True)"
     )
+    p.add_argument(
+        "--skip-dropout", type=float, default=0.0, help="stage 1 skip dropout (DiffusionCTAutoencoder)"
+    )
+    p.add_argument(
+        "--unet-from", default=None, help="reuse unet.safetensors from this folder (same data and seed)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument(
         "--reuse", action="store_true",
