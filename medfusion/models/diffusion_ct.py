@@ -66,8 +66,9 @@ one anatomy) is also decoded from its own latent and the *other* scan's skips, `
 is exactly what stage 2 needs at inference, where the transformed latent is decoded with the source's skips.
 Trained that way alone, the decoder still learned to ignore the latent (measured twice, bench/results/diffusion_ct.md).
 ``skip_dropout = p`` zeroes all skips of a training decode with probability ``p``, so the latent alone must also
-reconstruct; with ``p = 0.5`` the standard's latent decoded with the source's skips moved every protocol toward the
-standard (+0.7 to +1.2 dB over the passthrough) at a 40.3 dB ceiling (skip-free: 35.7 dB).
+reconstruct; with ``p = 0.5`` (and ``cross_skips``) the standard's latent decoded with the source's skips moved every
+protocol toward the standard (+0.7 to +1.2 dB over the passthrough), the ceiling was 39.5-40.3 dB (skip-free:
+35.7 dB) and the whole model the best DiffusionCT on mild protocols (bench/results/diffusion_ct_bench_skipdrop.md).
 """
 
 from __future__ import annotations
