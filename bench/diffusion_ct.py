@@ -30,21 +30,22 @@ import numpy as np
 import torch
 
 
+class ResidualUNet(torch.nn.Module):
+    """x + g * UNet(x) with the gate g = 0 at start (ReZero), so training starts from the identity."""
+
+    def __init__(self) -> None:
+        from monai.networks.nets import UNet
+
+        super().__init__()
+        self.unet = UNet(2, 1, 1, channels=(32, 64, 128), strides=(2, 2), num_res_units=1)
+        self.gate = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gate * self.unet(x)
+
+
 def _train_unet(dm, minutes: float, max_steps: int, device) -> tuple[torch.nn.Module, int]:
-    from monai.networks.nets import UNet
-
     from medfusion import keys
-
-    class ResidualUNet(torch.nn.Module):
-        """x + g * UNet(x) with the gate g = 0 at start (ReZero), so training starts from the identity."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.unet = UNet(2, 1, 1, channels=(32, 64, 128), strides=(2, 2), num_res_units=1)
-            self.gate = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.gate * self.unet(x)
 
     torch.manual_seed(0)
     net = ResidualUNet().to(device)
@@ -177,7 +178,7 @@ def main() -> None:
     t0 = time.perf_counter()
     unet_file = Path(args.unet_from or out) / "unet.safetensors"
     if (args.reuse or args.unet_from) and unet_file.exists():
-        unet, _ = _train_unet(dm(8), args.minutes, 0, dev)
+        unet = ResidualUNet().to(dev).eval()
         unet.load_state_dict(load_file(str(unet_file)))
         budget["supervised U-Net"] = prev.get("supervised U-Net", "reused")
     else:
