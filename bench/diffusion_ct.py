@@ -91,6 +91,14 @@ def main() -> None:
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--latent-channels", type=int, default=16)
     p.add_argument(
+        "--ae-channels", type=int, nargs="+", default=[32, 64, 64],
+        help="stage-1 channels per level (len - 1 downsamplings: 32 64 = factor-2 latent)",
+    )  # fmt: skip
+    p.add_argument(
+        "--modes", nargs="+", default=["conditional", "translate"], choices=["conditional", "translate"],
+        help="stage-2 modes to train and score",
+    )  # fmt: skip
+    p.add_argument(
         "--ae-skip-from", type=int, default=2,
         help="skip-connected encoder-decoder, skips from this level (2 = none with 3 levels); -1 = MONAI AutoencoderKL",
     )  # fmt: skip
@@ -116,6 +124,8 @@ def main() -> None:
     p.add_argument("--skip-ddpm1000", action="store_true")
     p.add_argument("--sweep-protocol", default="sharp_low_dose", help="protocol of the sampler-steps sweep")
     args = p.parse_args()
+    if "conditional" not in args.modes:
+        p.error("--modes must include conditional (the sampler sweep and passthrough rows use it)")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -144,7 +154,7 @@ def main() -> None:
         budget["stage 1 AE"] = prev.get("stage 1 AE", "reused")
     else:
         ae = DiffusionCTAutoencoder(
-            spatial_dims=2, channels=(32, 64, 64), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
+            spatial_dims=2, channels=tuple(args.ae_channels), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
             skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0), cross_skips=args.ae_cross, skip_dropout=args.skip_dropout,
         )  # fmt: skip
         d1 = dm(2)
@@ -160,7 +170,7 @@ def main() -> None:
         )
 
     models = {}
-    for mode in ("conditional", "translate"):
+    for mode in args.modes:
         t0 = time.perf_counter()
         if args.reuse and (out / f"stage2_{mode}").exists():
             models[mode] = load_model(out / f"stage2_{mode}").to(dev).eval()
@@ -234,7 +244,7 @@ def main() -> None:
                     s, seeded("translate", strength=st, decode="latent" if dec == "D(z)" else "residual")
                 )
             )
-            for st in args.translate_strengths
+            for st in (args.translate_strengths if "translate" in args.modes else [])
             for dec in ("D(z)", "residual decoding")
         },
     }
@@ -324,7 +334,8 @@ def main() -> None:
         "",
         f"Command: `python bench/diffusion_ct.py --out {args.out} --patients {args.patients} --size {args.size} "
         f"--crop {args.crop} --ae-steps {args.ae_steps} --dm-steps {args.dm_steps} --unet-steps {args.unet_steps} "
-        f"--latent-channels {args.latent_channels} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
+        f"--latent-channels {args.latent_channels} --ae-channels {' '.join(map(str, args.ae_channels))} "
+        f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
         f"{f' --skip-dropout {args.skip_dropout:g}' if args.skip_dropout else ''}"
         f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "

@@ -188,7 +188,10 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             volume = read_series(series)
-        write_nifti(nifti, volume.array, volume.affine, overwrite=True, dtype=_storage_dtype(volume.array))
+        step = volume.meta.get("time_step") if volume.array.ndim == 4 else None
+        write_nifti(
+            nifti, volume.array, volume.affine, overwrite=True, dtype=_storage_dtype(volume.array), time_step=step
+        )
         sidecar = {key: volume.meta.get(key) for key in SIDECAR_KEYS}
         sidecar.update(
             StudyDate=volume.meta.get("StudyDate"),
@@ -198,6 +201,7 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
             shape=list(volume.array.shape),
             spacing=list(voxel_spacing(volume.affine, min(volume.array.ndim, 3))),
             time_key=volume.meta.get("time_key"),
+            time_step=volume.meta.get("time_step"),
             time_values=volume.meta.get("time_values"),
             incomplete=volume.meta.get("incomplete"),
         )

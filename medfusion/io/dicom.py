@@ -200,6 +200,9 @@ class SeriesGeometry:
     time-major (``frames[t * K + k]`` is slice ``k`` of time point ``t``) and the affine is the 3D one of
     every time point. ``time_key`` names the header field that ordered the time points (None for 3D),
     ``time_values`` its value per kept time point, ``incomplete`` describes a dropped partial last volume.
+    ``time_step`` is the median interval between time points in seconds (NIfTI ``pixdim[4]``), from the first
+    clock field (TriggerTime, ContentTime, AcquisitionTime) present on every frame; None for 3D or when no
+    clock field says it.
     """
 
     frames: list[FrameInfo]
@@ -209,6 +212,7 @@ class SeriesGeometry:
     time_key: str | None = None
     time_values: tuple[float, ...] = ()
     incomplete: str | None = None
+    time_step: float | None = None
 
 
 # ----------------------------------------------------------------------------------------- headers
@@ -774,7 +778,33 @@ def series_geometry(frames: Sequence[FrameInfo], label: str = "series") -> Serie
         time_key=name,
         time_values=tuple(times),
         incomplete=incomplete,
+        time_step=_time_step(frames, points),
     )
+
+
+# clock fields and their unit in seconds, for the interval between time points
+_CLOCKS: tuple[tuple[str, float], ...] = (
+    ("trigger_time", 1e-3),
+    ("content_time", 1.0),
+    ("acquisition_time", 1.0),
+)
+
+
+def _time_step(frames: Sequence[FrameInfo], points: Sequence[Sequence[int]]) -> float | None:
+    """Median interval (s) between the starts of consecutive time points, from the first clock field present
+    on every frame of them and increasing over time; None if no field qualifies (e.g. only
+    AcquisitionNumber)."""
+    if len(points) < 2:
+        return None
+    for attribute, unit in _CLOCKS:
+        values = [[getattr(frames[i], attribute) for i in p] for p in points]
+        if any(v is None for vs in values for v in vs):
+            continue
+        starts = np.array([min(vs) for vs in values], dtype=float)
+        steps = np.diff(starts)
+        if np.all(steps > 0):
+            return float(np.median(steps) * unit)
+    return None
 
 
 def _stack_geometry(frames: Sequence[FrameInfo], label: str) -> SeriesGeometry:
@@ -1037,6 +1067,7 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
     meta["time_key"] = geometry.time_key
     meta["time_values"] = list(geometry.time_values) if geometry.time_key else None
     meta["incomplete"] = geometry.incomplete
+    meta["time_step"] = geometry.time_step
     for note in geometry.warnings:
         warnings.warn(f"{label}: {note}", stacklevel=2)
     return Volume(array=array, affine=geometry.affine, meta=meta)

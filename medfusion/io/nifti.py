@@ -61,6 +61,7 @@ def write_nifti(
     *,
     overwrite: bool = False,
     dtype: np.dtype | str | None = None,
+    time_step: float | None = None,
 ) -> Path:
     """Write ``array`` with the RAS+ ``affine`` to ``path`` (``.nii`` or ``.nii.gz``) atomically.
 
@@ -71,6 +72,7 @@ def write_nifti(
         overwrite: replace an existing file instead of raising ``FileExistsError``.
         dtype: on-disk data type (default: the array's). Integer output from float input is rounded
             and must fit the type, otherwise ``ValueError``.
+        time_step: seconds between the volumes of a 4D array (``pixdim[4]``, units mm / s); 4D arrays only.
     """
     import nibabel as nib
 
@@ -83,6 +85,10 @@ def write_nifti(
     affine = np.asarray(affine, dtype=float)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    if time_step is not None and (array.ndim != 4 or not np.isfinite(time_step) or time_step <= 0):
+        raise ValueError(
+            f"time_step needs a 4D array and a finite value > 0 s, got {time_step} for shape {array.shape}"
+        )
     if dtype is not None:
         dtype = np.dtype(dtype)
         if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
@@ -102,6 +108,10 @@ def write_nifti(
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
+    if time_step is not None:
+        zooms = list(img.header.get_zooms())
+        zooms[3] = float(time_step)
+        img.header.set_zooms(zooms)
     with atomic_path(path, overwrite=overwrite) as tmp:
         nib.save(img, str(tmp))
     return path

@@ -100,6 +100,9 @@ def test_4d_series_ordered_by_time_then_position(tmp_path, key):
     volume = read_series(write_4d(tmp_path / "s", key=key))
     check_values(volume.array, N_T)
     assert volume.meta["time_key"] == key and volume.meta["incomplete"] is None
+    # seconds between time points: TriggerTime 100 ms apart, ContentTime 2 s apart, no clock for the index
+    step = {"TemporalPositionIdentifier": None, "TriggerTime": 0.1, "ContentTime": 2.0}[key]
+    assert volume.meta["time_step"] == (None if step is None else pytest.approx(step))
     # the 3D affine of one time point: z axis = slice step along +S, origin at the first slice
     single = read_series(write_4d(tmp_path / "one", key=key, n_t=1))
     np.testing.assert_allclose(volume.affine, single.affine)
@@ -245,3 +248,27 @@ def test_volume_spacing_of_a_4d_array_is_spatial():
     aff[:3, 3] = [10.0, 20.0, 30.0]
     vol = Volume(np.zeros((4, 5, 6, 3), np.float32), aff)
     assert vol.spacing == (0.5, 0.7, 2.0)
+
+
+def test_convert_writes_the_time_step_to_pixdim4(tmp_path):
+    """dcm2niix convention: pixdim[4] = seconds between volumes, xyzt units mm / s (issue 2 leftover)."""
+    out = tmp_path / "out"
+    report = convert_tree(write_4d(tmp_path / "in" / "s", key="ContentTime"), out, progress=False)
+    assert report.exit_code == 0
+    (path,) = sorted(out.rglob("*.nii.gz"))
+    img = nib.load(path)
+    assert img.header.get_zooms()[3] == pytest.approx(2.0)
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["time_step"] == pytest.approx(2.0)
+
+
+def test_write_nifti_time_step_needs_a_4d_array(tmp_path):
+    from medfusion.io.nifti import write_nifti
+
+    with pytest.raises(ValueError, match="time_step needs a 4D array"):
+        write_nifti(tmp_path / "a.nii.gz", np.zeros((4, 4, 4)), np.eye(4), time_step=1.0)
+    with pytest.raises(ValueError, match="> 0 s"):
+        write_nifti(tmp_path / "b.nii.gz", np.zeros((4, 4, 4, 2)), np.eye(4), time_step=0.0)
+    path = write_nifti(tmp_path / "c.nii.gz", np.zeros((4, 4, 4, 2)), np.eye(4), time_step=0.5)
+    assert nib.load(path).header.get_zooms()[3] == pytest.approx(0.5)
