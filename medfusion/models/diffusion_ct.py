@@ -40,6 +40,14 @@ bench/results/diffusion_ct.md) while, as in latent decoding, source noise finer 
 represent is dropped, not kept: the right choice when sources are noisier than the standard (low dose, sharp
 kernels); the full residual (``s = 0``) when they are smoother. Measured on both in bench/results/diffusion_ct.md.
 
+KL weight (deliberate deviation from MONAI's generative tutorials, tested). The KL term is the posterior's KL
+summed over the latent elements *divided by the number of image pixels*, so ``kl_weight`` weighs it against the
+per-pixel mean L1 as Rombach et al. 2022 weigh their per-image KL (1e-6) against a per-image *summed*
+reconstruction loss. The tutorials' pairing (mean L1 + 1e-6 x summed KL) makes the KL 16,384 times stronger at 128²,
+and more for larger latents: measured here, a factor-2, 8-channel latent then kept a posterior SD of 0.58 against
+a mean SD of 0.77 (the latent carries little more than a blurred image) and its reconstruction stalled at 35.7 dB,
+the ceiling every skip-free stage 1 of sessions 1-3 hit (bench/results/diffusion_ct.md, "Session 4").
+
 Batch keys read: ``source`` and ``target`` (``medfusion.keys``), images ``(B, 1, *spatial)`` in [-1, 1]; stage 1 also
 accepts ``image``.
 
@@ -221,7 +229,8 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
             docstring); batches must then hold ``source`` and ``target`` of equal size.
         skip_dropout: with ``skip_connections``, probability that a training decode gets no skips at all (zeros),
             so that the latent alone must reconstruct (module docstring). Inference always uses the skips.
-        l1_weight, ssim_weight, kl_weight: loss weights of ``L1``, ``1 - SSIM`` (data range 2) and the KL term.
+        l1_weight, ssim_weight, kl_weight: loss weights of ``L1``, ``1 - SSIM`` (data range 2) and the KL term
+            (summed over the latent, per image pixel: module docstring).
         adv_weight: weight of the generator's patch-adversarial loss (0 = off, no discriminator is built).
         adv_start_step: training iteration from which the adversarial terms are on (reconstruction warm-up).
         disc_channels, disc_layers, disc_lr: the ``PatchDiscriminator`` (instance norm) and its Adam rate
@@ -396,7 +405,7 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
         if hp.kl_weight > 0:
             var = enc.sigma.pow(2)
             kl = 0.5 * (enc.mean.pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1).flatten(1).sum(1).mean()
-            loss = loss + hp.kl_weight * kl
+            loss = loss + hp.kl_weight * kl / x[0].numel()  # per image pixel, as the L1 (module docstring)
         if self._adversarial_on():
             # the generator's term sees the discriminator with detached weights: its gradient reaches the generator
             # only, so generator and discriminator losses can share one backward pass (one DDP reduction per step)

@@ -109,6 +109,24 @@ def test_autoencoder_one_step_lowers_loss(spatial_dims):
     assert after.item() < before.item()
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_kl_term_is_per_image_pixel(spatial_dims):
+    """loss = L1(D(mu + sigma eps), x) + w KL_sum / n_pixels: the KL (summed over the latent) is divided by the
+    image's pixel count, so kl_weight weighs it against the per-pixel L1 as Rombach et al. weigh theirs against a
+    summed loss (module docstring: a summed KL against a mean L1 starved the latent)."""
+    torch.manual_seed(0)
+    w = 0.5
+    ae = DiffusionCTAutoencoder(spatial_dims=spatial_dims, kl_weight=w, ssim_weight=0.0, **AE_KW)
+    x = ae._images(_pair(spatial_dims))
+    loss = ae.loss(x, generator=torch.Generator().manual_seed(1))[0]
+    enc = ae.encode(x)
+    eps = torch.randn(enc.mean.shape, generator=torch.Generator().manual_seed(1))
+    l1 = torch.nn.functional.l1_loss(ae.decode(enc.mean + enc.sigma * eps), x)
+    var = enc.sigma.pow(2)
+    kl = 0.5 * (enc.mean.pow(2) + var - var.log() - 1).flatten(1).sum(1).mean()
+    torch.testing.assert_close(loss, l1 + w * kl / x[0].numel())
+
+
 def test_cross_skips_trains_each_latent_with_the_other_scans_skips(tmp_path):
     """cross_skips: loss = 1/2 (self-reconstruction + reconstruction from the pair partner's skips)."""
     torch.manual_seed(0)
