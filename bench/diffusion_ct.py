@@ -106,6 +106,9 @@ def main() -> None:
         "--ae-cross", action="store_true", help="stage 1 trained with cross skips (cross_skips=True)"
     )
     p.add_argument(
+        "--ae-shortcuts", action="store_true", help="stage 1 with DC-AE residual shortcuts (shortcuts=True)"
+    )
+    p.add_argument(
         "--skip-dropout", type=float, default=0.0, help="stage 1 skip dropout (DiffusionCTAutoencoder)"
     )
     p.add_argument(
@@ -156,6 +159,7 @@ def main() -> None:
         ae = DiffusionCTAutoencoder(
             spatial_dims=2, channels=tuple(args.ae_channels), latent_channels=args.latent_channels, kl_weight=1e-6, lr=1e-3,
             skip_connections=skip, skip_from_level=max(args.ae_skip_from, 0), cross_skips=args.ae_cross, skip_dropout=args.skip_dropout,
+            shortcuts=args.ae_shortcuts,
         )  # fmt: skip
         d1 = dm(2)
         tr = _trainer(args.ae_steps, args.minutes, dev, out, True)
@@ -165,7 +169,7 @@ def main() -> None:
         budget["stage 1 AE"] = (
             f"{tr.global_step} steps, bs 4 images ({args.crop}² crops), {args.latent_channels} latent channels, "
             f"{'skips from level ' + str(args.ae_skip_from) if skip else 'AutoencoderKL'}"
-            f"{', cross skips' if args.ae_cross else ''}"
+            f"{', cross skips' if args.ae_cross else ''}{', DC-AE shortcuts' if args.ae_shortcuts else ''}"
             f"{f', skip dropout {args.skip_dropout:g}' if args.skip_dropout else ''}, {time.perf_counter() - t0:.0f} s"
         )
 
@@ -336,6 +340,7 @@ def main() -> None:
         f"--crop {args.crop} --ae-steps {args.ae_steps} --dm-steps {args.dm_steps} --unet-steps {args.unet_steps} "
         f"--latent-channels {args.latent_channels} --ae-channels {' '.join(map(str, args.ae_channels))} "
         f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
+        f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
         f"{f' --skip-dropout {args.skip_dropout:g}' if args.skip_dropout else ''}"
         f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
