@@ -748,9 +748,12 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         self.schedule = NoiseSchedule.create(kind=schedule, num_train_timesteps=num_train_timesteps)
         self.ema: nn.Module | None = None
         if ema_decay is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            from medfusion.models.callbacks import EMAAvgFn
+
+            # EMAAvgFn, not torch's closure: ddp_spawn pickles the module (tested)
+            self.ema = AveragedModel(self.net, multi_avg_fn=EMAAvgFn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
         # r = 1 / std(z_std - z_src): calibrated on the first training batch (0 = not yet)
         self.register_buffer("residual_scale", torch.zeros(()))

@@ -257,6 +257,22 @@ def test_stage2_shapes_and_one_step_lowers_loss(exported_ae, mode):
     assert out.shape == batch[keys.SOURCE][:2].shape and torch.isfinite(out).all()
 
 
+def test_stage2_pickles_for_ddp_spawn_and_its_ema_still_averages(ae2d):
+    """ddp_spawn pickles the LightningModule: the stage-2 AveragedModel must not hold torch's EMA closure."""
+    import pickle
+
+    m2 = pickle.loads(pickle.dumps(_stage2(ae2d[1])))
+    m2.ema.update_parameters(m2.net)  # the first update copies the weights
+    old = [p.detach().clone() for p in m2.net.parameters()]
+    with torch.no_grad():
+        for p in m2.net.parameters():
+            p.add_(1.0)
+    m2.ema.update_parameters(m2.net)
+    d = m2.hparams.ema_decay
+    for o, e in zip(old, m2.ema.module.parameters()):
+        torch.testing.assert_close(e, d * o + (1 - d) * (o + 1.0))
+
+
 def test_stage1_frozen_during_stage2_training(ae2d, tmp_path):
     sd, path, batch = ae2d
     model = _stage2(path)
