@@ -10,12 +10,13 @@
 #   OUT                    results folder (the run tool sets it; default /tmp/gpu_out)
 #   MEDFUSION_GPU_DRYRUN=1 CPU dry run with toy sizes (checks that every step runs end to end and writes its file)
 #   BUDGET_S               wall seconds for all steps (default 540 on GPU, 420 in a dry run)
-#   STEPS                  which steps, in order (default "a b c d e"): a train_step, b pytest -m gpu,
-#                          c standardize timing, d DRDM train + evaluate, e restoration lowdose
+#   STEPS                  which steps, in order (default "c f a b d e"): a train_step, b pytest -m gpu,
+#                          c standardize timing, d DRDM train + evaluate, e restoration lowdose,
+#                          f DiffusionCT bench (shortcut stage 1, GPU-length stage 2; issue 5, the open one)
 #   DRDM_TRAIN_MIN         DRDM training time guard in minutes (default 2.0)
 #   PY                     python (default python3 on GPU, .venv/bin/python in a dry run)
-# Files in $OUT (7 of the 8 the run tool returns): summary.txt, log.txt, train_step.md, pytest_gpu.txt,
-# standardize_timing.md, drdm_gpu.md, restoration_gpu.md.
+# Files in $OUT (all 8 the run tool returns): summary.txt, log.txt, train_step.md, pytest_gpu.txt,
+# standardize_timing.md, drdm_gpu.md, restoration_gpu.md, diffusion_ct_gpu.md.
 set -u
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -31,7 +32,7 @@ else
     PY=${PY:-python3}
     BUDGET=${BUDGET_S:-540}
 fi
-STEPS=${STEPS:-a b c d e}
+STEPS=${STEPS:-c f a b d e}
 RESERVE=8 # seconds kept for the final summary
 SUMMARY=$OUT/summary.txt
 LOG=$OUT/log.txt
@@ -216,10 +217,23 @@ step_e() { # restoration head-to-head, low-dose task, on the GPU; step budgets x
         --device cuda --out "$WORK/restore" --results "$OUT/restoration_gpu.md"
 }
 
+step_f() { # DiffusionCT 12-patient table with the shortcut stage 1 and stage 2 trained for as long as the guard allows
+    if [ "$DRY" = 1 ]; then
+        step "f DiffusionCT bench" 300 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
+            --size 32 --crop 32 --ae-steps 3 --dm-steps 3 --unet-steps 3 --latent-channels 16 --ae-skip-from 2 \
+            --ae-shortcuts --modes conditional --skip-ddpm1000 --results "$OUT/diffusion_ct_gpu.md"
+        return
+    fi
+    # steps far beyond what the guard allows: each model stops at --minutes (the table states the steps reached)
+    step "f DiffusionCT bench" 330 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
+        --minutes 1.1 --ae-steps 30000 --dm-steps 100000 --unet-steps 30000 --latent-channels 16 --ae-skip-from 2 \
+        --ae-shortcuts --modes conditional --skip-ddpm1000 --results "$OUT/diffusion_ct_gpu.md"
+}
+
 for s in $STEPS; do
     case $s in
-        a | b | c | d | e) "step_$s" ;;
-        *) say "unknown step '$s' (valid: a b c d e)" ;;
+        a | b | c | d | e | f) "step_$s" ;;
+        *) say "unknown step '$s' (valid: a b c d e f)" ;;
     esac
 done
 rm -f "$OUT"/*.part "$OUT"/*.tmp
@@ -228,7 +242,7 @@ say "done at $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 # the run tool shows the last 12,000 characters: end with the headline figures
 echo
 echo "=================== headline ==================="
-for f in train_step.md standardize_timing.md; do
+for f in train_step.md standardize_timing.md diffusion_ct_gpu.md; do
     [ -s "$OUT/$f" ] && { echo "--- $f"; grep -E "^\||faster|^Device" "$OUT/$f" | head -30; }
 done
 [ -s "$OUT/pytest_gpu.txt" ] && { echo "--- pytest_gpu.txt"; tail -5 "$OUT/pytest_gpu.txt"; }
