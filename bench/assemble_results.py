@@ -27,6 +27,8 @@ CPU steps on small crops, i.e. small-scale results, far from the papers' GPU bud
 Session 3 (no GPU either) changed the built-in data to format 2: every protocol of a patient now comes from one raw
 acquisition (kernels of the same projections, thick slices from thin rows, lower doses by noise insertion), as real
 paired kernel data do. Tables measured on format-1 data (protocols with independent noise) say so at their top.
+Session 4 (no GPU) fixed DiffusionCT's stage-1 ceiling (KL weighting, DC-AE shortcuts: 35.7 -> 46.5 dB) and measured
+stage 2 as the new limit (diffusion_ct_bench_shortcuts, diffusion_ct "Session 4").
 
 """
 
