@@ -190,7 +190,12 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
             volume = read_series(series)
         step = volume.meta.get("time_step") if volume.array.ndim == 4 else None
         write_nifti(
-            nifti, volume.array, volume.affine, overwrite=True, dtype=_storage_dtype(volume.array), time_step=step
+            nifti,
+            volume.array,
+            volume.affine,
+            overwrite=True,
+            dtype=_storage_dtype(volume.array),
+            time_step=step,
         )
         sidecar = {key: volume.meta.get(key) for key in SIDECAR_KEYS}
         sidecar.update(

@@ -420,9 +420,7 @@ def test_space_to_channel_round_trip(shape):
         torch.testing.assert_close(y, torch.nn.functional.pixel_unshuffle(x, 2), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "spatial_dims, channels, latent", [(2, (32, 64, 64), 16), (3, (8, 16), 8)]
-)
+@pytest.mark.parametrize("spatial_dims, channels, latent", [(2, (32, 64, 64), 16), (3, (8, 16), 8)])
 def test_shortcuts_alone_are_a_lossless_latent(spatial_dims, channels, latent):
     """DC-AE residual autoencoding: with every convolution zeroed only the shortcuts remain, and when the latent
     holds as many values as the image they compose to an exact rearrangement (decode(encode(x)) == x)."""
