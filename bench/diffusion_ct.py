@@ -119,6 +119,7 @@ def main() -> None:
         "--reuse", action="store_true",
         help="load the models a previous run saved in --out (stage1/, stage2_*/, unet.safetensors) instead of training",
     )  # fmt: skip
+    p.add_argument("--dm-lr", type=float, default=2e-4, help="stage-2 AdamW learning rate (cosine schedule)")
     p.add_argument(
         "--min-snr-gamma", type=float, default=None, help="stage-2 Min-SNR loss weighting (Hang et al. 2023)"
     )
@@ -185,7 +186,7 @@ def main() -> None:
             continue
         m = DiffusionCT(
             autoencoder=str(out / "stage1"), mode=mode, channels=(64, 128), attention_levels=(False, True),
-            prediction="v", residual=True, num_inference_steps=10, min_snr_gamma=args.min_snr_gamma, translate_strength=0.3, lr=2e-4, ema_decay=0.995,
+            prediction="v", residual=True, num_inference_steps=10, min_snr_gamma=args.min_snr_gamma, translate_strength=0.3, lr=args.dm_lr, ema_decay=0.995,
         )  # fmt: skip
         tr = _trainer(args.dm_steps, args.minutes, dev, out, True)
         tr.fit(m, datamodule=dm(8))
@@ -193,7 +194,8 @@ def main() -> None:
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = (
             f"{tr.global_step} steps, bs 8"
-            f"{f', Min-SNR gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}, {time.perf_counter() - t0:.0f} s"
+            f"{f', Min-SNR gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}, lr {args.dm_lr:g}, "
+            f"{time.perf_counter() - t0:.0f} s"
         )
     t0 = time.perf_counter()
     unet_file = Path(args.unet_from or out) / "unet.safetensors"
@@ -348,6 +350,7 @@ def main() -> None:
         f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
         f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
         f"{f' --min-snr-gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}"
+        f"{f' --dm-lr {args.dm_lr:g}' if args.dm_lr != 2e-4 else ''}"
         f"{f' --skip-dropout {args.skip_dropout:g}' if args.skip_dropout else ''}"
         f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
