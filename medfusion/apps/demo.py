@@ -46,14 +46,18 @@ class DemoBudget:
         64  # training crops (the data pipeline crops to the body, so sizes vary; inference: whole slices)
     )
     ae_channels: tuple[int, ...] = (32, 64, 64)
-    # stage 1 (measured, bench/results/diffusion_ct.md, session 3): the encoder-decoder with no skip at all
-    # (skip_from_level = len(ae_channels) - 1) and a 16-channel f = 4 latent, so that the protocol's texture has to
-    # pass the latent and the diffusion in it is not inert (with decoder skips it was: <= 0.02 dB from the
-    # passthrough). Its CPU ceiling (~36 dB) is below the raw input of mild protocols, hence residual decoding below.
-    latent_channels: int = 16
+    # stage 1 (measured, bench/results/diffusion_ct.md, sessions 3-4): the encoder-decoder with no skip at all
+    # (skip_from_level = len(ae_channels) - 1), so that the protocol's texture has to pass the latent and the diffusion
+    # in it is not inert (with decoder skips it was: <= 0.02 dB from the passthrough), with DC-AE residual shortcuts
+    # and a 4-channel f = 4 latent: ceiling 39.2 dB at 3,000 CPU steps (16 channels without shortcuts: 35.7), and
+    # residual decoding with the 1-px low-pass averaged 37.25 dB over the protocols (16 channels: 36.78;
+    # bench/results/diffusion_ct_bench_shortcuts.md, run 4). The lossless 16-channel shortcut latent (46.5 dB) needs
+    # a longer stage 2 than this budget (run 1 vs run 2 there).
+    latent_channels: int = 4
     ae_groups: int = 32
     ae_skip: bool = True  # our U-Net-style encoder-decoder (False: MONAI AutoencoderKL)
     ae_skip_from: int = 2  # first encoder level feeding the decoder; len(ae_channels) - 1 = no skip
+    ae_shortcuts: bool = True  # DC-AE residual shortcuts (needs ae_skip: our network)
     ae_lr: float = 1e-3
     ae_ssim_weight: float = 0.2
     ae_steps: int = 2200  # optimizer steps matter more than batch size for the AE ceiling (feasibility run)
@@ -250,7 +254,8 @@ def run_demo(
     t0 = time.perf_counter()
     ae = DiffusionCTAutoencoder(
         spatial_dims=2, channels=b.ae_channels, latent_channels=b.latent_channels, norm_num_groups=b.ae_groups,
-        skip_connections=b.ae_skip, skip_from_level=b.ae_skip_from, ssim_weight=b.ae_ssim_weight, kl_weight=1e-6, lr=b.ae_lr,
+        skip_connections=b.ae_skip, skip_from_level=b.ae_skip_from,
+        shortcuts=b.ae_shortcuts and b.ae_skip, ssim_weight=b.ae_ssim_weight, kl_weight=1e-6, lr=b.ae_lr,
     )  # fmt: skip
     dm1 = datamodule(b.ae_batch)
     tr1 = _trainer(b.ae_steps, b.ae_minutes, dev, output, quick)
