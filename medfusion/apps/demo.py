@@ -4,10 +4,10 @@
 2. train DiffusionCT stage 1 (autoencoder on every protocol) and stage 2 (conditional latent DDPM, stage 1 frozen)
    with a Lightning ``Trainer``, sized for about 10 minutes on 2 CPU cores (step counts plus a wall-clock guard per
    stage; larger automatically when CUDA is available). The default stage 1 is the encoder-decoder with no decoder
-   skip and a 16-channel f = 4 latent (with skips the latent diffusion was inert); the exported model decodes with
-   residual decoding, ``D(z_hat) + G_1px * (x - D(E(x)))``, because the CPU-trained autoencoder's ceiling (~36 dB)
-   lies below the raw input of mild protocols (measurements: bench/results/diffusion_ct_bench.md and
-   bench/results/diffusion_ct.md);
+   skip (with skips the latent diffusion was inert), DC-AE residual shortcuts and a 4-channel f = 4 latent; the
+   exported model decodes with residual decoding, ``D(z_hat) + G_1px * (x - D(E(x)))``, because the CPU-trained
+   autoencoder's ceiling (~38 dB) lies below the raw input of mild protocols (measurements:
+   bench/results/diffusion_ct_bench_shortcuts.md and bench/results/diffusion_ct.md, "Session 4");
 3. standardize the held-out test patients (every non-standard protocol) and write NIfTI outputs;
 4. score them against the standard scan of the same anatomy: PSNR / SSIM on the [-1000, 1000] HU window, noise SD
    in an eroded liver/soft-tissue ROI, edge sharpness of the body outline, and the CCC of texture features
