@@ -47,8 +47,9 @@ summed over the latent elements *divided by the number of image pixels*, so ``kl
 per-pixel mean L1 as Rombach et al. 2022 weigh their per-image KL (1e-6) against a per-image *summed*
 reconstruction loss. The tutorials' pairing (mean L1 + 1e-6 x summed KL) makes the KL 16,384 times stronger at 128²,
 and more for larger latents: measured here, a factor-2, 8-channel latent then kept a posterior SD of 0.58 against
-a mean SD of 0.77 (the latent carries little more than a blurred image) and its reconstruction stalled at 35.7 dB,
-the ceiling every skip-free stage 1 of sessions 1-3 hit (bench/results/diffusion_ct.md, "Session 4").
+a mean SD of 0.77 (the latent carries little more than a blurred image) and reconstructed at 35.7 dB after 2,000
+steps (36.8 dB with this weighting; posterior SD 0.011). The f = 4 latents of the demo were limited by training
+length more than by the KL; ``shortcuts`` fixed that (bench/results/diffusion_ct.md, "Session 4").
 
 Batch keys read: ``source`` and ``target`` (``medfusion.keys``), images ``(B, 1, *spatial)`` in [-1, 1]; stage 1 also
 accepts ``image``.
@@ -195,7 +196,6 @@ class _SkipAutoencoder(nn.Module):
         d, g = spatial_dims, norm_num_groups
         self.skip_from_level = int(skip_from_level)
         self.shortcuts = bool(shortcuts)
-        self.in_channels, self.latent_channels = in_channels, latent_channels
         if shortcuts:
             bad = [(a, b) for a, b in zip(channels, channels[1:]) if (a * 2**d) % b]
             if channels[0] % in_channels or bad or channels[-1] % latent_channels:
