@@ -351,6 +351,8 @@ def main() -> None:
         f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
         f"{f' --min-snr-gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}"
         f"{f' --dm-lr {args.dm_lr:g}' if args.dm_lr != 2e-4 else ''}"
+        f"{f' --minutes {args.minutes:g}' if args.minutes != 60.0 else ''}"
+        f"{' --reuse' if args.reuse else ''}{f' --unet-from {args.unet_from}' if args.unet_from else ''}"
         f"{f' --skip-dropout {args.skip_dropout:g}' if args.skip_dropout else ''}"
         f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
