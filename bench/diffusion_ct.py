@@ -123,6 +123,11 @@ def main() -> None:
     p.add_argument(
         "--min-snr-gamma", type=float, default=None, help="stage-2 Min-SNR loss weighting (Hang et al. 2023)"
     )
+    p.add_argument(
+        "--regression", action="store_true",
+        help="stage 2 with the CorrDiff regression U-Net (DiffusionCT(regression=True)); adds 'mean only' rows",
+    )  # fmt: skip
+    p.add_argument("--regression-channels", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--translate-strengths", type=float, nargs="*", default=[0.1, 0.3])
     p.add_argument(
         "--residual-sigmas", type=float, nargs="*", default=[1.0],
@@ -187,6 +192,7 @@ def main() -> None:
         m = DiffusionCT(
             autoencoder=str(out / "stage1"), mode=mode, channels=(64, 128), attention_levels=(False, True),
             prediction="v", residual=True, num_inference_steps=10, min_snr_gamma=args.min_snr_gamma, translate_strength=0.3, lr=args.dm_lr, ema_decay=0.995,
+            regression=args.regression and mode == "conditional", regression_channels=tuple(args.regression_channels),
         )  # fmt: skip
         tr = _trainer(args.dm_steps, args.minutes, dev, out, True)
         tr.fit(m, datamodule=dm(8))
@@ -194,6 +200,7 @@ def main() -> None:
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = (
             f"{tr.global_step} steps, bs 8"
+            f"{f', regression U-Net {tuple(args.regression_channels)}' if args.regression and mode == 'conditional' else ''}"
             f"{f', Min-SNR gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}, lr {args.dm_lr:g}, "
             f"{time.perf_counter() - t0:.0f} s"
         )
@@ -243,6 +250,18 @@ def main() -> None:
         "DiffusionCT conditional (DPM++ 10), D(z)": lambda s, p: run(s, seeded("conditional")),
         "DiffusionCT conditional (DPM++ 10), residual decoding": lambda s, p: run(
             s, seeded("conditional", decode="residual")
+        ),
+        **(
+            {
+                "DiffusionCT regression mean only (no DDPM), D(z)": lambda s, p: run(
+                    s, seeded("conditional", mean_only=True)
+                ),
+                "DiffusionCT regression mean only (no DDPM), residual decoding": lambda s, p: run(
+                    s, seeded("conditional", mean_only=True, decode="residual")
+                ),
+            }
+            if args.regression
+            else {}
         ),
         **{
             f"DiffusionCT conditional (DPM++ 10), residual decoding, low-pass {sg:g} px": (
@@ -349,6 +368,7 @@ def main() -> None:
         f"--latent-channels {args.latent_channels} --ae-channels {' '.join(map(str, args.ae_channels))} "
         f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
         f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
+        f"{' --regression --regression-channels ' + ' '.join(map(str, args.regression_channels)) if args.regression else ''}"
         f"{f' --min-snr-gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}"
         f"{f' --dm-lr {args.dm_lr:g}' if args.dm_lr != 2e-4 else ''}"
         f"{f' --minutes {args.minutes:g}' if args.minutes != 60.0 else ''}"

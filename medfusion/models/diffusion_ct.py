@@ -22,6 +22,21 @@ The method has two stages, and so two LightningModules live in this one file:
      inference the source latent is noised to ``t_start = strength * (T - 1)`` with ``q(x_t | x_0)`` (eq. 4) and
      denoised from there (SDEdit, Meng et al. 2022). ``strength = 0`` returns the plain reconstruction.
 
+   * ``regression=True`` (conditional mode; our addition, after CorrDiff: Mardani et al. 2025, "Residual corrective
+     diffusion modeling for km-scale atmospheric downscaling", arXiv 2309.15214): a regression U-Net ``mu`` (MONAI
+     ``UNet`` in the latent space, output gated from zero) learns the conditional mean ``E[r (z_std - z_src) | z_src]``
+     with an MSE loss, and the DDPM diffuses only what is left, ``x0 = r (z_std - z_src) - mu(z_src)``: the part of
+     the standard scan the source does not determine (its own noise texture). Why: a DDPM learns the predictable
+     part of a near-deterministic map slowly (its high-noise steps are a regression trained on one timestep in T),
+     and what it has not learned comes out as noise added to the source instead of the source's noise transformed
+     (bench/results/diffusion_ct.md, "Session 4": 12,000 steps still trailed a 3,000-step supervised U-Net by 4 dB).
+     Deviation from CorrDiff, which trains ``mu`` first and freezes it: both nets train in the same step (the DDPM's
+     target uses ``mu`` detached), so the method stays one stage and DDP sees every parameter used in every step;
+     ``mu`` converges in a fraction of the DDPM's steps, after which the DDPM's target is stationary. The scale
+     ``r`` is calibrated on the first batch, when ``mu = 0``, so the DDPM's data have SD below 1 once ``mu`` has
+     learned. :meth:`DiffusionCT.standardize` with ``mean_only=True`` returns ``D(z_src + mu / r)``: the
+     posterior-mean estimate (best PSNR, no texture: the blurred answer the issue warns about).
+
    Sampling uses :func:`medfusion.diffusion.samplers.sample` (default DPM-Solver++(2M), 20 steps) with the
    exponential-moving-average copy of the denoiser. ``v``-prediction is the default because ε-prediction collapsed
    in short training (feasibility note, risk 3).
@@ -625,6 +640,28 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
         ]
 
 
+class _GatedUNet(nn.Module):
+    """``g * UNet(z)`` with the scalar gate ``g = 0`` at start (ReZero, Bachlechner et al. 2021): the regression
+    of :class:`DiffusionCT` starts from a zero residual, i.e. from the identity map of the latent."""
+
+    def __init__(self, spatial_dims: int, channels: int, widths: tuple[int, ...]):
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.unet = UNet(
+            spatial_dims,
+            channels,
+            channels,
+            channels=widths,
+            strides=(2,) * (len(widths) - 1),
+            num_res_units=1,
+        )
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.gate * self.unet(z)
+
+
 def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer, steps_per_iteration: int = 1):
     """Cosine decay over the trainer's total steps when those are finite, else a constant rate."""
     try:
@@ -654,6 +691,9 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         schedule: noise schedule kind (``linear``, ``scaled_linear``, ``cosine``); ``num_train_timesteps`` T.
         prediction: network target (``epsilon``, ``v``, ``x0``).
         residual: in conditional mode diffuse ``r * (z_std - z_src)`` instead of ``z_std``.
+        regression: conditional mode with ``residual``: a regression U-Net learns the conditional mean of the scaled
+            residual and the DDPM models what is left (CorrDiff; module docstring).
+        regression_channels: channels per level of the regression U-Net (MONAI ``UNet``, stride 2 between levels).
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), None = off.
         sampler, num_inference_steps, timestep_spacing: defaults used by :meth:`standardize`.
         decode: ``"latent"`` (output ``D(z_hat)``, the paper) or ``"residual"`` (output ``x + D(z_hat) - D(E(x))``;
@@ -679,6 +719,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         num_train_timesteps: int = 1000,
         prediction: str = "v",
         residual: bool = True,
+        regression: bool = False,
+        regression_channels: tuple[int, ...] = (64, 128, 256),
         min_snr_gamma: float | None = None,
         sampler: str = "dpmpp_2m",
         num_inference_steps: int = 20,
@@ -702,6 +744,14 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
         if residual_sigma < 0:
             raise ValueError(f"residual_sigma must be >= 0 (pixels), got {residual_sigma}")
+        if regression and not (mode == "conditional" and residual):
+            raise ValueError(
+                "regression=True needs mode='conditional' and residual=True (it learns the mean of z_std - z_src)"
+            )
+        if regression and len(regression_channels) < 2:
+            raise ValueError(
+                f"regression_channels needs at least two levels, got {tuple(regression_channels)}"
+            )
         from medfusion.diffusion.gaussian import PREDICTIONS
         from medfusion.diffusion.samplers import SAMPLERS
         from medfusion.diffusion.schedules import SPACINGS
@@ -747,6 +797,9 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             num_head_channels=num_head_channels,
             **(unet_kwargs or {}),
         )
+        self.regressor: nn.Module | None = None
+        if regression:
+            self.regressor = _GatedUNet(self.spatial_dims, c_lat, tuple(regression_channels))
         self.schedule = NoiseSchedule.create(kind=schedule, num_train_timesteps=num_train_timesteps)
         self.ema: nn.Module | None = None
         if ema_decay is not None:
@@ -779,7 +832,10 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
     @property
     def divisible_by(self) -> int:
         """Input spatial sizes must be multiples of this (autoencoder and denoiser downsampling)."""
-        return self.autoencoder.downsample_factor * 2 ** (len(self.hparams.channels) - 1)
+        levels = len(self.hparams.channels)
+        if self.regressor is not None:
+            levels = max(levels, len(self.hparams.regression_channels))
+        return self.autoencoder.downsample_factor * 2 ** (levels - 1)
 
     def _denoiser(self, use_ema: bool = True) -> nn.Module:
         if use_ema and self.ema is not None and int(self.ema.n_averaged) > 0:
@@ -800,22 +856,36 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             var = trainer.strategy.reduce(var, reduce_op="mean")
         self.residual_scale.copy_(var.clamp_min(1e-12).rsqrt())
 
-    def diffusion_target(self, z_src: Tensor, z_tgt: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Clean sample ``x0`` that the DDPM models and its condition, per mode (module docstring)."""
+    def diffusion_target(
+        self, z_src: Tensor, z_tgt: Tensor, mean: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Clean sample ``x0`` that the DDPM models and its condition, per mode (module docstring); ``mean`` is the
+        regression U-Net's output (``regression=True``), subtracted from the scaled residual."""
         if self.hparams.mode == "translate":
             return z_tgt, None
         if self.uses_residual:
-            return (z_tgt - z_src) * self.residual_scale, z_src
+            x0 = (z_tgt - z_src) * self.residual_scale
+            return (x0 if mean is None else x0 - mean), z_src
         return z_tgt, z_src
 
-    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """DDPM training loss (Ho et al. 2020, eq. 14; ``prediction`` picks the target) on one batch."""
+    def losses(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(diffusion, regression)`` losses on one batch: the DDPM loss (Ho et al. 2020, eq. 14; ``prediction``
+        picks the target) and, with ``regression=True``, the regression U-Net's MSE to the scaled residual
+        (CorrDiff; 0 otherwise)."""
         from medfusion.diffusion.gaussian import diffusion_loss, q_sample
 
         z_src, z_tgt = self._latents(batch)
         if self.uses_residual and self.residual_scale <= 0:
             self._calibrate_residual(z_src, z_tgt)
-        x0, cond = self.diffusion_target(z_src, z_tgt)
+        reg_loss = z_src.new_zeros(())
+        mean = None
+        if self.regressor is not None:
+            mean = self.regressor(z_src)
+            reg_loss = F.mse_loss(mean, (z_tgt - z_src) * self.residual_scale)
+            mean = mean.detach()  # the DDPM's target does not train the regression (CorrDiff)
+        x0, cond = self.diffusion_target(z_src, z_tgt, mean)
         dev = generator.device if generator is not None else x0.device
         t = torch.randint(
             0, self.hparams.num_train_timesteps, (x0.shape[0],), generator=generator, device=dev
@@ -824,7 +894,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         t, noise = t.to(x0.device), noise.to(x0.device)
         x_t = q_sample(x0, t, noise, self.schedule)
         out = self.net(x_t, t, cond)
-        return diffusion_loss(
+        dm_loss = diffusion_loss(
             out,
             x0,
             noise,
@@ -833,6 +903,12 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             self.hparams.prediction,
             min_snr_gamma=self.hparams.min_snr_gamma,
         )
+        return dm_loss, reg_loss
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Training objective on one batch: the sum of :meth:`losses`."""
+        dm_loss, reg_loss = self.losses(batch, generator)
+        return dm_loss + reg_loss
 
     # -------------------------------------------------------------------------------- Lightning hooks
     def on_train_start(self) -> None:
@@ -842,9 +918,12 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = self._train_rng.generator(self, batch_idx, batch[keys.SOURCE].device)
-        loss = self.loss(batch, generator=gen)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])
-        return loss
+        dm_loss, reg_loss = self.losses(batch, generator=gen)
+        bs = batch[keys.SOURCE].shape[0]
+        self.log("train/loss", dm_loss + reg_loss, prog_bar=True, batch_size=bs)
+        if self.regressor is not None:
+            self.log("train/regression_loss", reg_loss, batch_size=bs)
+        return dm_loss + reg_loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -873,9 +952,10 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             self.log("val/ssim", ssim, rank_zero_only=True, batch_size=n)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(
-            self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+        params = list(self.net.parameters())
+        if self.regressor is not None:
+            params += list(self.regressor.parameters())
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return _with_cosine(self, opt)
 
     # -------------------------------------------------------------------------------- inference
@@ -891,6 +971,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         use_ema: bool = True,
         decode: str | None = None,
         residual_sigma: float | None = None,
+        mean_only: bool = False,
     ) -> Tensor:
         """Standardize ``images`` ``(B, 1, *spatial)`` in [-1, 1] (HU window of training) -> same shape and range.
 
@@ -898,7 +979,9 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         ``generator`` (CPU) makes the result reproducible; ``strength`` overrides ``translate_strength`` (translate
         mode runs ``min(num_steps, t_start + 1)`` steps from ``t_start = round(strength * (T - 1))``); ``decode``
         overrides the ``decode`` hyperparameter (``"latent"`` or ``"residual"``), ``residual_sigma`` the low-pass of the
-        residual (pixels; 0 = none).
+        residual (pixels; 0 = none). ``mean_only`` (``regression=True`` only) skips the DDPM and decodes the
+        regression's conditional-mean latent ``z_src + mu(z_src) / r``: the MMSE estimate, without the standard's
+        texture.
         """
         from medfusion.diffusion.gaussian import q_sample
         from medfusion.diffusion.samplers import sample
@@ -920,6 +1003,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         sigma = float(hp.get("residual_sigma", 0.0) if residual_sigma is None else residual_sigma)
         if sigma < 0:
             raise ValueError(f"residual_sigma must be >= 0 (pixels), got {sigma}")
+        if mean_only and self.regressor is None:
+            raise ValueError("mean_only=True needs a model trained with regression=True")
         was_training = self.training
         self.eval()
         steps = int(num_steps or hp.num_inference_steps)
@@ -963,17 +1048,23 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
                 raise RuntimeError(
                     "residual_scale is not calibrated: train the model (or call loss() on a batch) first"
                 )
-            ts = make_timesteps(steps, hp.timestep_spacing, T).to(z_src.device)
-            x0 = sample(
-                name,
-                model,
-                randn(z_src.shape),
-                ts,
-                schedule=self.schedule,
-                prediction=hp.prediction,
-                cond=z_src,
-                generator=generator,
-            )
+            mean = self.regressor(z_src) if self.regressor is not None else None
+            if mean_only:
+                x0 = mean
+            else:
+                ts = make_timesteps(steps, hp.timestep_spacing, T).to(z_src.device)
+                x0 = sample(
+                    name,
+                    model,
+                    randn(z_src.shape),
+                    ts,
+                    schedule=self.schedule,
+                    prediction=hp.prediction,
+                    cond=z_src,
+                    generator=generator,
+                )
+                if mean is not None:
+                    x0 = x0 + mean
             z = z_src + x0 / self.residual_scale if self.uses_residual else x0
         out = self.autoencoder.decode_latent(z, skips)
         if how == "residual":  # y = D(z_hat) + G_s * (x - D(E(x))) (module docstring; s = 0: no low-pass)

@@ -458,3 +458,99 @@ def test_shortcuts_need_our_network_and_divisible_widths():
             spatial_dims=2, channels=(8, 48), latent_channels=4, norm_num_groups=4, skip_connections=True,
             skip_from_level=1, shortcuts=True,
         )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- regression (CorrDiff)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_regression_learns_the_mean_and_the_ddpm_the_rest(spatial_dims, tmp_path_factory):
+    """regression=True: the regression U-Net's MSE and the DDPM loss both fall; the DDPM's target is the scaled
+    residual minus the (detached) regression output, and mean_only decodes z_src + mu / r."""
+    sd, path, batch = _export_ae(spatial_dims, tmp_path_factory)
+    model = _stage2(path, regression=True, regression_channels=(8, 16))
+    params = [*model.net.parameters(), *model.regressor.parameters()]
+    assert {id(p) for p in model.configure_optimizers().param_groups[0]["params"]} == {id(p) for p in params}
+    opt = torch.optim.Adam(params, lr=3e-3)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    first = model.losses(batch, generator=gen())
+    assert first[1] > 0  # gate 0: mu = 0, so the regression loss is E[(r (z_std - z_src))^2] ~ 1
+    torch.testing.assert_close(first[1], torch.tensor(1.0), atol=0.3, rtol=0)
+    for _ in range(30):
+        opt.zero_grad()
+        model.loss(batch, generator=gen()).backward()
+        opt.step()
+    last = model.losses(batch, generator=gen())
+    assert last[0] < first[0] and last[1] < 0.9 * first[1]
+    # the regression gets no gradient from the DDPM loss (its output enters the DDPM's target detached)
+    opt.zero_grad()
+    model.losses(batch, generator=gen())[0].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.regressor.parameters())
+    # the DDPM's clean sample is the scaled residual minus the regression output
+    z_src, z_tgt = model._latents(batch)
+    mean = model.regressor(z_src).detach()
+    x0, cond = model.diffusion_target(z_src, z_tgt, mean)
+    torch.testing.assert_close(x0, (z_tgt - z_src) * model.residual_scale - mean)
+    assert cond is z_src
+    # mean_only: the regression's latent, decoded; deterministic (no generator needed)
+    x = batch[keys.SOURCE][:2]
+    z, skips = model.autoencoder.encode_latent(x)
+    expect = model.autoencoder.decode_latent(z + model.regressor(z) / model.residual_scale, skips)
+    torch.testing.assert_close(model.standardize(x, mean_only=True), expect)
+    sampled = model.standardize(x, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == x.shape and not torch.allclose(sampled, expect)
+
+
+def test_regression_bad_arguments(ae2d):
+    sd, path, batch = ae2d
+    with pytest.raises(ValueError, match="conditional"):
+        _stage2(path, "translate", regression=True)
+    with pytest.raises(ValueError, match="residual=True"):
+        _stage2(path, regression=True, residual=False)
+    with pytest.raises(ValueError, match="two levels"):
+        _stage2(path, regression=True, regression_channels=(8,))
+    model = _stage2(path)
+    model.loss(batch)
+    with pytest.raises(ValueError, match="regression=True"):
+        model.standardize(batch[keys.SOURCE][:1], mean_only=True)
+
+
+class _Stage2RankSaver(DiffusionCT):
+    """Writes each rank's weights when training ends."""
+
+    def __init__(self, out_dir: str = "", **kw):
+        super().__init__(**kw)
+        self.out_dir = out_dir
+
+    def on_train_end(self):
+        torch.save(
+            {k: v.detach().clone() for k, v in self.state_dict().items()},
+            f"{self.out_dir}/rank{self.global_rank}.pt",
+        )
+
+
+@pytest.mark.slow
+def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
+    """2 CPU ranks (gloo, ddp_spawn): the regression U-Net and the DDPM train in the same step, so DDP sees every
+    parameter used; afterwards both nets and their EMA are equal on both ranks."""
+    import warnings
+
+    sd, path, batch = ae2d
+    torch.manual_seed(0)
+    module = _Stage2RankSaver(
+        str(tmp_path), autoencoder=str(path), regression=True, regression_channels=(8, 16), ema_decay=0.9,
+        val_num_samples=0, **UNET_KW,
+    )  # fmt: skip
+    data = [{k: v[i % 4] for k, v in batch.items()} for i in range(8)]
+    gate = module.regressor.gate.detach().clone()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(data, batch_size=2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    weights = [k for k in r0 if k.startswith(("net.", "regressor.", "ema.module."))]
+    assert any(k.startswith("regressor.") for k in weights)
+    assert not torch.equal(r0["regressor.gate"], gate)  # it trained
+    for k in weights:
+        torch.testing.assert_close(r0[k], r1[k], msg=k)
