@@ -128,6 +128,11 @@ def main() -> None:
         help="stage 2 with the CorrDiff regression U-Net (DiffusionCT(regression=True)); adds 'mean only' rows",
     )  # fmt: skip
     p.add_argument("--regression-channels", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--pixel-shuffle", type=int, default=0, help="DiffusionCT(pixel_shuffle=k)")
+    p.add_argument("--dm-channels", type=int, nargs="+", default=[64, 128], help="stage-2 denoiser widths")
+    p.add_argument(
+        "--dm-attention", type=int, nargs="+", default=[0, 1], help="stage-2 self-attention per level (0/1)"
+    )
     p.add_argument("--translate-strengths", type=float, nargs="*", default=[0.1, 0.3])
     p.add_argument(
         "--residual-sigmas", type=float, nargs="*", default=[1.0],
@@ -190,7 +195,8 @@ def main() -> None:
             budget[f"stage 2 {mode}"] = prev.get(f"stage 2 {mode}", "reused")
             continue
         m = DiffusionCT(
-            autoencoder=str(out / "stage1"), mode=mode, channels=(64, 128), attention_levels=(False, True),
+            autoencoder=str(out / "stage1"), mode=mode, channels=tuple(args.dm_channels), attention_levels=tuple(map(bool, args.dm_attention)),
+            pixel_shuffle=args.pixel_shuffle,
             prediction="v", residual=True, num_inference_steps=10, min_snr_gamma=args.min_snr_gamma, translate_strength=0.3, lr=args.dm_lr, ema_decay=0.995,
             regression=args.regression and mode == "conditional", regression_channels=tuple(args.regression_channels),
         )  # fmt: skip
@@ -199,7 +205,8 @@ def main() -> None:
         export_model(m.cpu(), out / f"stage2_{mode}", overwrite=True)
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = (
-            f"{tr.global_step} steps, bs 8"
+            f"{tr.global_step} steps, bs 8, denoiser {tuple(args.dm_channels)} attention {tuple(args.dm_attention)}"
+            f"{f', pixel shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
             f"{f', regression U-Net {tuple(args.regression_channels)}' if args.regression and mode == 'conditional' else ''}"
             f"{f', Min-SNR gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}, lr {args.dm_lr:g}, "
             f"{time.perf_counter() - t0:.0f} s"
@@ -368,6 +375,9 @@ def main() -> None:
         f"--latent-channels {args.latent_channels} --ae-channels {' '.join(map(str, args.ae_channels))} "
         f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
         f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
+        f"{f' --pixel-shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
+        f"{' --dm-channels ' + ' '.join(map(str, args.dm_channels)) if args.dm_channels != [64, 128] else ''}"
+        f"{' --dm-attention ' + ' '.join(map(str, args.dm_attention)) if args.dm_attention != [0, 1] else ''}"
         f"{' --regression --regression-channels ' + ' '.join(map(str, args.regression_channels)) if args.regression else ''}"
         f"{f' --min-snr-gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}"
         f"{f' --dm-lr {args.dm_lr:g}' if args.dm_lr != 2e-4 else ''}"

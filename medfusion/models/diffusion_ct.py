@@ -640,26 +640,38 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
         ]
 
 
+def _pixel_shuffle(x: Tensor, k: int) -> Tensor:
+    """``k`` steps of :func:`_channel_to_space`: ``(B, C, *S)`` -> ``(B, C / 2^(d k), *S * 2^k)``."""
+    for _ in range(k):
+        x = _channel_to_space(x)
+    return x
+
+
+def _pixel_unshuffle(x: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`_pixel_shuffle`."""
+    for _ in range(k):
+        x = _space_to_channel(x)
+    return x
+
+
 class _GatedUNet(nn.Module):
     """``g * UNet(z)`` with the scalar gate ``g = 0`` at start (ReZero, Bachlechner et al. 2021): the regression
-    of :class:`DiffusionCT` starts from a zero residual, i.e. from the identity map of the latent."""
+    of :class:`DiffusionCT` starts from a zero residual, i.e. from the identity map of the latent. With
+    ``pixel_shuffle = k`` the U-Net runs on the ``2^k`` finer grid (see :class:`DiffusionCT`)."""
 
-    def __init__(self, spatial_dims: int, channels: int, widths: tuple[int, ...]):
+    def __init__(self, spatial_dims: int, channels: int, widths: tuple[int, ...], pixel_shuffle: int = 0):
         super().__init__()
         from monai.networks.nets import UNet
 
+        self.k = pixel_shuffle
+        c = channels // 2 ** (spatial_dims * pixel_shuffle)
         self.unet = UNet(
-            spatial_dims,
-            channels,
-            channels,
-            channels=widths,
-            strides=(2,) * (len(widths) - 1),
-            num_res_units=1,
+            spatial_dims, c, c, channels=widths, strides=(2,) * (len(widths) - 1), num_res_units=1
         )
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.gate * self.unet(z)
+        return self.gate * _pixel_unshuffle(self.unet(_pixel_shuffle(z, self.k)), self.k)
 
 
 def _with_cosine(module: L.LightningModule, opt: torch.optim.Optimizer, steps_per_iteration: int = 1):
@@ -694,6 +706,12 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         regression: conditional mode with ``residual``: a regression U-Net learns the conditional mean of the scaled
             residual and the DDPM models what is left (CorrDiff; module docstring).
         regression_channels: channels per level of the regression U-Net (MONAI ``UNet``, stride 2 between levels).
+        pixel_shuffle: ``k`` channel-to-space steps (``PixelShuffle(2)`` in the autoencoder's channel order) applied to
+            the latent before the denoiser and the regression U-Net (and undone on their outputs): the networks then
+            run on a ``2^k`` times finer grid with ``C_lat / 2^(d k)`` channels. With the lossless shortcut latent (16
+            channels at f = 4, 2D) ``k = 2`` puts them on the image grid: our addition, because a 64-channel
+            network at f = 4 has 4 channels per pixel for what is a per-pixel texture task (measured: the regression
+            alone reached 36.6 dB at the latent grid and 39.3 dB on the image grid, same steps; module docstring).
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), None = off.
         sampler, num_inference_steps, timestep_spacing: defaults used by :meth:`standardize`.
         decode: ``"latent"`` (output ``D(z_hat)``, the paper) or ``"residual"`` (output ``x + D(z_hat) - D(E(x))``;
@@ -721,6 +739,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         residual: bool = True,
         regression: bool = False,
         regression_channels: tuple[int, ...] = (64, 128, 256),
+        pixel_shuffle: int = 0,
         min_snr_gamma: float | None = None,
         sampler: str = "dpmpp_2m",
         num_inference_steps: int = 20,
@@ -752,6 +771,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             raise ValueError(
                 f"regression_channels needs at least two levels, got {tuple(regression_channels)}"
             )
+        if pixel_shuffle < 0:
+            raise ValueError(f"pixel_shuffle must be >= 0, got {pixel_shuffle}")
         from medfusion.diffusion.gaussian import PREDICTIONS
         from medfusion.diffusion.samplers import SAMPLERS
         from medfusion.diffusion.schedules import SPACINGS
@@ -786,11 +807,18 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
 
         self.spatial_dims = int(ae.hparams.spatial_dims)
         c_lat = int(ae.hparams.latent_channels)
+        per_step = 2**self.spatial_dims
+        if c_lat % per_step**pixel_shuffle:
+            raise ValueError(
+                f"pixel_shuffle={pixel_shuffle} needs latent_channels divisible by {per_step**pixel_shuffle} "
+                f"({per_step} per step in {self.spatial_dims}D); the autoencoder has {c_lat}"
+            )
+        c_net = c_lat // per_step**pixel_shuffle
         self.net = DiffusionUNet(
             spatial_dims=self.spatial_dims,
-            in_channels=c_lat,
-            out_channels=c_lat,
-            cond_channels=c_lat if mode == "conditional" else 0,
+            in_channels=c_net,
+            out_channels=c_net,
+            cond_channels=c_net if mode == "conditional" else 0,
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
             num_res_blocks=num_res_blocks,
@@ -799,7 +827,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         )
         self.regressor: nn.Module | None = None
         if regression:
-            self.regressor = _GatedUNet(self.spatial_dims, c_lat, tuple(regression_channels))
+            self.regressor = _GatedUNet(self.spatial_dims, c_lat, tuple(regression_channels), pixel_shuffle)
         self.schedule = NoiseSchedule.create(kind=schedule, num_train_timesteps=num_train_timesteps)
         self.ema: nn.Module | None = None
         if ema_decay is not None:
@@ -835,7 +863,16 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         levels = len(self.hparams.channels)
         if self.regressor is not None:
             levels = max(levels, len(self.hparams.regression_channels))
-        return self.autoencoder.downsample_factor * 2 ** (levels - 1)
+        # the networks run on a 2^k finer grid than the latent (pixel_shuffle = k)
+        return self.autoencoder.downsample_factor * 2 ** max(0, levels - 1 - self.hparams.pixel_shuffle)
+
+    def _denoise(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The denoiser on the latent grid, or on the ``2^k`` finer one (``pixel_shuffle = k``)."""
+        k = self.hparams.pixel_shuffle
+        if k == 0:
+            return net(x_t, t, cond)
+        up = lambda v: _pixel_shuffle(v, k)  # noqa: E731
+        return _pixel_unshuffle(net(up(x_t), t, None if cond is None else up(cond)), k)
 
     def _denoiser(self, use_ema: bool = True) -> nn.Module:
         if use_ema and self.ema is not None and int(self.ema.n_averaged) > 0:
@@ -893,7 +930,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
         t, noise = t.to(x0.device), noise.to(x0.device)
         x_t = q_sample(x0, t, noise, self.schedule)
-        out = self.net(x_t, t, cond)
+        out = self._denoise(self.net, x_t, t, cond)
         dm_loss = diffusion_loss(
             out,
             x0,
@@ -1014,7 +1051,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         z_src, skips = self.autoencoder.encode_latent(x)
 
         def model(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-            return net(x_t, t, cond)
+            return self._denoise(net, x_t, t, cond)
 
         def randn(shape: torch.Size) -> Tensor:
             dev = "cpu" if generator is not None else z_src.device

@@ -554,3 +554,47 @@ def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     assert not torch.equal(r0["regressor.gate"], gate)  # it trained
     for k in weights:
         torch.testing.assert_close(r0[k], r1[k], msg=k)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_pixel_shuffle_runs_the_networks_on_the_finer_grid(spatial_dims, tmp_path):
+    """pixel_shuffle=1: the denoiser and the regression see (B, C_lat / 2^d, *latent * 2) and their outputs come back
+    on the latent grid; training and sampling work; a latent width the shuffle cannot divide raises."""
+    torch.manual_seed(0)
+    c_lat = 2**spatial_dims
+    ae = DiffusionCTAutoencoder(spatial_dims=spatial_dims, **{**AE_KW, "latent_channels": c_lat})
+    batch = _pair(spatial_dims)
+    ae.calibrate_latent_scale([batch])
+    export_model(ae, tmp_path / "stage1")
+    model = _stage2(tmp_path / "stage1", regression=True, regression_channels=(8, 16), pixel_shuffle=1)
+    seen = []
+    model.net.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape, out.shape)))
+    z, _ = ae.encode_latent(batch[keys.SOURCE])
+    finer = (z.shape[0], 1, *(2 * s for s in z.shape[2:]))
+    assert model.divisible_by == ae.downsample_factor  # the U-Nets' one downsampling is undone by the shuffle
+    opt = torch.optim.Adam([*model.net.parameters(), *model.regressor.parameters()], lr=3e-3)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    before = model.loss(batch, generator=gen())
+    assert seen[-1] == (finer, finer)
+    before.backward()
+    opt.step()
+    assert model.loss(batch, generator=gen()) < before
+    assert model.regressor(z).shape == z.shape
+    x = batch[keys.SOURCE][:2]
+    out = model.standardize(x, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="divisible by"):
+        _stage2(tmp_path / "stage1", pixel_shuffle=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        _stage2(tmp_path / "stage1", pixel_shuffle=-1)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 4, 6), (1, 64, 2, 2, 4)])
+def test_pixel_shuffle_round_trip(shape):
+    from medfusion.models.diffusion_ct import _pixel_shuffle, _pixel_unshuffle
+
+    x = torch.randn(shape)
+    k = 2 if len(shape) == 4 else 1
+    y = _pixel_shuffle(x, k)
+    assert y.shape == (shape[0], shape[1] // 2 ** (k * (len(shape) - 2)), *(s * 2**k for s in shape[2:]))
+    torch.testing.assert_close(_pixel_unshuffle(y, k), x)
