@@ -706,6 +706,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         regression: conditional mode with ``residual``: a regression U-Net learns the conditional mean of the scaled
             residual and the DDPM models what is left (CorrDiff; module docstring).
         regression_channels: channels per level of the regression U-Net (MONAI ``UNet``, stride 2 between levels).
+        regression_lr: AdamW learning rate of the regression U-Net (None = ``lr``; the cosine decay ends at 5% of
+            ``lr`` for both).
         pixel_shuffle: ``k`` channel-to-space steps (``PixelShuffle(2)`` in the autoencoder's channel order) applied to
             the latent before the denoiser and the regression U-Net (and undone on their outputs): the networks then
             run on a ``2^k`` times finer grid with ``C_lat / 2^(d k)`` channels. With the lossless shortcut latent (16
@@ -739,6 +741,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         residual: bool = True,
         regression: bool = False,
         regression_channels: tuple[int, ...] = (64, 128, 256),
+        regression_lr: float | None = None,
         pixel_shuffle: int = 0,
         min_snr_gamma: float | None = None,
         sampler: str = "dpmpp_2m",
@@ -989,10 +992,11 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             self.log("val/ssim", ssim, rank_zero_only=True, batch_size=n)
 
     def configure_optimizers(self):
-        params = list(self.net.parameters())
+        groups: list[dict[str, Any]] = [{"params": list(self.net.parameters())}]
         if self.regressor is not None:
-            params += list(self.regressor.parameters())
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            reg_lr = self.hparams.regression_lr
+            groups.append({"params": list(self.regressor.parameters()), "lr": reg_lr or self.hparams.lr})
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return _with_cosine(self, opt)
 
     # -------------------------------------------------------------------------------- inference

@@ -466,9 +466,11 @@ def test_regression_learns_the_mean_and_the_ddpm_the_rest(spatial_dims, tmp_path
     """regression=True: the regression U-Net's MSE and the DDPM loss both fall; the DDPM's target is the scaled
     residual minus the (detached) regression output, and mean_only decodes z_src + mu / r."""
     sd, path, batch = _export_ae(spatial_dims, tmp_path_factory)
-    model = _stage2(path, regression=True, regression_channels=(8, 16))
+    model = _stage2(path, regression=True, regression_channels=(8, 16), regression_lr=1e-3)
     params = [*model.net.parameters(), *model.regressor.parameters()]
-    assert {id(p) for p in model.configure_optimizers().param_groups[0]["params"]} == {id(p) for p in params}
+    groups = model.configure_optimizers().param_groups
+    assert [g["params"] for g in groups] == [list(model.net.parameters()), list(model.regressor.parameters())]
+    assert [g["lr"] for g in groups] == [model.hparams.lr, 1e-3]
     opt = torch.optim.Adam(params, lr=3e-3)
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     first = model.losses(batch, generator=gen())
