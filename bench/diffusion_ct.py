@@ -128,6 +128,7 @@ def main() -> None:
         help="stage 2 with the CorrDiff regression U-Net (DiffusionCT(regression=True)); adds 'mean only' rows",
     )  # fmt: skip
     p.add_argument("--regression-channels", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--regression-lr", type=float, default=None, help="DiffusionCT(regression_lr=...)")
     p.add_argument("--pixel-shuffle", type=int, default=0, help="DiffusionCT(pixel_shuffle=k)")
     p.add_argument("--dm-channels", type=int, nargs="+", default=[64, 128], help="stage-2 denoiser widths")
     p.add_argument(
@@ -196,7 +197,7 @@ def main() -> None:
             continue
         m = DiffusionCT(
             autoencoder=str(out / "stage1"), mode=mode, channels=tuple(args.dm_channels), attention_levels=tuple(map(bool, args.dm_attention)),
-            pixel_shuffle=args.pixel_shuffle,
+            pixel_shuffle=args.pixel_shuffle, regression_lr=args.regression_lr,
             prediction="v", residual=True, num_inference_steps=10, min_snr_gamma=args.min_snr_gamma, translate_strength=0.3, lr=args.dm_lr, ema_decay=0.995,
             regression=args.regression and mode == "conditional", regression_channels=tuple(args.regression_channels),
         )  # fmt: skip
@@ -207,6 +208,7 @@ def main() -> None:
         budget[f"stage 2 {mode}"] = (
             f"{tr.global_step} steps, bs 8, denoiser {tuple(args.dm_channels)} attention {tuple(args.dm_attention)}"
             f"{f', pixel shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
+            f"{f', regression lr {args.regression_lr:g}' if args.regression_lr else ''}"
             f"{f', regression U-Net {tuple(args.regression_channels)}' if args.regression and mode == 'conditional' else ''}"
             f"{f', Min-SNR gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}, lr {args.dm_lr:g}, "
             f"{time.perf_counter() - t0:.0f} s"
@@ -376,6 +378,7 @@ def main() -> None:
         f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
         f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
         f"{f' --pixel-shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
+        f"{f' --regression-lr {args.regression_lr:g}' if args.regression_lr else ''}"
         f"{' --dm-channels ' + ' '.join(map(str, args.dm_channels)) if args.dm_channels != [64, 128] else ''}"
         f"{' --dm-attention ' + ' '.join(map(str, args.dm_attention)) if args.dm_attention != [0, 1] else ''}"
         f"{' --regression --regression-channels ' + ' '.join(map(str, args.regression_channels)) if args.regression else ''}"
