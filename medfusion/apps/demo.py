@@ -68,6 +68,12 @@ class DemoBudget:
     unet_groups: int = 32
     head_channels: int = 32
     dm_steps: int = 2500
+    # CorrDiff-style regression U-Net beside the DDPM (DiffusionCT(regression=True)) and the networks on a 2^k finer
+    # grid (pixel_shuffle = k; needs latent_channels divisible by 4^k)
+    regression: bool = False
+    regression_channels: tuple[int, ...] = (32, 64, 128)
+    regression_lr: float | None = None
+    pixel_shuffle: int = 0
     dm_batch: int = 8
     dm_minutes: float = 4.5
     crop_foreground: bool = True  # body-cropped training crops (False, i.e. crops with air as inference sees: 34.4 dB ceiling vs 38.0)
@@ -274,7 +280,8 @@ def run_demo(
         autoencoder=str(stage1_dir), mode="conditional", channels=b.unet_channels, attention_levels=b.unet_attention,
         num_head_channels=b.head_channels, unet_kwargs={"norm_num_groups": b.unet_groups}, prediction="v",
         residual=True, sampler=b.sampler, num_inference_steps=b.sample_steps, lr=2e-4, ema_decay=0.995 if not quick else 0.5,
-        seed=seed, decode=b.decode, residual_sigma=b.residual_sigma,
+        seed=seed, decode=b.decode, residual_sigma=b.residual_sigma, regression=b.regression,
+        regression_channels=b.regression_channels, regression_lr=b.regression_lr, pixel_shuffle=b.pixel_shuffle,
     )  # fmt: skip
     tr2 = _trainer(b.dm_steps, b.dm_minutes, dev, output, quick)
     tr2.fit(model, datamodule=datamodule(b.dm_batch))
