@@ -70,7 +70,7 @@ class DemoBudget:
     unet_attention: tuple[bool, ...] = (False, False, True)
     unet_groups: int = 32
     head_channels: int = 32
-    regression: bool = True
+    regression: bool = False
     regression_channels: tuple[int, ...] = (32, 64, 128)
     regression_lr: float | None = None
     pixel_shuffle: int = 2  # needs latent_channels divisible by 4^k (2D)

@@ -35,7 +35,9 @@ The method has two stages, and so two LightningModules live in this one file:
      ``mu`` converges in a fraction of the DDPM's steps, after which the DDPM's target is stationary. The scale
      ``r`` is calibrated on the first batch, when ``mu = 0``, so the DDPM's data have SD below 1 once ``mu`` has
      learned. :meth:`DiffusionCT.standardize` with ``mean_only=True`` returns ``D(z_src + mu / r)``: the
-     posterior-mean estimate (best PSNR, no texture: the blurred answer the issue warns about).
+     posterior-mean estimate (best PSNR, no texture: the blurred answer the issue warns about). Measured (4,000 CPU
+     steps, networks on the image grid): +0.1 dB and +0.01 texture CCC over the plain DDPM; on the latent grid it
+     changed nothing; the network grid below was the limit (bench/results/diffusion_ct.md, "Session 5").
 
    Network grid (``pixel_shuffle = k``, our addition). With DC-AE shortcuts and as many latent values as pixels (16
    channels at f = 4 in 2D) the latent is a lossless rearrangement of the image, 4 x 4 pixels per latent position; a
@@ -44,8 +46,9 @@ The method has two stages, and so two LightningModules live in this one file:
    ``pixel_shuffle = 2`` rearranges the latent back to the image grid (channel-to-space in the autoencoder's own
    channel order) before the denoiser and the regression U-Net and undoes it on their outputs; the diffusion itself
    stays in the latent (same ``q(x_t | x_0)``, same scale, same decoder). Measured on 12 test patients after 4,000
-   steps (bench/results/diffusion_ct.md, "Session 5"): with the regression, D(z_hat) 38.51 dB and residual decoding
-   39.14 dB mean PSNR (identity 37.93; latent grid: 35.3 / 35.7), texture CCC 0.48 (identity 0.19, repeat scan 0.78).
+   steps (bench/results/diffusion_ct.md, "Session 5"): D(z_hat) 38.42 dB and residual decoding 39.01 dB mean PSNR
+   (identity 37.93; the same DDPM on the latent grid: 35.3 / 35.7), texture CCC 0.47 (identity 0.19, repeat scan
+   0.78); with the regression 38.51 / 39.14 dB, CCC 0.48.
 
    Sampling uses :func:`medfusion.diffusion.samplers.sample` (default DPM-Solver++(2M), 20 steps) with the
    exponential-moving-average copy of the denoiser. ``v``-prediction is the default because ε-prediction collapsed
@@ -723,7 +726,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             run on a ``2^k`` times finer grid with ``C_lat / 2^(d k)`` channels. With the lossless shortcut latent (16
             channels at f = 4, 2D) ``k = 2`` puts them on the image grid: our addition, because a 64-channel
             network at f = 4 has 4 channels per pixel for what is a per-pixel texture task (measured: the regression
-            alone reached 36.6 dB at the latent grid and 39.3 dB on the image grid, same steps; module docstring).
+            alone reached 36.6 dB on the latent grid and 39.3 dB on the image grid, same steps; the DDPM 35.7 and
+            39.0 dB; module docstring).
         min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023), None = off.
         sampler, num_inference_steps, timestep_spacing: defaults used by :meth:`standardize`.
         decode: ``"latent"`` (output ``D(z_hat)``, the paper) or ``"residual"`` (output ``x + D(z_hat) - D(E(x))``;
