@@ -60,12 +60,12 @@ class DemoBudget:
     ae_steps: int = 2200  # optimizer steps matter more than batch size for the AE ceiling (feasibility run)
     ae_batch: int = 2  # source/target pairs per step (2x images)
     ae_minutes: float = 3.5
-    # stage 2 (session 5, bench/results/diffusion_ct.md): the regression U-Net beside the DDPM (CorrDiff split,
-    # DiffusionCT(regression=True)) and both networks on the image grid (pixel_shuffle = 2: the 16-channel latent
-    # rearranged to 1 channel at f = 1). 12 test patients, 4,000 steps: mean PSNR 39.14 dB (identity 37.93), texture
-    # CCC 0.48 (identity 0.19); the session-4 demo setting (4-channel latent, latent-grid denoiser) reached 37.56 dB
-    # there. In this demo's minutes stage 2 gets ~1,400 steps of batch 4 (2 CPU cores): +0.5 dB over the session-4 demo
-    # with residual decoding, +1.0 dB with D(z_hat); more steps are the lever (GPU budget below).
+    # stage 2 (session 5, bench/results/diffusion_ct.md): the paper's conditional latent DDPM with the denoiser on the
+    # image grid (pixel_shuffle = 2: the 16-channel latent rearranged to 1 channel at f = 1; the diffusion stays in the
+    # latent). 12 test patients, 4,000 steps: mean PSNR 39.01 dB with residual decoding (identity 37.93; on the latent
+    # grid 35.7), texture CCC 0.47 (identity 0.19). The CorrDiff-style regression U-Net (regression=True) added 0.1 dB
+    # there and costs time per step, so it is off. In this demo's minutes stage 2 gets ~1,500 steps of batch 4 on 2
+    # CPU cores; more steps are the lever (the GPU budget below).
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_attention: tuple[bool, ...] = (False, False, True)
     unet_groups: int = 32
