@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [
-    "convert", "data_pipelines", "dataset", "samplers", "diffusion_ct_bench", "diffusion_ct_bench_skipdrop", "diffusion_ct_bench_shortcuts", "diffusion_ct", "drdm",
+    "convert", "data_pipelines", "dataset", "samplers", "diffusion_ct_bench", "diffusion_ct_bench_skipdrop", "diffusion_ct_bench_shortcuts", "diffusion_ct_bench_regression", "diffusion_ct", "drdm",
     "restoration_lowdose", "restoration_kernel", "restoration_sr",
 ]  # fmt: skip
 HEADER = """# medfusion benchmark results
@@ -29,6 +29,8 @@ acquisition (kernels of the same projections, thick slices from thin rows, lower
 paired kernel data do. Tables measured on format-1 data (protocols with independent noise) say so at their top.
 Session 4 (no GPU) fixed DiffusionCT's stage-1 ceiling (KL weighting, DC-AE shortcuts: 35.7 -> 46.5 dB) and measured
 stage 2 as the new limit (diffusion_ct_bench_shortcuts, diffusion_ct "Session 4").
+Session 5 (no GPU) moved DiffusionCT's denoiser to the image grid: on 12 test patients it now beats identity on mean
+PSNR/SSIM with the standard's noise texture (diffusion_ct_bench_regression, diffusion_ct "Session 5").
 
 """
 
