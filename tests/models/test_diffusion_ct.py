@@ -368,8 +368,8 @@ def test_bad_arguments_raise_clear_errors(ae2d, tmp_path):
         model.standardize(odd)
 
 
-class _RankSaver(DiffusionCTAutoencoder):
-    """Writes each rank's weights (generator and discriminator) when training ends."""
+class _SavesWeightsPerRank:
+    """Mixin for a LightningModule: writes each rank's weights to ``out_dir/rank<r>.pt`` when training ends."""
 
     def __init__(self, out_dir: str = "", **kw):
         super().__init__(**kw)
@@ -380,6 +380,10 @@ class _RankSaver(DiffusionCTAutoencoder):
             {k: v.detach().clone() for k, v in self.state_dict().items()},
             f"{self.out_dir}/rank{self.global_rank}.pt",
         )
+
+
+class _RankSaver(_SavesWeightsPerRank, DiffusionCTAutoencoder):
+    """Stage 1 (generator and discriminator) that writes each rank's weights."""
 
 
 @pytest.mark.slow
@@ -515,18 +519,8 @@ def test_regression_bad_arguments(ae2d):
         model.standardize(batch[keys.SOURCE][:1], mean_only=True)
 
 
-class _Stage2RankSaver(DiffusionCT):
-    """Writes each rank's weights when training ends."""
-
-    def __init__(self, out_dir: str = "", **kw):
-        super().__init__(**kw)
-        self.out_dir = out_dir
-
-    def on_train_end(self):
-        torch.save(
-            {k: v.detach().clone() for k, v in self.state_dict().items()},
-            f"{self.out_dir}/rank{self.global_rank}.pt",
-        )
+class _Stage2RankSaver(_SavesWeightsPerRank, DiffusionCT):
+    """Stage 2 that writes each rank's weights."""
 
 
 @pytest.mark.slow
