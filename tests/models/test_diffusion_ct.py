@@ -382,6 +382,21 @@ class _SavesWeightsPerRank:
         )
 
 
+def _fit_on_two_ranks(module, data, steps: int, tmp_path) -> tuple[dict, dict]:
+    """Train ``module`` (a :class:`_SavesWeightsPerRank`) on 2 CPU ranks (gloo, ddp_spawn); each rank's weights."""
+    import warnings
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(data, batch_size=2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return r0, r1
+
+
 class _RankSaver(_SavesWeightsPerRank, DiffusionCTAutoencoder):
     """Stage 1 (generator and discriminator) that writes each rank's weights."""
 
@@ -390,7 +405,6 @@ class _RankSaver(_SavesWeightsPerRank, DiffusionCTAutoencoder):
 def test_adversarial_cross_skip_autoencoder_under_ddp_keeps_ranks_in_sync(tmp_path):
     """2 CPU ranks (gloo, ddp_spawn), manual optimisation with two optimisers, cross skips and skip dropout drawn
     per rank: after training, every weight (generator, discriminator, latent statistics aside) is equal on both."""
-    import warnings
 
     module = _RankSaver(
         str(tmp_path), spatial_dims=2, skip_connections=True, cross_skips=True, skip_dropout=0.5, adv_weight=0.1,
@@ -398,14 +412,7 @@ def test_adversarial_cross_skip_autoencoder_under_ddp_keeps_ranks_in_sync(tmp_pa
     )  # fmt: skip
     batch = _pair(2, n=8)
     data = [{k: v[i] for k, v in batch.items()} for i in range(8)]
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(data, batch_size=2))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = _fit_on_two_ranks(module, data, 6, tmp_path)
     weights = [k for k in r0 if k.startswith(("net.", "discriminator."))]
     assert any(k.startswith("discriminator.") for k in weights)
     for k in weights:
@@ -527,7 +534,6 @@ class _Stage2RankSaver(_SavesWeightsPerRank, DiffusionCT):
 def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     """2 CPU ranks (gloo, ddp_spawn): the regression U-Net and the DDPM train in the same step, so DDP sees every
     parameter used; afterwards both nets and their EMA are equal on both ranks."""
-    import warnings
 
     sd, path, batch = ae2d
     torch.manual_seed(0)
@@ -537,14 +543,7 @@ def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     )  # fmt: skip
     data = [{k: v[i % 4] for k, v in batch.items()} for i in range(8)]
     gate = module.regressor.gate.detach().clone()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(data, batch_size=2))
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = _fit_on_two_ranks(module, data, 4, tmp_path)
     weights = [k for k in r0 if k.startswith(("net.", "regressor.", "ema.module."))]
     assert any(k.startswith("regressor.") for k in weights)
     assert not torch.equal(r0["regressor.gate"], gate)  # it trained
