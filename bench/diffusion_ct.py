@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -372,22 +374,7 @@ def main() -> None:
     lines = [
         "# DiffusionCT benchmark (built-in 2D phantoms)",
         "",
-        f"Command: `python bench/diffusion_ct.py --out {args.out} --patients {args.patients} --size {args.size} "
-        f"--crop {args.crop} --ae-steps {args.ae_steps} --dm-steps {args.dm_steps} --unet-steps {args.unet_steps} "
-        f"--latent-channels {args.latent_channels} --ae-channels {' '.join(map(str, args.ae_channels))} "
-        f"--modes {' '.join(args.modes)} --ae-skip-from {args.ae_skip_from}{' --ae-cross' if args.ae_cross else ''}"
-        f"{' --ae-shortcuts' if args.ae_shortcuts else ''}"
-        f"{f' --pixel-shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
-        f"{f' --regression-lr {args.regression_lr:g}' if args.regression_lr else ''}"
-        f"{' --dm-channels ' + ' '.join(map(str, args.dm_channels)) if args.dm_channels != [64, 128] else ''}"
-        f"{' --dm-attention ' + ' '.join(map(str, args.dm_attention)) if args.dm_attention != [0, 1] else ''}"
-        f"{' --regression --regression-channels ' + ' '.join(map(str, args.regression_channels)) if args.regression else ''}"
-        f"{f' --min-snr-gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}"
-        f"{f' --dm-lr {args.dm_lr:g}' if args.dm_lr != 2e-4 else ''}"
-        f"{f' --minutes {args.minutes:g}' if args.minutes != 60.0 else ''}"
-        f"{' --reuse' if args.reuse else ''}{f' --unet-from {args.unet_from}' if args.unet_from else ''}"
-        f"{f' --skip-dropout {args.skip_dropout:g}' if args.skip_dropout else ''}"
-        f"{' --skip-ddpm1000' if args.skip_ddpm1000 else ''}`",
+        f"Command: `python {shlex.join(['bench/diffusion_ct.py', *sys.argv[1:]])}`",
         f"Device: {dev} ({cpu}, torch threads {torch.get_num_threads()}). Total wall time {total_min:.1f} min. "
         f"Test set: {n_test} held-out patients, {args.size}² slices, one slice per patient and protocol; built-in "
         f"data format {FORMAT_VERSION} (protocols from one raw acquisition).",

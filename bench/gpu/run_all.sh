@@ -218,18 +218,19 @@ step_e() { # restoration head-to-head, low-dose task, on the GPU; step budgets x
 }
 
 step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the regression U-Net on the image grid (session 5)
+    local dct_model=(--latent-channels 16 --ae-skip-from 2 --ae-shortcuts --modes conditional --skip-ddpm1000
+        --regression --regression-channels 32 64 128 --pixel-shuffle 2 --dm-channels 32 64 128 --dm-attention 0 0 1
+        --results "$OUT/diffusion_ct_gpu.md")
     if [ "$DRY" = 1 ]; then
         step "f DiffusionCT bench" 300 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
-            --size 32 --crop 32 --ae-steps 3 --dm-steps 3 --unet-steps 3 --latent-channels 16 --ae-skip-from 2 \
-            --ae-shortcuts --modes conditional --skip-ddpm1000 --regression --regression-channels 32 64 128 \
-            --pixel-shuffle 2 --dm-channels 32 64 128 --dm-attention 0 0 1 --results "$OUT/diffusion_ct_gpu.md"
+            --size 32 --crop 32 --ae-steps 3 --dm-steps 3 --unet-steps 3 \
+            "${dct_model[@]}"
         return
     fi
     # steps far beyond what the guard allows: each model stops at --minutes (the table states the steps reached)
     step "f DiffusionCT bench" 330 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
-        --minutes 1.1 --ae-steps 30000 --dm-steps 100000 --unet-steps 30000 --latent-channels 16 --ae-skip-from 2 \
-        --ae-shortcuts --modes conditional --skip-ddpm1000 --regression --regression-channels 32 64 128 \
-        --pixel-shuffle 2 --dm-channels 32 64 128 --dm-attention 0 0 1 --results "$OUT/diffusion_ct_gpu.md"
+        --minutes 1.1 --ae-steps 30000 --dm-steps 100000 --unet-steps 30000 \
+        "${dct_model[@]}"
 }
 
 for s in $STEPS; do

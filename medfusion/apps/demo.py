@@ -4,10 +4,11 @@
 2. train DiffusionCT stage 1 (autoencoder on every protocol) and stage 2 (conditional latent DDPM, stage 1 frozen)
    with a Lightning ``Trainer``, sized for about 10 minutes on 2 CPU cores (step counts plus a wall-clock guard per
    stage; larger automatically when CUDA is available). The default stage 1 is the encoder-decoder with no decoder
-   skip (with skips the latent diffusion was inert), DC-AE residual shortcuts and a 4-channel f = 4 latent; the
-   exported model decodes with residual decoding, ``D(z_hat) + G_1px * (x - D(E(x)))``, because the CPU-trained
-   autoencoder's ceiling (~38 dB) lies below the raw input of mild protocols (measurements:
-   bench/results/diffusion_ct_bench_shortcuts.md and bench/results/diffusion_ct.md, "Session 4");
+   skip (with skips the latent diffusion was inert), DC-AE residual shortcuts and the lossless 16-channel f = 4
+   latent; stage 2 runs its denoiser on the image grid (``pixel_shuffle=2``); the exported model decodes with
+   residual decoding, ``x + D(z_hat) - D(E(x))``, which kept 0.6 dB over the paper's ``D(z_hat)`` on 12 test
+   patients (measurements: bench/results/diffusion_ct_bench_regression.md and bench/results/diffusion_ct.md,
+   "Session 5");
 3. standardize the held-out test patients (every non-standard protocol) and write NIfTI outputs;
 4. score them against the standard scan of the same anatomy: PSNR / SSIM on the [-1000, 1000] HU window, noise SD
    in an eroded liver/soft-tissue ROI, edge sharpness of the body outline, and the CCC of texture features
