@@ -19,7 +19,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert set(metrics["protocols"]) == protocols and "standard" not in protocols
     for res in metrics["protocols"].values():
         other = "latent" if metrics["budget"]["decode"] == "residual" else "residual"
-        assert set(res) == {"identity", "passthrough", "diffusion_ct", f"diffusion_ct_{other}"}
+        mean_row = {"diffusion_ct_mean"} if metrics["budget"]["regression"] else set()
+        assert set(res) == {"identity", "passthrough", "diffusion_ct", f"diffusion_ct_{other}"} | mean_row
+        assert metrics["budget"]["regression"]  # the default budget trains the regression U-Net (session 6)
         for m in res.values():
             assert {"psnr", "ssim", "noise_sd", "edge_sharpness", "texture_ccc"} <= set(m)
             assert np.isfinite(m["psnr"]) and 0 < m["noise_sd"]
