@@ -217,9 +217,9 @@ step_e() { # restoration head-to-head, low-dose task, on the GPU; step budgets x
         --device cuda --out "$WORK/restore" --results "$OUT/restoration_gpu.md"
 }
 
-step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the regression U-Net on the image grid (session 5)
+step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the regression U-Net on the image grid (session 5; regression_lr 1e-3 from session 6)
     local dct_model=(--latent-channels 16 --ae-skip-from 2 --ae-shortcuts --modes conditional --skip-ddpm1000
-        --regression --regression-channels 32 64 128 --pixel-shuffle 2 --dm-channels 32 64 128 --dm-attention 0 0 1
+        --regression --regression-channels 32 64 128 --regression-lr 1e-3 --pixel-shuffle 2 --dm-channels 32 64 128 --dm-attention 0 0 1
         --results "$OUT/diffusion_ct_gpu.md")
     if [ "$DRY" = 1 ]; then
         step "f DiffusionCT bench" 300 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
