@@ -40,7 +40,9 @@ The method has two stages, and so two LightningModules live in this one file:
      changed nothing; the network grid below was the limit (bench/results/diffusion_ct.md, "Session 5"). A plain
      regression tolerates a far higher rate than the DDPM (``regression_lr``): at 1e-3 (DDPM 2e-4) the same 4,000
      steps gave 39.23 dB for the DDPM sample and 40.96 dB (SSIM 0.972, no blurring: noise SD and edges at the
-     standard's) for ``mean_only`` (session 6).
+     standard's) for ``mean_only`` (session 6). ``regression_rescale_step`` rescales the DDPM's target to unit
+     variance once the regression has trained for that many steps (CorrDiff normalises the residual it diffuses; with
+     ``r`` fixed at the first batch the target shrinks as ``mu`` learns, a lower effective SNR at every ``t``).
 
    Network grid (``pixel_shuffle = k``, our addition). With DC-AE shortcuts and as many latent values as pixels (16
    channels at f = 4 in 2D) the latent is a lossless rearrangement of the image, 4 x 4 pixels per latent position; a
@@ -722,6 +724,12 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         regression: conditional mode with ``residual``: a regression U-Net learns the conditional mean of the scaled
             residual and the DDPM models what is left (CorrDiff; module docstring).
         regression_channels: channels per level of the regression U-Net (MONAI ``UNet``, stride 2 between levels).
+        regression_rescale_step: with ``regression``, the training step at which the DDPM's target
+            ``r (z_std - z_src) - mu`` is rescaled to unit variance (``s = 1 / std``, all-reduced across ranks, set
+            once and saved with the model); None = off (``s = 1``). ``r`` is fixed on the first batch, when ``mu = 0``,
+            so the DDPM's data shrink as ``mu`` learns; CorrDiff normalises the residual after training the
+            regression, this does it once the regression has had ``regression_rescale_step`` steps. Sampling
+            returns ``x0 / s + mu``.
         regression_lr: AdamW learning rate of the regression U-Net (None = ``lr``; the cosine decay ends at 5% of
             ``lr`` for both).
         pixel_shuffle: ``k`` channel-to-space steps (``PixelShuffle(2)`` in the autoencoder's channel order) applied to
@@ -759,6 +767,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         regression: bool = False,
         regression_channels: tuple[int, ...] = (64, 128, 256),
         regression_lr: float | None = None,
+        regression_rescale_step: int | None = None,
         pixel_shuffle: int = 0,
         min_snr_gamma: float | None = None,
         sampler: str = "dpmpp_2m",
@@ -790,6 +799,11 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         if regression and len(regression_channels) < 2:
             raise ValueError(
                 f"regression_channels needs at least two levels, got {tuple(regression_channels)}"
+            )
+        if regression_rescale_step is not None and (not regression or regression_rescale_step < 0):
+            raise ValueError(
+                "regression_rescale_step needs regression=True and a step >= 0 (None = off), "
+                f"got {regression_rescale_step} with regression={regression}"
             )
         if pixel_shuffle < 0:
             raise ValueError(f"pixel_shuffle must be >= 0, got {pixel_shuffle}")
@@ -860,6 +874,9 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             self.ema.requires_grad_(False)
         # r = 1 / std(z_std - z_src): calibrated on the first training batch (0 = not yet)
         self.register_buffer("residual_scale", torch.zeros(()))
+        if regression_rescale_step is not None:
+            # s = 1 / std(r (z_std - z_src) - mu): set once, at that step (0 = not yet; the DDPM then sees s = 1)
+            self.register_buffer("dm_scale", torch.zeros(()))
         self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
 
     # -------------------------------------------------------------------------------- helpers
@@ -913,6 +930,19 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             var = trainer.strategy.reduce(var, reduce_op="mean")
         self.residual_scale.copy_(var.clamp_min(1e-12).rsqrt())
 
+    @property
+    def _dm_scale(self) -> Tensor | float:
+        """Scale of the DDPM's target after the regression (``regression_rescale_step``; 1 when off or not set)."""
+        scale = getattr(self, "dm_scale", None)
+        return scale if scale is not None and bool(scale > 0) else 1.0
+
+    def _calibrate_dm_scale(self, x0: Tensor) -> None:
+        var = x0.detach().float().var()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            var = trainer.strategy.reduce(var, reduce_op="mean")
+        self.dm_scale.copy_(var.clamp_min(1e-12).rsqrt())
+
     def diffusion_target(
         self, z_src: Tensor, z_tgt: Tensor, mean: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -922,7 +952,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             return z_tgt, None
         if self.uses_residual:
             x0 = (z_tgt - z_src) * self.residual_scale
-            return (x0 if mean is None else x0 - mean), z_src
+            return (x0 if mean is None else (x0 - mean) * self._dm_scale), z_src
         return z_tgt, z_src
 
     def losses(
@@ -942,6 +972,10 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             mean = self.regressor(z_src)
             reg_loss = F.mse_loss(mean, (z_tgt - z_src) * self.residual_scale)
             mean = mean.detach()  # the DDPM's target does not train the regression (CorrDiff)
+            step = self.hparams.regression_rescale_step
+            if step is not None and self.training and self._trainer is not None and self.global_step >= step:
+                if self.dm_scale <= 0:
+                    self._calibrate_dm_scale((z_tgt - z_src) * self.residual_scale - mean)
         x0, cond = self.diffusion_target(z_src, z_tgt, mean)
         dev = generator.device if generator is not None else x0.device
         t = torch.randint(
@@ -1122,7 +1156,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
                     generator=generator,
                 )
                 if mean is not None:
-                    x0 = x0 + mean
+                    x0 = x0 / self._dm_scale + mean
             z = z_src + x0 / self.residual_scale if self.uses_residual else x0
         out = self.autoencoder.decode_latent(z, skips)
         if how == "residual":  # y = D(z_hat) + G_s * (x - D(E(x))) (module docstring; s = 0: no low-pass)

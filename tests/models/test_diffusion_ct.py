@@ -526,6 +526,56 @@ def test_regression_bad_arguments(ae2d):
         model.standardize(batch[keys.SOURCE][:1], mean_only=True)
 
 
+def test_regression_rescale_sets_the_ddpm_scale_once_and_sampling_undoes_it(ae2d, tmp_path):
+    """regression_rescale_step=k: the DDPM's target r (z_std - z_src) - mu is rescaled to unit variance once, at
+    training step k (s = 1 before; never changed after); the target is s (r res - mu), sampling returns x0 / s + mu,
+    the scale survives export, and the option needs the regression."""
+    from medfusion.models.export import load_model
+
+    sd, path, batch = ae2d
+    with pytest.raises(ValueError, match="regression_rescale_step"):
+        _stage2(path, regression_rescale_step=2)
+    with pytest.raises(ValueError, match="regression_rescale_step"):
+        _stage2(path, regression=True, regression_channels=(8, 16), regression_rescale_step=-1)
+    model = _stage2(
+        path, regression=True, regression_channels=(8, 16), regression_lr=3e-3, regression_rescale_step=2
+    )
+    data = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    _trainer(tmp_path, 2).fit(model, DataLoader(data, batch_size=2))
+    assert float(model.dm_scale) == 0 and model._dm_scale == 1.0  # steps 0, 1: not yet
+    trainer = _trainer(tmp_path, 5)
+    trainer.fit(model, DataLoader(data, batch_size=2))
+    scale = float(model.dm_scale)
+    assert scale > 0
+    z_src, z_tgt = model._latents(batch)
+    mean = model.regressor(z_src).detach()
+    x0, _ = model.diffusion_target(z_src, z_tgt, mean)
+    torch.testing.assert_close(x0, ((z_tgt - z_src) * model.residual_scale - mean) * scale)
+    # set once: more training steps past k (a fresh trainer: steps 0-4 again) leave it alone
+    _trainer(tmp_path, 5).fit(model, DataLoader(data, batch_size=2))
+    assert float(model.dm_scale) == scale
+    # sampling undoes it: the DDPM's sample x0 does not depend on s (same net, same generator), so with the decoder
+    # replaced by the identity on latents, (z_hat - z_mean) * r * s is the same for any s
+    x = batch[keys.SOURCE][:2]
+    model.eval()
+    model.autoencoder.decode_latent = lambda z, skips: z
+    z_mean = model.standardize(x, mean_only=True, decode="latent")
+    x0s = []
+    for s_value in (scale, 3.0 * scale):
+        model.dm_scale.fill_(s_value)
+        z_hat = model.standardize(
+            x, generator=torch.Generator().manual_seed(0), use_ema=False, decode="latent"
+        )
+        x0s.append((z_hat - z_mean) * model.residual_scale * s_value)
+    torch.testing.assert_close(x0s[0], x0s[1], rtol=1e-4, atol=1e-4)
+    assert x0s[0].abs().mean() > 0
+    model.dm_scale.fill_(scale)
+    del model.autoencoder.decode_latent
+    # the scale is saved with the model
+    export_model(model, tmp_path / "exported")
+    assert float(load_model(tmp_path / "exported").dm_scale) == scale
+
+
 class _Stage2RankSaver(_SavesWeightsPerRank, DiffusionCT):
     """Stage 2 that writes each rank's weights."""
 
@@ -533,13 +583,13 @@ class _Stage2RankSaver(_SavesWeightsPerRank, DiffusionCT):
 @pytest.mark.slow
 def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     """2 CPU ranks (gloo, ddp_spawn): the regression U-Net and the DDPM train in the same step, so DDP sees every
-    parameter used; afterwards both nets and their EMA are equal on both ranks."""
+    parameter used; afterwards both nets, their EMA and the DDPM target's scale are equal on both ranks."""
 
     sd, path, batch = ae2d
     torch.manual_seed(0)
     module = _Stage2RankSaver(
         str(tmp_path), autoencoder=str(path), regression=True, regression_channels=(8, 16), ema_decay=0.9,
-        val_num_samples=0, **UNET_KW,
+        regression_rescale_step=1, val_num_samples=0, **UNET_KW,
     )  # fmt: skip
     data = [{k: v[i % 4] for k, v in batch.items()} for i in range(8)]
     gate = module.regressor.gate.detach().clone()
@@ -549,6 +599,7 @@ def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     assert not torch.equal(r0["regressor.gate"], gate)  # it trained
     for k in weights:
         torch.testing.assert_close(r0[k], r1[k], msg=k)
+    assert float(r0["dm_scale"]) > 0 and torch.equal(r0["dm_scale"], r1["dm_scale"])  # all-reduced, one value
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
