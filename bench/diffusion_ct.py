@@ -131,6 +131,9 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--regression-channels", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--regression-lr", type=float, default=None, help="DiffusionCT(regression_lr=...)")
+    p.add_argument(
+        "--regression-rescale-step", type=int, default=None, help="DiffusionCT(regression_rescale_step=...)"
+    )
     p.add_argument("--pixel-shuffle", type=int, default=0, help="DiffusionCT(pixel_shuffle=k)")
     p.add_argument("--dm-channels", type=int, nargs="+", default=[64, 128], help="stage-2 denoiser widths")
     p.add_argument(
@@ -200,6 +203,7 @@ def main() -> None:
         m = DiffusionCT(
             autoencoder=str(out / "stage1"), mode=mode, channels=tuple(args.dm_channels), attention_levels=tuple(map(bool, args.dm_attention)),
             pixel_shuffle=args.pixel_shuffle, regression_lr=args.regression_lr,
+            regression_rescale_step=args.regression_rescale_step if args.regression and mode == "conditional" else None,
             prediction="v", residual=True, num_inference_steps=10, min_snr_gamma=args.min_snr_gamma, translate_strength=0.3, lr=args.dm_lr, ema_decay=0.995,
             regression=args.regression and mode == "conditional", regression_channels=tuple(args.regression_channels),
         )  # fmt: skip
@@ -211,6 +215,7 @@ def main() -> None:
             f"{tr.global_step} steps, bs 8, denoiser {tuple(args.dm_channels)} attention {tuple(args.dm_attention)}"
             f"{f', pixel shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
             f"{f', regression lr {args.regression_lr:g}' if args.regression_lr else ''}"
+            f"{f', DDPM target rescaled at step {args.regression_rescale_step}' if args.regression_rescale_step is not None else ''}"
             f"{f', regression U-Net {tuple(args.regression_channels)}' if args.regression and mode == 'conditional' else ''}"
             f"{f', Min-SNR gamma {args.min_snr_gamma:g}' if args.min_snr_gamma else ''}, lr {args.dm_lr:g}, "
             f"{time.perf_counter() - t0:.0f} s"
