@@ -313,9 +313,8 @@ def run_demo(
     def run_dct_other(x: torch.Tensor) -> torch.Tensor:  # the other decoding, same seed: an ablation row
         return model.standardize(x, generator=torch.Generator().manual_seed(seed), decode=other)
 
-    def run_dct_mean(
-        x: torch.Tensor,
-    ) -> torch.Tensor:  # the regression's posterior mean (no DDPM): a reference row
+    # the regression's posterior mean (no DDPM): a reference row
+    def run_dct_mean(x: torch.Tensor) -> torch.Tensor:
         return model.standardize(x, mean_only=True)
 
     def run_ae(x: torch.Tensor) -> torch.Tensor:

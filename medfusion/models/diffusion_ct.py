@@ -923,25 +923,24 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         return z_src, z_tgt
 
     @torch.no_grad()
-    def _calibrate_residual(self, z_src: Tensor, z_tgt: Tensor) -> None:
-        var = (z_tgt - z_src).float().var()
+    def _inverse_std(self, x: Tensor) -> Tensor:
+        """``1 / std(x)`` over the batch, its variance averaged over DDP ranks (one value everywhere)."""
+        var = x.detach().float().var()
         trainer = self._trainer  # None outside Lightning
         if trainer is not None and trainer.world_size > 1:
             var = trainer.strategy.reduce(var, reduce_op="mean")
-        self.residual_scale.copy_(var.clamp_min(1e-12).rsqrt())
+        return var.clamp_min(1e-12).rsqrt()
+
+    def _calibrate_residual(self, z_src: Tensor, z_tgt: Tensor) -> None:
+        self.residual_scale.copy_(self._inverse_std(z_tgt - z_src))
 
     @property
     def _dm_scale(self) -> Tensor | float:
         """Scale of the DDPM's target after the regression (``regression_rescale_step``; 1 when off or not set)."""
         scale = getattr(self, "dm_scale", None)
-        return scale if scale is not None and bool(scale > 0) else 1.0
-
-    def _calibrate_dm_scale(self, x0: Tensor) -> None:
-        var = x0.detach().float().var()
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            var = trainer.strategy.reduce(var, reduce_op="mean")
-        self.dm_scale.copy_(var.clamp_min(1e-12).rsqrt())
+        if scale is None:
+            return 1.0
+        return torch.where(scale > 0, scale, torch.ones_like(scale))  # no host sync in the training step
 
     def diffusion_target(
         self, z_src: Tensor, z_tgt: Tensor, mean: Tensor | None = None
@@ -975,7 +974,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             step = self.hparams.regression_rescale_step
             if step is not None and self.training and self._trainer is not None and self.global_step >= step:
                 if self.dm_scale <= 0:
-                    self._calibrate_dm_scale((z_tgt - z_src) * self.residual_scale - mean)
+                    self.dm_scale.copy_(self._inverse_std((z_tgt - z_src) * self.residual_scale - mean))
         x0, cond = self.diffusion_target(z_src, z_tgt, mean)
         dev = generator.device if generator is not None else x0.device
         t = torch.randint(
