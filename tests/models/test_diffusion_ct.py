@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from medfusion import keys
 from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
-from medfusion.models.export import export_model
+from medfusion.models.export import export_model, load_model
 
 AE_KW = dict(channels=(8, 16), latent_channels=2, norm_num_groups=4, num_res_blocks=1)
 UNET_KW = dict(
@@ -530,8 +530,6 @@ def test_regression_rescale_sets_the_ddpm_scale_once_and_sampling_undoes_it(ae2d
     """regression_rescale_step=k: the DDPM's target r (z_std - z_src) - mu is rescaled to unit variance once, at
     training step k (s = 1 before; never changed after); the target is s (r res - mu), sampling returns x0 / s + mu,
     the scale survives export, and the option needs the regression."""
-    from medfusion.models.export import load_model
-
     sd, path, batch = ae2d
     with pytest.raises(ValueError, match="regression_rescale_step"):
         _stage2(path, regression_rescale_step=2)
