@@ -118,10 +118,15 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument(
+        "--workers", type=int, default=0,
+        help="dataloader workers for training (persistent across epochs); on a GPU the crops of the main process bound the step",
+    )  # fmt: skip
+    p.add_argument(
         "--reuse", action="store_true",
         help="load the models a previous run saved in --out (stage1/, stage2_*/, unet.safetensors) instead of training",
     )  # fmt: skip
     p.add_argument("--dm-lr", type=float, default=2e-4, help="stage-2 AdamW learning rate (cosine schedule)")
+    p.add_argument("--dm-batch", type=int, default=8, help="stage-2 batch size (crops per step)")
     p.add_argument(
         "--min-snr-gamma", type=float, default=None, help="stage-2 Min-SNR loss weighting (Hang et al. 2023)"
     )
@@ -162,6 +167,7 @@ def main() -> None:
     )
     dm = lambda bs: ManifestDataModule(  # noqa: E731
         str(manifest), task="standardize", spatial_dims=2, roi_size=[args.crop] * 2, batch_size=bs, cache="memory", seed=0,
+        num_workers=args.workers, persistent_workers=args.workers > 0,
     )  # fmt: skip
     budget: dict[str, str] = {}
 
@@ -208,11 +214,11 @@ def main() -> None:
             regression=args.regression and mode == "conditional", regression_channels=tuple(args.regression_channels),
         )  # fmt: skip
         tr = _trainer(args.dm_steps, args.minutes, dev, out, True)
-        tr.fit(m, datamodule=dm(8))
+        tr.fit(m, datamodule=dm(args.dm_batch))
         export_model(m.cpu(), out / f"stage2_{mode}", overwrite=True)
         models[mode] = m.to(dev).eval()
         budget[f"stage 2 {mode}"] = (
-            f"{tr.global_step} steps, bs 8, denoiser {tuple(args.dm_channels)} attention {tuple(args.dm_attention)}"
+            f"{tr.global_step} steps, bs {args.dm_batch}, denoiser {tuple(args.dm_channels)} attention {tuple(args.dm_attention)}"
             f"{f', pixel shuffle {args.pixel_shuffle}' if args.pixel_shuffle else ''}"
             f"{f', regression lr {args.regression_lr:g}' if args.regression_lr else ''}"
             f"{f', DDPM target rescaled at step {args.regression_rescale_step}' if args.regression_rescale_step is not None else ''}"

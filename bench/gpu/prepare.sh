@@ -14,6 +14,9 @@
 # Versions: the ones installed in .venv (so the GPU run uses exactly what was tested here).
 #
 #     bash bench/gpu/prepare.sh            # -> .gpu_wheels/*.whl, prints the total size
+#     bash bench/gpu/prepare.sh BENCH_DIR  # also -> .gpu_carry/dct: data, stage 1, U-Net of a finished CPU run of
+#                                          #    bench/diffusion_ct.py --out BENCH_DIR (step f then trains only
+#                                          #    stage 2 on the card); carry it too: carry=[".gpu_wheels", ".gpu_carry"]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -47,10 +50,22 @@ for w in "$DEST"/*.whl; do
     esac
 done
 [ "$bad" = 0 ] || { echo "prepare.sh: incompatible wheel(s) above" >&2; exit 1; }
+if [ $# -ge 1 ]; then
+    src=$1
+    for f in data stage1 unet.safetensors results.json; do
+        [ -e "$src/$f" ] || { echo "prepare.sh: $src/$f missing (not a finished bench/diffusion_ct.py --out folder)" >&2; exit 1; }
+    done
+    rm -rf .gpu_carry/dct
+    mkdir -p .gpu_carry/dct
+    cp -r "$src/data" "$src/stage1" "$src/unet.safetensors" "$src/results.json" .gpu_carry/dct/
+    echo "carried bench models: $(du -sh .gpu_carry | cut -f1) in .gpu_carry/dct (from $src)"
+fi
 count=$(ls "$DEST"/*.whl | wc -l)
 [ "$count" = "${#PKGS[@]}" ] || { echo "prepare.sh: expected ${#PKGS[@]} wheels, got $count" >&2; exit 1; }
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
 echo "total: $count wheels, $((total / 1024)) KiB ($(awk -v b="$total" 'BEGIN{printf "%.1f", b/1048576}') MiB) in $DEST/"
 # the whole travelling tree must stay under 64 MiB: warn early
 tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-echo "working tree that travels (tracked + untracked-not-ignored): $((tree / 1048576)) MiB; with wheels: $(((tree + total) / 1048576)) MiB (limit 64)"
+carry=0
+[ -d .gpu_carry ] && carry=$(du -sb .gpu_carry | cut -f1)
+echo "working tree that travels (tracked + untracked-not-ignored): $((tree / 1048576)) MiB; with wheels and .gpu_carry: $(((tree + total + carry) / 1048576)) MiB (limit 64)"

@@ -173,11 +173,16 @@ step_d() { # DRDM: train at 128² under a time guard, then evaluate the last che
     else
         size=128 batch=16 minutes=${DRDM_TRAIN_MIN:-2.0} steps=1000000 dev=cuda
     fi
+    # the training guard must outlast bench/drdm.py's own time stop (+60 s to save), and what is left must still
+    # hold the evaluation (~90 s): shorten --train-minutes to fit (session 7: an 85 s guard killed a 2-min run)
+    local left=$((BUDGET - $(elapsed) - RESERVE - 90))
+    minutes=$(awk -v m="$minutes" -v l="$left" 'BEGIN{x = (l - 60) / 60; if (x < m) m = x; if (m < 0.25) m = 0.25; printf "%.2f", m}')
     local guard=$(awk -v m="$minutes" 'BEGIN{printf "%d", m * 60 + 60}')
     step "d1 DRDM train" "$guard" "$WORK/drdm_train.txt" bash -c \
         "\"$PY\" bench/drdm.py --train-steps $steps --train-minutes $minutes --size $size --batch $batch --device $dev --save \"$save\" | tee \"$WORK/drdm_train.txt.part\"; rc=\${PIPESTATUS[0]}; mv \"$WORK/drdm_train.txt.part\" \"$WORK/drdm_train.txt\"; exit \$rc"
     local ckpts=("$save"/step_*.pt) # nullglob: empty when training wrote nothing; names are zero-padded
-    local ckpt=${ckpts[${#ckpts[@]} - 1]:-}
+    local ckpt=""
+    [ ${#ckpts[@]} -gt 0 ] && ckpt=${ckpts[${#ckpts[@]} - 1]}
     {
         echo "# DRDM trained on the GPU ($([ "$DRY" = 1 ] && echo 'DRY RUN, CPU, toy sizes' || echo "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"))"
         echo
@@ -210,7 +215,7 @@ step_e() { # restoration head-to-head, low-dose task, on the GPU; step budgets x
             --device cpu --out "$WORK/restore" --results "$OUT/restoration_gpu.md"
         return
     fi
-    [ "$left" -ge 220 ] && k=2
+    [ "$left" -ge 600 ] && k=2 # H200: RDDM trains at ~12 steps/s, the x1 budgets take ~5 min (session 7)
     say "e restoration: step budgets x$k (1200/1200/800/800 x $k), $left s left"
     step "e restoration lowdose" 400 "$OUT/restoration_gpu.md" "$PY" bench/restoration.py --task lowdose \
         --rddm-steps $((1200 * k)) --unet-steps $((1200 * k)) --s1-steps $((800 * k)) --s2-steps $((800 * k)) \
@@ -218,19 +223,30 @@ step_e() { # restoration head-to-head, low-dose task, on the GPU; step budgets x
 }
 
 step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the regression U-Net on the image grid (session 5; regression_lr 1e-3 from session 6)
-    local dct_model=(--latent-channels 16 --ae-skip-from 2 --ae-shortcuts --modes conditional --skip-ddpm1000
+    local dct_model=(--latent-channels 16 --ae-skip-from 2 --ae-shortcuts --modes conditional
         --regression --regression-channels 32 64 128 --regression-lr 1e-3 --pixel-shuffle 2 --dm-channels 32 64 128 --dm-attention 0 0 1
         --results "$OUT/diffusion_ct_gpu.md")
     if [ "$DRY" = 1 ]; then
         step "f DiffusionCT bench" 300 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
             --size 32 --crop 32 --ae-steps 3 --dm-steps 3 --unet-steps 3 \
-            "${dct_model[@]}"
+            "${dct_model[@]}" --skip-ddpm1000
+        return
+    fi
+    if [ -d "$ROOT/.gpu_carry/dct/stage1" ]; then
+        # a CPU bench's data + stage 1 + supervised U-Net travelled in .gpu_carry/dct (session 7): only stage 2 is
+        # trained here, with 4x the batch and more steps than the CPU run; the sampler sweep includes DDPM 1000
+        mkdir -p "$WORK/dct"
+        cp -r "$ROOT/.gpu_carry/dct/." "$WORK/dct/"
+        rm -rf "$WORK/dct/stage2_conditional"
+        step "f DiffusionCT bench (carried stage 1)" 330 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
+            --reuse --size 128 --crop 64 --ae-channels 32 64 64 --dm-batch "${DCT_BATCH:-32}" --dm-steps "${DCT_STEPS:-6000}" --workers "${DCT_WORKERS:-6}" \
+            --minutes "${DCT_MIN:-3.5}" "${dct_model[@]}" $([ "$DRY" = 1 ] && echo --skip-ddpm1000)
         return
     fi
     # steps far beyond what the guard allows: each model stops at --minutes (the table states the steps reached)
     step "f DiffusionCT bench" 330 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
         --minutes 1.1 --ae-steps 30000 --dm-steps 100000 --unet-steps 30000 \
-        "${dct_model[@]}"
+        "${dct_model[@]}" --skip-ddpm1000
 }
 
 for s in $STEPS; do

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +92,10 @@ class DemoBudget:
     # scored beside it as the ablation
     decode: str = "residual"
     residual_sigma: float = 0.0
+    # training dataloader workers (persistent across epochs). 0 on CPU (the crops cost little beside the model there).
+    # On a GPU the main process's crops bound the step: session 7's H200 trained stage 2 (crop 64, batch 32) at 5.5
+    # steps/s with 0 workers, ~180 ms a step of which the crops were a large share (bench/results/gpu_h200.md)
+    workers: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +112,7 @@ def budget_for(quick: bool, cuda: bool) -> DemoBudget:
         return DemoBudget(
             crop=96, ae_steps=8000, ae_batch=16, ae_minutes=4.0, unet_channels=(64, 128, 128),
             unet_attention=(False, False, True), dm_steps=6000, dm_batch=32, dm_minutes=4.0, sample_steps=20,
+            workers=min(6, max(0, (os.cpu_count() or 1) - 2)),
         )  # fmt: skip
     return DemoBudget()
 
@@ -260,7 +266,8 @@ def run_demo(
     def datamodule(batch: int) -> ManifestDataModule:
         return ManifestDataModule(
             str(manifest), task="standardize", spatial_dims=2, roi_size=[b.crop, b.crop], num_samples=1, batch_size=batch,
-            cache="memory", seed=seed, crop_foreground=b.crop_foreground,
+            cache="memory", seed=seed, crop_foreground=b.crop_foreground, num_workers=b.workers,
+            persistent_workers=b.workers > 0,
         )  # fmt: skip
 
     # stage 1 ---------------------------------------------------------------------------------------------

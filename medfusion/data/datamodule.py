@@ -95,6 +95,12 @@ class ManifestDataModule(L.LightningDataModule):
             num_samples`` samples).
         batch_size: cases per training batch; ``val_batch_size`` for evaluation (default ``batch_size``).
         num_workers: dataloader worker processes.
+        persistent_workers: keep the training loader's workers alive across epochs (needs ``num_workers > 0``).
+            Off by default: then every epoch starts fresh workers reseeded from the loader's generator, which makes
+            an epoch's crops a function of (seed, rank, epoch) alone. On: the workers are seeded once and their
+            random transforms continue their streams (crops still differ across epochs, workers and ranks), which
+            saves the worker start-up per epoch: worth it when epochs are a few steps long (small datasets, large
+            batches on a GPU).
         cache: where to cache the deterministic part: ``none``, ``memory`` (CacheDataset) or ``disk``
             (PersistentDataset in ``cache_dir``, a sub-folder per pipeline configuration).
         cache_dir: folder for ``cache="disk"``.
@@ -116,6 +122,7 @@ class ManifestDataModule(L.LightningDataModule):
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        persistent_workers: bool = False,
         cache: Literal["none", "memory", "disk"] = "none",
         cache_dir: str | None = None,
         seed: int = 0,
@@ -133,6 +140,8 @@ class ManifestDataModule(L.LightningDataModule):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size}, {val_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (there are no workers to keep)")
         # logger=False: LightningCLI already saves the full config; logging would merge these hparams with the
         # model's and fail on shared names with other meanings (e.g. a model's sliding-window ``roi_size``)
         self.save_hyperparameters(logger=False)
@@ -147,6 +156,7 @@ class ManifestDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
         self.cache = cache
         self.cache_dir = cache_dir
         self.seed = seed
@@ -264,7 +274,7 @@ class ManifestDataModule(L.LightningDataModule):
             collate_fn=list_data_collate,
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(_derive_seed(self.seed, rank, 1)),
-            persistent_workers=False,
+            persistent_workers=self.persistent_workers,
         )
 
     def _eval_dataloader(self, split: str) -> DataLoader:

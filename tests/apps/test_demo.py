@@ -43,3 +43,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # a second run into the same, non-empty folder is refused
     assert main(["demo", "--output", str(out), "--quick"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_demo_trains_with_persistent_loader_workers(tmp_path, monkeypatch):
+    """The CUDA budget feeds training from worker processes (session 7: on a GPU the crops bound the step)."""
+    import dataclasses
+
+    from medfusion.apps import demo
+
+    assert demo.budget_for(quick=False, cuda=False).workers == 0
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
+    assert demo.budget_for(quick=False, cuda=True).workers == 6
+    budget = dataclasses.replace(demo.budget_for(quick=True, cuda=False), workers=1)
+    metrics = demo.run_demo(tmp_path / "demo", quick=True, device="cpu", budget=budget, log=lambda *a: None)
+    assert metrics["budget"]["workers"] == 1
+    assert metrics["budget"]["ae_steps_done"] == 2 and metrics["budget"]["dm_steps_done"] == 2

@@ -101,16 +101,19 @@ def test_memory_cache_is_never_modified_by_the_random_part(manifest: Path) -> No
             assert torch.equal(item[key], value), key
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_training_is_reproducible_and_augmentation_varies_by_epoch(manifest: Path, num_workers: int) -> None:
+@pytest.mark.parametrize("num_workers, persistent", [(0, False), (1, False), (1, True)])
+def test_training_is_reproducible_and_augmentation_varies_by_epoch(
+    manifest: Path, num_workers: int, persistent: bool
+) -> None:
     def two_epochs(dm: ManifestDataModule) -> list[torch.Tensor]:
         dm.setup("fit")
         loader = dm.train_dataloader()
         return [torch.cat([b["source"] for b in loader]) for _ in range(2)]
 
-    first = two_epochs(_dm(manifest, num_workers=num_workers, seed=3))
-    again = two_epochs(_dm(manifest, num_workers=num_workers, seed=3))
-    other = two_epochs(_dm(manifest, num_workers=num_workers, seed=4))
+    kw = dict(num_workers=num_workers, persistent_workers=persistent)
+    first = two_epochs(_dm(manifest, seed=3, **kw))
+    again = two_epochs(_dm(manifest, seed=3, **kw))
+    other = two_epochs(_dm(manifest, seed=4, **kw))
     torch.testing.assert_close(first[0], again[0])
     torch.testing.assert_close(first[1], again[1])
     assert not torch.equal(first[0], first[1])  # a new epoch draws new crops/slices/order
@@ -173,6 +176,8 @@ def test_bad_arguments_raise(manifest: Path, tmp_path: Path) -> None:
         _dm(manifest, cache="gpu")
     with pytest.raises(ValueError, match="cache_dir"):
         _dm(manifest, cache="disk")
+    with pytest.raises(ValueError, match="persistent_workers=True needs num_workers > 0"):
+        _dm(manifest, persistent_workers=True)
     with pytest.raises(ValueError, match="roi_size"):
         _dm(manifest, roi_size=[8, 8, 8])
     dm = _dm(manifest, task="segment")  # the manifest is a standardize manifest
