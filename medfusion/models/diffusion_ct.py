@@ -43,6 +43,8 @@ The method has two stages, and so two LightningModules live in this one file:
      standard's) for ``mean_only`` (session 6). ``regression_rescale_step`` rescales the DDPM's target to unit
      variance once the regression has trained for that many steps (CorrDiff normalises the residual it diffuses; with
      ``r`` fixed at the first batch the target shrinks as ``mu`` learns, a lower effective SNR at every ``t``).
+     Measured in session 7 (12 test patients, same 4,000 steps): it does not pay (sample CCC 0.39 vs 0.46), so it is
+     off by default.
 
    Network grid (``pixel_shuffle = k``, our addition). With DC-AE shortcuts and as many latent values as pixels (16
    channels at f = 4 in 2D) the latent is a lossless rearrangement of the image, 4 x 4 pixels per latent position; a
@@ -729,7 +731,8 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             once and saved with the model); None = off (``s = 1``). ``r`` is fixed on the first batch, when ``mu = 0``,
             so the DDPM's data shrink as ``mu`` learns; CorrDiff normalises the residual after training the
             regression, this does it once the regression has had ``regression_rescale_step`` steps. Sampling
-            returns ``x0 / s + mu``.
+            returns ``x0 / s + mu``. Measured (bench/results/diffusion_ct_bench_regression.md, run 6, k = 1000 of
+            4,000 steps): the posterior mean unchanged, the sample noisier (texture CCC 0.39 vs 0.46): hence off.
         regression_lr: AdamW learning rate of the regression U-Net (None = ``lr``; the cosine decay ends at 5% of
             ``lr`` for both).
         pixel_shuffle: ``k`` channel-to-space steps (``PixelShuffle(2)`` in the autoencoder's channel order) applied to
