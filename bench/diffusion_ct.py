@@ -67,6 +67,27 @@ def _train_unet(dm, minutes: float, max_steps: int, device) -> tuple[torch.nn.Mo
     return net, steps
 
 
+def _pool_manifest(pool: Path, base: Path) -> Path:
+    """A standardize manifest over the pool's cases: training = every pool case outside the base split's validation
+    and test patients (case content depends only on (seed, index), so case_i is the same phantom in both), validation
+    and test = the base split's patients. Written next to the pool's manifest."""
+    doc = json.loads(pool.read_text())
+    ref = json.loads(base.read_text())
+    held = {s: {e["case_id"] for e in ref[s]} for s in ("validation", "test")}
+    every = [e for s in ("training", "validation", "test") for e in doc[s]]
+    doc["training"] = [e for e in every if e["case_id"] not in held["validation"] | held["test"]]
+    for s in ("validation", "test"):
+        doc[s] = [e for e in every if e["case_id"] in held[s]]
+        if len(doc[s]) != len(ref[s]):
+            raise ValueError(f"{pool}: the pool lacks some {s} cases of {base}")
+    doc["numTraining"], doc["numValidation"], doc["numTest"] = (
+        len(doc[s]) for s in ("training", "validation", "test")
+    )
+    path = pool.parent / "standardize_pool.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
 LINEAR_ROW = "linear filter (least squares on training pairs)"
 
 
@@ -74,8 +95,8 @@ def fit_linear_filter(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Least-squares shift-invariant filter source -> target: ``H(f) = sum S L* / sum |L|^2`` over training pairs.
 
     The classical image-domain answer to kernel (and noise) conversion: one transfer function per protocol, as in
-    filtering-based CT kernel conversion (e.g. Ohkubo et al., Med Phys 2009), here fitted on the training pairs in the
-    HU window instead of derived from measured MTFs. It is the best linear shift-invariant map in the MSE sense, so
+    filtering-based CT kernel conversion (a filter per kernel pair, usually derived from measured MTFs), here fitted
+    on the training pairs in the HU window. It is the best linear shift-invariant map in the MSE sense, so
     a learned model that does not beat it has learned nothing a filter could not do.
     """
     num = den = 0.0
@@ -111,6 +132,11 @@ def main() -> None:
     p.add_argument(
         "--patients", type=int, default=80, help="80 gives 12 test patients (texture CCC needs >= 12)"
     )
+    p.add_argument(
+        "--train-pool", type=int, default=0,
+        help="train every model on cases 0..N-1 of the same-seed dataset minus the base split's validation and test "
+        "patients (test set unchanged; 0 = the base split's training patients only)",
+    )  # fmt: skip
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--ae-steps", type=int, default=3000)
@@ -190,8 +216,16 @@ def main() -> None:
             "standardize"
         ]
     )
+    train_manifest = manifest
+    if args.train_pool:
+        if args.train_pool <= args.patients:
+            p.error("--train-pool must be larger than --patients")
+        pool = make_dataset(
+            out / "data_pool", n_patients=args.train_pool, dim=2, size=args.size, seed=0, progress=False
+        )
+        train_manifest = _pool_manifest(Path(pool["standardize"]), manifest)
     dm = lambda bs: ManifestDataModule(  # noqa: E731
-        str(manifest), task="standardize", spatial_dims=2, roi_size=[args.crop] * 2, batch_size=bs, cache="memory", seed=0,
+        str(train_manifest), task="standardize", spatial_dims=2, roi_size=[args.crop] * 2, batch_size=bs, cache="memory", seed=0,
         num_workers=args.workers, persistent_workers=args.workers > 0,
     )  # fmt: skip
     budget: dict[str, str] = {}
@@ -289,7 +323,7 @@ def main() -> None:
 
     # --- linear shift-invariant filter per protocol, fitted on the training pairs (same-size slices only) -----
     train_pairs: dict[str, list] = {}
-    for e in load_manifest(manifest).split("training"):
+    for e in load_manifest(train_manifest).split("training"):
         train_pairs.setdefault(e["protocol"], []).append(
             (np.squeeze(read_nifti(e["source"]).array), np.squeeze(read_nifti(e["target"]).array))
         )
@@ -431,6 +465,14 @@ def main() -> None:
         "Training budget per model (fixed optimiser steps):",
         "",
         *[f"- {k}: {v}" for k, v in budget.items()],
+        *(
+            [
+                f"- training pool: {len(load_manifest(train_manifest).split('training'))} training pairs from "
+                f"{args.train_pool} generated patients minus the base split's validation and test patients (`--train-pool`)"
+            ]
+            if args.train_pool
+            else []
+        ),  # fmt: skip
         f"- Gaussian sigma per protocol, tuned on validation (MSE): {best_sigma}",
         f"- linear filter: one least-squares transfer function per protocol ({', '.join(sorted(filters)) or 'none'}), "
         "fitted in closed form on the training pairs (whole slices, HU window); no training steps",
