@@ -122,12 +122,13 @@ def throughput(quick):
 
 def _builtin_slices(size: int, n_patients: int = 60):
     """Built-in standard-protocol phantom slices in [0, 1] (HU -1000..1000) and labels, per split."""
-    from medfusion.data.builtin import make_dataset
+    from medfusion.data.builtin import FORMAT_VERSION, make_dataset
     from medfusion.data.manifest import load_manifest
     from medfusion.io.nifti import read_nifti
 
+    # the cache folder names the data format: a folder from an older format would be refused by make_dataset
     manifests = make_dataset(
-        f"/tmp/drdm_bench_data_{size}_{n_patients}", n_patients=n_patients, dim=2, size=size,
+        f"/tmp/drdm_bench_data_v{FORMAT_VERSION}_{size}_{n_patients}", n_patients=n_patients, dim=2, size=size,
         protocols=["standard", "low_dose"], progress=False,
     )  # fmt: skip
     man = load_manifest(manifests["segment"], allow_outside=True)

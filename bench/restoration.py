@@ -242,7 +242,10 @@ def main() -> int:
         help="kernel task: DiffusionCT stage-1/stage-2 steps (default: the demo's CPU budget)",
     )
     args = ap.parse_args()
-    out = Path(args.out or f"/tmp/bench_restore_{args.task}")
+    from medfusion.data.builtin import FORMAT_VERSION
+
+    # the default folder names the data format: one from an older format would be refused by make_dataset
+    out = Path(args.out or f"/tmp/bench_restore_{args.task}_v{FORMAT_VERSION}")
     results = args.results or f"bench/results/restoration_{args.task}.md"
 
     from medfusion import keys
