@@ -240,7 +240,7 @@ step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the re
         rm -rf "$WORK/dct/stage2_conditional"
         step "f DiffusionCT bench (carried stage 1)" 330 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
             --reuse --size 128 --crop 64 --ae-channels 32 64 64 --dm-batch "${DCT_BATCH:-32}" --dm-steps "${DCT_STEPS:-6000}" --workers "${DCT_WORKERS:-6}" \
-            --minutes "${DCT_MIN:-3.5}" "${dct_model[@]}" $([ "$DRY" = 1 ] && echo --skip-ddpm1000)
+            --minutes "${DCT_MIN:-3.5}" "${dct_model[@]}"
         return
     fi
     # steps far beyond what the guard allows: each model stops at --minutes (the table states the steps reached)
