@@ -14,6 +14,7 @@
 #                          c standardize timing, d DRDM train + evaluate, e restoration lowdose,
 #                          f DiffusionCT bench (shortcut stage 1, GPU-length stage 2; issue 5, the open one)
 #   DRDM_TRAIN_MIN         DRDM training time guard in minutes (default 2.0)
+#   DCT_BATCH DCT_STEPS DCT_MIN DCT_WORKERS DCT_POOL   step f with a carried stage 1 (bench/gpu/README.md)
 #   PY                     python (default python3 on GPU, .venv/bin/python in a dry run)
 # Files in $OUT (all 8 the run tool returns): summary.txt, log.txt, train_step.md, pytest_gpu.txt,
 # standardize_timing.md, drdm_gpu.md, restoration_gpu.md, diffusion_ct_gpu.md.
@@ -238,8 +239,11 @@ step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the re
         mkdir -p "$WORK/dct"
         cp -r "$ROOT/.gpu_carry/dct/." "$WORK/dct/"
         rm -rf "$WORK/dct/stage2_conditional"
-        step "f DiffusionCT bench (carried stage 1)" 330 "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
-            --reuse --size 128 --crop 64 --ae-channels 32 64 64 --dm-batch "${DCT_BATCH:-32}" --dm-steps "${DCT_STEPS:-6000}" --workers "${DCT_WORKERS:-6}" \
+        # DCT_POOL=320: train stage 2 and the U-Net on the pool (bench --train-pool; generated here, ~2.5 min on one core)
+        local guard=330
+        [ -n "${DCT_POOL:-}" ] && rm -f "$WORK/dct/unet.safetensors" && guard=510
+        step "f DiffusionCT bench (carried stage 1)" "$guard" "$OUT/diffusion_ct_gpu.md" "$PY" bench/diffusion_ct.py --out "$WORK/dct" \
+            --reuse --size 128 --crop 64 --ae-channels 32 64 64 --dm-batch "${DCT_BATCH:-32}" --dm-steps "${DCT_STEPS:-6000}" --workers "${DCT_WORKERS:-6}" ${DCT_POOL:+--train-pool "$DCT_POOL"} \
             --minutes "${DCT_MIN:-3.5}" "${dct_model[@]}"
         return
     fi
