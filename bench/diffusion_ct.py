@@ -83,9 +83,9 @@ def _pool_manifest(pool: Path, base: Path) -> Path:
     doc["numTraining"], doc["numValidation"], doc["numTest"] = (
         len(doc[s]) for s in ("training", "validation", "test")
     )
-    path = pool.parent / "standardize_pool.json"
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+    from medfusion.io.atomic import write_text_atomic
+
+    return write_text_atomic(pool.parent / "standardize_pool.json", json.dumps(doc, indent=1), overwrite=True)
 
 
 LINEAR_ROW = "linear filter (least squares on training pairs)"
