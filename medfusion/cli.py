@@ -5,7 +5,7 @@ Two families of commands share one entry point:
 * ``fit``, ``validate``, ``test``, ``predict``: Lightning's ``LightningCLI`` (torchgeo-style), driven by
   a YAML from ``configs/`` whose ``model.class_path`` / ``data.class_path`` name the classes.
 * data and inference commands (``make-data``, ``convert``, ``manifest``, ``standardize``, ``restore``,
-  ``augment``, ``demo``): each lives in its own module, which exposes ``add_arguments(parser)`` and
+  ``augment``, ``export``, ``demo``): each lives in its own module, which exposes ``add_arguments(parser)`` and
   ``run(args) -> int``.
 
 ``medfusion --help`` must answer in about a second, so nothing heavy is imported here: a command's module
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "standardize": ("medfusion.apps.standardize", "standardize CT scans with a trained DiffusionCT model"),
     "restore": ("medfusion.apps.restore", "restore (denoise / super-resolve) scans with RDDM or DiffIR"),
     "augment": ("medfusion.apps.augment", "write DRDM-deformed image/label/field triplets from a manifest"),
+    "export": ("medfusion.apps.export", "Lightning .ckpt -> pickle-free model folder (safetensors + YAML)"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a YAML config",
@@ -50,7 +51,7 @@ def _top_help() -> str:
         "",
         "usage: medfusion COMMAND [options]   (medfusion COMMAND --help for its options)",
         "",
-        "training (LightningCLI; e.g. medfusion fit --config configs/diffusion_ct/sim2d.yaml):",
+        "training (LightningCLI; e.g. medfusion fit --config configs/diffusion_ct/sim2d_stage1.yaml):",
     ]
     lines += [f"  {name:<12} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "data and inference:"]

@@ -10,7 +10,8 @@ the slices of each volume in batches. 3D models get the whole volume; sliding wi
 model's own ``sw_roi_size``) run *inside* the model, i.e. inside every RDDM sampling step, never as independent
 samplers per window. Input and output handling (HU window, padding, progress, atomic writes, no overwrite) is
 :mod:`medfusion.apps.volume_job`, shared with ``standardize``.
-Exit status: 0 all scans written, 1 some failed, 2 bad arguments / input (nothing written).
+Exit status: 0 all scans written (or already there, with ``--resume``), 1 some failed, 2 all failed or bad
+arguments / input (nothing written). ``--resume`` skips scans whose output exists.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         results = run_volume_job(
             args.input, args.output, fn, fmt=args.format, spatial_dims=model.spatial_dims, hu_window=window,
             batch_size=args.batch_size, divisible_by=model.divisible_by, roi_size=None, device=device,
-            overwrite=args.overwrite, manifest_key=args.manifest_key, split=args.split,
+            overwrite=args.overwrite, resume=args.resume, include_derived=args.include_derived,
+            manifest_key=args.manifest_key, split=args.split,
             series_description=f"restored (medfusion {name})",
             derivation_description=f"{name} restoration, {steps} steps",
             show_progress=not args.quiet, before_each=reseed,

@@ -6,7 +6,8 @@
 ``MODEL`` is an exported folder (``model.safetensors`` + ``config.yaml``) or a Lightning ``.ckpt`` (loaded without
 pickle). ``PATH`` is a DICOM folder, a NIfTI file, a folder of NIfTI files or a manifest JSON. 2D models run over
 the slices of each volume in batches, 3D models on the whole volume or on ``--roi-size`` sliding windows.
-Exit status: 0 all scans written, 1 some failed, 2 bad arguments / input (nothing written).
+Exit status: 0 all scans written (or already there, with ``--resume``), 1 some failed, 2 all failed or bad
+arguments / input (nothing written). ``--resume`` skips scans whose output exists.
 """
 
 from __future__ import annotations
@@ -44,6 +45,28 @@ def model_window(model) -> tuple[float, float]:
     return (float(w[0]), float(w[1])) if w else (-1000.0, 1000.0)
 
 
+def check_options(args: argparse.Namespace, model) -> None:
+    """Refuse options that do not fit the model before any scan is read (``ValueError`` naming the valid ones)."""
+    from medfusion.diffusion.samplers import SAMPLERS
+
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {args.sampler!r}")
+    if args.strength is not None:
+        if model.hparams.mode != "translate":
+            raise ValueError(
+                f"--strength applies to translate-mode models only; {args.ckpt} is a {model.hparams.mode} model"
+            )
+        if not 0.0 <= args.strength <= 1.0:
+            raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.roi_size is not None:
+        if model.spatial_dims != 3:
+            raise ValueError("--roi-size applies to 3D models only (a 2D model runs slice by slice)")
+        if len(args.roi_size) != 3 or any(r % model.divisible_by for r in args.roi_size):
+            raise ValueError(
+                f"--roi-size needs 3 values, multiples of {model.divisible_by}; got {args.roi_size}"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -60,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if args.residual_sigma is not None and args.residual_sigma < 0:
             raise ValueError(f"--residual-sigma must be >= 0 (pixels), got {args.residual_sigma}")
+        check_options(args, model)
         model = model.to(device).eval()
         window = tuple(args.hu_window) if args.hu_window else model_window(model)
         state = {"gen": torch.Generator().manual_seed(args.seed)}
@@ -81,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         results = run_volume_job(
             args.input, args.output, fn, fmt=args.format, spatial_dims=model.spatial_dims, hu_window=window,
             batch_size=args.batch_size, divisible_by=model.divisible_by, roi_size=args.roi_size, device=device,
-            overwrite=args.overwrite, manifest_key=args.manifest_key, split=args.split,
+            overwrite=args.overwrite, resume=args.resume, include_derived=args.include_derived,
+            manifest_key=args.manifest_key, split=args.split,
             series_description="standardized (medfusion DiffusionCT)",
             derivation_description=f"DiffusionCT standardization, {args.sampler or model.hparams.sampler} "
             f"{args.steps or model.hparams.num_inference_steps} steps",

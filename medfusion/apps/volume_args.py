@@ -31,14 +31,36 @@ def add_io_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> Non
     parser.add_argument("--split", default=None, help="manifest split to process (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (per scan, reproducible)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip scans whose output exists (outputs are written atomically, so an existing one is complete)",
+    )
+    parser.add_argument(
+        "--include-derived",
+        action="store_true",
+        help="also process DICOM series marked DERIVED (e.g. medfusion's own DICOM output); skipped by default",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def report(results: Sequence[Any], verb: str) -> int:
-    """Print one line per scan and a total; exit status 0 when all were written, 1 when some failed."""
-    failed = [r for r in results if r.status != "ok"]
+    """Print one line per scan and a total; return the exit status.
+
+    0: every scan written (or already done, with ``--resume``); 1: some failed; 2: all failed (nothing written).
+    DICOM objects skipped by discovery are listed but change nothing (a warning must not abort a pipeline).
+    """
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "done", "skipped", "failed")}
     for r in results:
-        line = f"{r.status:6} {r.name} -> {r.output}" + (f"  ({r.message})" if r.message else "")
-        print(line, file=sys.stderr if r.status != "ok" else sys.stdout)
-    print(f"{len(results) - len(failed)}/{len(results)} scans {verb}")
-    return 1 if failed else 0
+        line = f"{r.status:7} {r.name} -> {r.output}" + (f"  ({r.message})" if r.message else "")
+        print(line, file=sys.stderr if r.status == "failed" else sys.stdout)
+    scans = counts["ok"] + counts["done"] + counts["failed"]
+    extra = [
+        f"{counts[s]} {label}"
+        for s, label in (("done", "already done"), ("failed", "failed"), ("skipped", "DICOM objects skipped"))
+        if counts[s]
+    ]
+    print(f"{counts['ok']}/{scans} scans {verb}" + (f" ({', '.join(extra)})" if extra else ""))
+    if not counts["failed"]:
+        return 0
+    return 2 if counts["ok"] + counts["done"] == 0 else 1

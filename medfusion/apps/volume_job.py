@@ -13,7 +13,11 @@ module does everything around it:
   (``monai.inferers.sliding_window_inference``); sizes are padded to multiples of ``divisible_by`` with air (-1);
 * output as NIfTI (same affine) or as a DICOM series derived from the input series; every output path is checked
   *before* any work (never overwrite without ``overwrite=True``) and written atomically;
-* a rich progress bar, and a per-scan result list (a failing scan does not stop the others).
+* a rich progress bar, and a per-scan result list: a failing scan (unreadable file, wrong shape, any error while
+  processing it) is reported with its path and the reason and does not stop the others; DICOM objects left out by
+  discovery (localizers, derived images, non-image objects, unreadable files) are listed as ``skipped``;
+* resumable batches (user_asks §0.6): with ``resume=True`` a scan whose output exists is skipped; outputs are
+  written atomically, so an existing output is complete, and a killed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class JobItem(NamedTuple):
 
 
 class JobResult(NamedTuple):
-    """Outcome for one scan: ``status`` is ``ok`` or ``failed`` (``message`` says why)."""
+    """Outcome for one scan: ``status`` is ``ok``, ``done`` (output already there, ``resume``), ``skipped`` (left out
+    by DICOM discovery) or ``failed``; ``message`` says why."""
 
     name: str
     input: str
@@ -88,7 +93,9 @@ def _unique(items: list[JobItem]) -> list[JobItem]:
     return out
 
 
-def _manifest_items(path: Path, key: str, split: str | None) -> list[JobItem]:
+def _manifest_items(
+    path: Path, key: str, split: str | None, skipped: list[tuple[str, str]], include_derived: bool
+) -> list[JobItem]:
     from medfusion.data.manifest import load_manifest
 
     man = load_manifest(path, task=None, check_files=False, allow_outside=True)
@@ -112,7 +119,7 @@ def _manifest_items(path: Path, key: str, split: str | None) -> list[JobItem]:
             if _is_nifti(p):
                 items.append(JobItem(name, "nifti", p))
             elif p.is_dir():
-                items.extend(_dicom_items(p, prefix=name))
+                items.extend(_dicom_items(p, skipped, include_derived, prefix=name))
             else:
                 raise ValueError(f"{path}: entry {p} is neither a NIfTI file nor a DICOM folder")
     if not items:
@@ -120,11 +127,19 @@ def _manifest_items(path: Path, key: str, split: str | None) -> list[JobItem]:
     return items
 
 
-def _dicom_items(folder: Path, prefix: str | None = None) -> list[JobItem]:
+def _dicom_items(
+    folder: Path, skipped: list[tuple[str, str]], include_derived: bool, prefix: str | None = None
+) -> list[JobItem]:
     from medfusion.io.dicom import discover_series
 
-    found = discover_series(folder)
-    series = list(getattr(found, "series", found))
+    found = discover_series(folder, include_derived=include_derived)
+    for sk in found.skipped:
+        if sk.reason == "not DICOM":  # other files in the folder (sidecars, notes) are no news
+            continue
+        where = str(sk.paths[0]) + (f" (+{len(sk.paths) - 1} files)" if len(sk.paths) > 1 else "")
+        what = f"series {sk.description!r}: " if sk.description else ""
+        skipped.append((where, f"{what}{sk.reason}"))
+    series = list(found.series)
     items = []
     for i, s in enumerate(series):
         desc = getattr(s, "description", None) or ""
@@ -138,17 +153,27 @@ def _dicom_items(folder: Path, prefix: str | None = None) -> list[JobItem]:
 
 
 def discover_inputs(
-    path: str | Path, *, manifest_key: str = "source", split: str | None = None
+    path: str | Path,
+    *,
+    manifest_key: str = "source",
+    split: str | None = None,
+    include_derived: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[JobItem]:
-    """Scans named by ``path`` (see the module docstring). Raises ``FileNotFoundError`` / ``ValueError`` clearly."""
+    """Scans named by ``path`` (see the module docstring). Raises ``FileNotFoundError`` / ``ValueError`` clearly.
+
+    DICOM objects that discovery leaves out (localizers; derived images unless ``include_derived``; non-image
+    objects; unreadable files) are appended to ``skipped`` as ``(path, reason)`` when a list is given.
+    """
     path = Path(path)
+    notes: list[tuple[str, str]] = [] if skipped is None else skipped
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if path.is_file():
         if _is_nifti(path):
             return [JobItem(_nifti_stem(path), "nifti", path)]
         if path.suffix in MANIFEST_SUFFIXES:
-            return _unique(_manifest_items(path, manifest_key, split))
+            return _unique(_manifest_items(path, manifest_key, split, notes, include_derived))
         raise ValueError(
             f"{path}: unsupported input file; give a NIfTI file (.nii, .nii.gz), a manifest (.json, .csv), "
             "a folder of NIfTI files or a DICOM folder"
@@ -156,9 +181,17 @@ def discover_inputs(
     niftis = sorted(p for p in path.rglob("*") if p.is_file() and _is_nifti(p))
     if niftis:
         return _unique([JobItem(_nifti_stem(p), "nifti", p) for p in niftis])
-    items = _dicom_items(path)
+    n_before = len(notes)
+    items = _dicom_items(path, notes, include_derived)
     if not items:
-        raise ValueError(f"{path}: no NIfTI files and no DICOM series found in this folder")
+        left_out = notes[n_before:]
+        detail = ""
+        if left_out:
+            detail = f"; left out: {'; '.join(f'{w}: {r}' for w, r in left_out[:3])}"
+            detail += " ..." if len(left_out) > 3 else ""
+            if any("derived" in r.lower() for _, r in left_out) and not include_derived:
+                detail += " (derived series, e.g. medfusion's own DICOM output, need --include-derived)"
+        raise ValueError(f"{path}: no NIfTI files and no usable DICOM series found in this folder{detail}")
     return _unique(items)
 
 
@@ -287,6 +320,8 @@ def run_volume_job(
     roi_size: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
+    resume: bool = False,
+    include_derived: bool = False,
     manifest_key: str = "source",
     split: str | None = None,
     series_description: str = "medfusion",
@@ -297,19 +332,34 @@ def run_volume_job(
     """Discover the scans of ``input_path``, apply ``fn`` to each and write them under ``output``.
 
     Raises (before any work): ``FileNotFoundError`` / ``ValueError`` for bad input or format, ``FileExistsError``
-    if an output exists and ``overwrite`` is False. Per-scan read/processing errors are returned as ``failed``.
+    if an output exists and neither ``overwrite`` nor ``resume`` is set. With ``resume`` scans whose output exists
+    are returned as ``done`` and not recomputed. Per-scan read/processing errors are returned as ``failed`` (with the
+    input path and the reason); DICOM objects left out by discovery as ``skipped``.
     ``before_each(item)`` runs before each scan (e.g. to reseed a sampler per scan).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    items = discover_inputs(input_path, manifest_key=manifest_key, split=split)
+    if overwrite and resume:
+        raise ValueError(
+            "overwrite and resume exclude each other: replace every output, or skip existing ones"
+        )
+    left_out: list[tuple[str, str]] = []
+    items = discover_inputs(
+        input_path, manifest_key=manifest_key, split=split, include_derived=include_derived, skipped=left_out
+    )
     outputs = plan_outputs(items, output, fmt)
-    for out in outputs:
-        check_not_overwriting(out, overwrite)
-    results: list[JobResult] = []
+    if not resume:
+        for out in outputs:
+            check_not_overwriting(out, overwrite)
+    results: list[JobResult] = [JobResult(Path(w).name, w, "-", "skipped", r) for w, r in left_out]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
         for item, out in zip(items, outputs):
+            if resume and out.exists():
+                results.append(
+                    JobResult(item.name, str(item.path), str(out), "done", "output exists (resume)")
+                )
+                continue
             try:
                 if item.kind == "nifti":
                     from medfusion.io.nifti import read_nifti
@@ -340,7 +390,7 @@ def run_volume_job(
                         derivation_description=derivation_description, overwrite=overwrite,
                     )  # fmt: skip
                 results.append(JobResult(item.name, str(item.path), str(out), "ok"))
-            except (OSError, ValueError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 - one bad scan (e.g. nibabel's ImageFileError) must not stop the batch
                 results.append(
                     JobResult(item.name, str(item.path), str(out), "failed", f"{type(err).__name__}: {err}")
                 )

@@ -140,11 +140,35 @@ def _load_exported(folder: Path, map_location: str | torch.device) -> Any:
     cfg_path, w_path = folder / CONFIG, folder / WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
         raise ValueError(f"{folder} is not an exported model: it needs {CONFIG} and {WEIGHTS}")
-    config = yaml.safe_load(cfg_path.read_text())
-    module = build_from_config(config)
-    state = load_file(str(w_path), device=str(map_location))
-    module.load_state_dict(_plain_keys(state), strict=True)
+    try:
+        config = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{cfg_path}: not valid YAML: {err}") from err
+    module = _build(config, cfg_path)
+    try:
+        state = load_file(str(w_path), device=str(map_location))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise ValueError(f"{w_path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    _load_state(module, state, w_path)
     return module.eval()
+
+
+def _build(config: Any, source: Path) -> Any:
+    """:func:`build_from_config`, with errors that name the file the config came from."""
+    try:
+        return build_from_config(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: cannot build the model from its config: {err}") from err
+
+
+def _load_state(module: Any, state: dict[str, Any], source: Path) -> None:
+    try:
+        module.load_state_dict(_plain_keys(state), strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{source}: the weights do not match the model its config describes "
+            f"({type(module).__name__}): {str(err)[:500]}"
+        ) from err
 
 
 def _load_checkpoint(path: Path, map_location: str | torch.device, *, ema: bool = True) -> Any:
@@ -152,6 +176,8 @@ def _load_checkpoint(path: Path, map_location: str | torch.device, *, ema: bool 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means: not a plain-data checkpoint
         raise ValueError(f"{path} could not be loaded with torch.load(weights_only=True): {err}") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint (a mapping)")
     hparams = dict(ckpt.get("hyper_parameters") or {})
     cls_path = ckpt.get(CKPT_CLASS_KEY) or hparams.get("_class_path")
     if cls_path is None:
@@ -159,8 +185,10 @@ def _load_checkpoint(path: Path, map_location: str | torch.device, *, ema: bool 
             f"{path} does not name its model class (no {CKPT_CLASS_KEY!r} or '_class_path' entry)"
         )
     init_args = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
-    module = build_from_config({"class_path": cls_path, "init_args": init_args})
-    module.load_state_dict(_plain_keys(ckpt["state_dict"]), strict=True)
+    module = _build({"class_path": cls_path, "init_args": init_args}, path)
+    if "state_dict" not in ckpt:
+        raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
+    _load_state(module, ckpt["state_dict"], path)
     if ema and EMA_KEY in ckpt:
         load_ema_weights(module, ckpt, attr=ckpt.get(EMA_ATTR_KEY))
     return module.eval()

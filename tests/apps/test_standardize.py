@@ -94,9 +94,11 @@ def test_standardize_refuses_to_overwrite(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "case, message",
-    [("missing", "not found"), ("text", "unsupported input"), ("empty_dir", "no NIfTI files and no DICOM"),
+    [("missing", "not found"), ("text", "unsupported input"), ("empty_dir", "no NIfTI files and no usable DICOM"),
      ("dicom_from_nifti", "needs DICOM input"), ("wrong_model", "not a DiffusionCT"),
-     ("negative_sigma", "--residual-sigma must be >= 0")],
+     ("negative_sigma", "--residual-sigma must be >= 0"), ("bad_sampler", "--sampler must be one of"),
+     ("strength_conditional", "translate-mode models only"), ("roi_2d", "3D models only"),
+     ("overwrite_and_resume", "exclude each other")],
 )  # fmt: skip
 def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message):
     write_nifti(tmp_path / "a.nii.gz", _volume(), AFFINE)
@@ -111,8 +113,13 @@ def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message)
             "--input", str(inp), "--output", str(tmp_path / "out"), "--quiet"]  # fmt: skip
     if case == "dicom_from_nifti":
         args += ["--format", "dicom"]
-    if case == "negative_sigma":
-        args += ["--decode", "residual", "--residual-sigma", "-1"]
+    args += {
+        "negative_sigma": ["--decode", "residual", "--residual-sigma", "-1"],
+        "bad_sampler": ["--sampler", "euler"],
+        "strength_conditional": ["--strength", "0.3"],
+        "roi_2d": ["--roi-size", "16", "16", "8"],
+        "overwrite_and_resume": ["--overwrite", "--resume"],
+    }.get(case, [])
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -153,3 +160,78 @@ def test_manifest_input_and_output_plan(model_dir, tmp_path):
                "--output", str(tmp_path / "out"), "--quiet", "--steps", "1", "--sampler", "ddim"])  # fmt: skip
     assert rc == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1_sharp.nii.gz", "c2_sharp.nii.gz"]
+
+
+def test_batch_continues_past_a_corrupt_scan_and_resumes(model_dir, tmp_path, capsys):
+    """user_asks §0.6: a bad file is reported (path + reason) and does not stop the batch; exit 1 = some failed;
+    a second run with --resume computes only what is missing and leaves finished outputs alone."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_nifti(inp / "a.nii.gz", _volume(), AFFINE)
+    inp.joinpath("b.nii.gz").write_bytes(b"\x1f\x8b not gzip")  # nibabel: ImageFileError / OSError
+    args = ["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(inp), "--output", str(out),
+            "--quiet"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "failed" in err and "b.nii.gz" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+    first = (out / "a.nii.gz").stat().st_mtime_ns
+    assert main(args) == 2  # without --resume the existing output is refused, nothing is redone
+    assert "refusing to overwrite" in capsys.readouterr().err
+    write_nifti(inp / "b.nii.gz", _volume(1), AFFINE, overwrite=True)  # the user repairs the bad file
+    assert main([*args, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "done" in text and "already done" in text
+    assert (out / "a.nii.gz").stat().st_mtime_ns == first
+    assert read_nifti(out / "b.nii.gz").array.shape == _volume(1).shape
+
+
+def test_all_scans_failing_exits_2(model_dir, tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    inp.joinpath("a.nii.gz").write_bytes(b"garbage")
+    rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(inp), "--output",
+               str(tmp_path / "out"), "--quiet"])  # fmt: skip
+    assert rc == 2
+    assert "0/1 scans standardized" in capsys.readouterr().out
+
+
+def test_derived_series_are_listed_and_need_include_derived(model_dir, tmp_path, capsys):
+    """Our own DICOM output is a DERIVED series: discovery skips it by default and says how to include it."""
+    pytest.importorskip("pydicom")
+    from medfusion.io.dicom import write_dicom_series
+
+    write_dicom_series(_volume(shape=(32, 32, 2)), tmp_path / "orig", affine=AFFINE, series_description="orig",
+                       derivation_description="test input")  # fmt: skip
+    args = ["standardize", "--ckpt", str(model_dir / "dct"), "--quiet"]
+    to_dicom = ["--input", str(tmp_path / "orig"), "--output", str(tmp_path / "std"), "--format", "dicom"]
+    assert main([*args, *to_dicom]) == 0
+    args += ["--input", str(tmp_path / "std")]
+    assert main([*args, "--output", str(tmp_path / "o1")]) == 2
+    assert "--include-derived" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "o2.nii.gz"), "--include-derived"]) == 0
+    assert (tmp_path / "o2.nii.gz").exists()
+
+
+@pytest.mark.parametrize("broken", ["config", "weights", "shapes"])
+def test_a_broken_model_folder_names_the_file(model_dir, tmp_path, capsys, broken):
+    import shutil
+
+    import yaml
+
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir / "dct", bad)
+    if broken == "config":
+        (bad / "config.yaml").write_text("class_path: [unclosed")
+    elif broken == "weights":
+        (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    else:
+        cfg = yaml.safe_load((bad / "config.yaml").read_text())
+        cfg["init_args"]["channels"] = [8, 16]
+        (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_nifti(tmp_path / "a.nii.gz", _volume(), AFFINE)
+    rc = main(["standardize", "--ckpt", str(bad), "--input", str(tmp_path / "a.nii.gz"), "--output",
+               str(tmp_path / "o.nii.gz"), "--quiet"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and ("config.yaml" in err or "model.safetensors" in err)
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -82,6 +82,17 @@ def test_lightning_checkpoint_loads_with_weights_only(stage1, tmp_path):
     loaded = load_model(tmp_path / "a.ckpt")
     x = _batch()[keys.SOURCE]
     torch.testing.assert_close(loaded.reconstruct(x), ae.eval().reconstruct(x), rtol=0, atol=0)
+    # `medfusion export` turns the checkpoint into the pickle-free folder, with the same outputs; never overwrites
+    from medfusion.cli import main
+
+    assert main(["export", "--ckpt", str(tmp_path / "a.ckpt"), "--output", str(tmp_path / "exp")]) == 0
+    torch.testing.assert_close(
+        load_model(tmp_path / "exp").reconstruct(x), loaded.reconstruct(x), rtol=0, atol=0
+    )
+    assert main(["export", "--ckpt", str(tmp_path / "a.ckpt"), "--output", str(tmp_path / "exp")]) == 2
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["export", "--ckpt", str(tmp_path / "bad.ckpt"), "--output", str(tmp_path / "exp2")]) == 2
+    assert not (tmp_path / "exp2").exists()
 
 
 def test_refuses_foreign_classes_and_overwrite(stage1, tmp_path):

@@ -1,0 +1,38 @@
+"""``medfusion export``: turn a Lightning checkpoint from ``medfusion fit`` into a pickle-free model folder.
+
+    medfusion export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --output models/dct [--raw] [--overwrite]
+
+The folder holds ``model.safetensors`` + ``config.yaml`` (:mod:`medfusion.models.export`): the format that
+``standardize``, ``restore``, ``augment`` and DiffusionCT's ``autoencoder=`` argument read, and the one to share
+(a ``.ckpt`` also holds optimizer state and is a pickle container). The checkpoint is read with
+``torch.load(weights_only=True)``; EMA weights are exported when the checkpoint has them (``--raw``: the raw ones).
+Exit status: 0 written, 2 bad arguments or input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt (or an exported folder, to copy it)")
+    parser.add_argument("--output", required=True, help="folder to write (model.safetensors + config.yaml)")
+    parser.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA ones")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfusion.io.atomic import check_not_overwriting
+    from medfusion.models.export import export_model, load_model
+
+    try:
+        check_not_overwriting(args.output, args.overwrite)
+        model = load_model(args.ckpt, ema=not args.raw)
+        out = export_model(model, args.output, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"medfusion export: error: {err}", file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {type(model).__name__} ({n / 1e6:.2f} M parameters) to {out}")
+    return 0
