@@ -36,7 +36,7 @@ import numpy as np
 from medfusion import keys as K
 from medfusion.io.atomic import write_text_atomic
 
-TASKS: tuple[str, ...] = ("standardize", "restore", "segment", "register")
+TASKS: tuple[str, ...] = ("standardize", "restore", "segment", "register", "image")
 REPEAT = "standard_repeat"
 RESTORE_SOURCE = "low_dose"
 FORMAT_VERSION = 2  # 2: protocols share one raw acquisition (session 3)
@@ -207,6 +207,9 @@ def _manifests(
             {K.IMAGE: f(c, STANDARD), K.LABEL: f(c, "label"), K.PROTOCOL: STANDARD, K.CASE_ID: c}
             for c in cases
         ]
+        entries["image"][split] = [
+            {K.IMAGE: f(c, STANDARD), K.PROTOCOL: STANDARD, K.CASE_ID: c} for c in cases
+        ]
         if len(cases) >= 2:
             pairs = [
                 (cases[i], cases[(i + 1) % len(cases)]) for i in range(len(cases) if len(cases) > 2 else 1)
@@ -226,6 +229,7 @@ def _manifests(
         "restore": f"{RESTORE_SOURCE} scan (source) -> standard-dose scan (target), same patient",
         "segment": "standard-protocol CT (image) and the phantom label map (label)",
         "register": "pairs of different patients within a split: moving -> fixed, with label maps",
+        "image": "standard-protocol CT only (image): unpaired training, e.g. DiffusionCT's translate mode",
     }
     out: dict[str, Path] = {}
     folder = root / "manifests"

@@ -18,7 +18,8 @@ The method has two stages, and so two LightningModules live in this one file:
      ``x0 = r * (z_std - z_src)`` with its own scale ``r = 1 / std(z_std - z_src)``; the measured feasibility run
      (shared/reference/diffusionct_feasibility.md, risk 4) showed that a from-noise model fails to learn the
      near-identity map in a few hundred steps while the residual target reaches the autoencoder ceiling.
-   * ``translate`` (unpaired: only standard scans are needed): an unconditional DDPM on standard latents; at
+   * ``translate`` (unpaired: only standard scans are needed; batches with ``target`` or ``image`` alone, e.g. the
+     built-in ``image.json`` manifest): an unconditional DDPM on standard latents; at
      inference the source latent is noised to ``t_start = strength * (T - 1)`` with ``q(x_t | x_0)`` (eq. 4) and
      denoised from there (SDEdit, Meng et al. 2022). ``strength = 0`` returns the plain reconstruction.
 
@@ -919,10 +920,30 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             return self.ema.module
         return self.net
 
+    def _training_images(self, batch: dict[str, Any]) -> tuple[Tensor | None, Tensor]:
+        """``(source, standard)`` images of a batch. Conditional mode needs pairs (``source`` + ``target``); translate
+        mode needs only standard-protocol scans, under ``target`` (a paired manifest) or ``image`` (an ``image``-task
+        manifest of standard scans, the unpaired case), and returns ``source = None``."""
+        if self.hparams.mode == "translate":
+            for k in (keys.TARGET, keys.IMAGE):
+                if k in batch:
+                    return None, batch[k]
+            raise ValueError(
+                f"translate mode trains on standard-protocol scans under {keys.TARGET!r} or {keys.IMAGE!r}; "
+                f"the batch has {sorted(batch)}"
+            )
+        if keys.SOURCE not in batch or keys.TARGET not in batch:
+            raise ValueError(
+                f"conditional mode trains on pairs ({keys.SOURCE!r} + {keys.TARGET!r}, a standardize manifest); "
+                f"the batch has {sorted(batch)}; for standard scans alone use mode='translate'"
+            )
+        return batch[keys.SOURCE], batch[keys.TARGET]
+
     @torch.no_grad()
-    def _latents(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        z_src, _ = self.autoencoder.encode_latent(batch[keys.SOURCE])
-        z_tgt, _ = self.autoencoder.encode_latent(batch[keys.TARGET])
+    def _latents(self, batch: dict[str, Any]) -> tuple[Tensor | None, Tensor]:
+        src, tgt = self._training_images(batch)
+        z_tgt, _ = self.autoencoder.encode_latent(tgt)
+        z_src = None if src is None else self.autoencoder.encode_latent(src)[0]
         return z_src, z_tgt
 
     @torch.no_grad()
@@ -968,7 +989,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         z_src, z_tgt = self._latents(batch)
         if self.uses_residual and self.residual_scale <= 0:
             self._calibrate_residual(z_src, z_tgt)
-        reg_loss = z_src.new_zeros(())
+        reg_loss = z_tgt.new_zeros(())
         mean = None
         if self.regressor is not None:
             mean = self.regressor(z_src)
@@ -1010,9 +1031,10 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             torch.manual_seed(int(torch.initial_seed()) + 7919 * self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        gen = self._train_rng.generator(self, batch_idx, batch[keys.SOURCE].device)
+        x = self._training_images(batch)[1]
+        gen = self._train_rng.generator(self, batch_idx, x.device)
         dm_loss, reg_loss = self.losses(batch, generator=gen)
-        bs = batch[keys.SOURCE].shape[0]
+        bs = x.shape[0]
         self.log("train/loss", dm_loss + reg_loss, prog_bar=True, batch_size=bs)
         if self.regressor is not None:
             self.log("train/regression_loss", reg_loss, batch_size=bs)
@@ -1026,10 +1048,11 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             self.ema.update_parameters(self.net)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        bs = batch[keys.SOURCE].shape[0]
+        bs = self._training_images(batch)[1].shape[0]
         gen = torch.Generator().manual_seed(self.hparams.seed + batch_idx)
         self.log("val/loss", self.loss(batch, generator=gen), batch_size=bs, sync_dist=True)
-        if batch_idx == 0 and self.global_rank == 0 and self.hparams.val_num_samples > 0:
+        paired = keys.SOURCE in batch and keys.TARGET in batch  # unpaired translate data: no PSNR to report
+        if paired and batch_idx == 0 and self.global_rank == 0 and self.hparams.val_num_samples > 0:
             from monai.metrics import PSNRMetric, SSIMMetric
 
             n = min(self.hparams.val_num_samples, bs)

@@ -44,7 +44,7 @@ def test_files_and_geometry(tiny):
 
 def test_manifests_are_valid_and_split_by_patient(tiny):
     out, manifests = tiny
-    assert set(manifests) == {"standardize", "restore", "segment", "register"}
+    assert set(manifests) == {"standardize", "restore", "segment", "register", "image"}
     seen: dict[str, str] = {}
     for task, path in manifests.items():
         assert path == out / "manifests" / f"{task}.json"

@@ -257,6 +257,27 @@ def test_stage2_shapes_and_one_step_lowers_loss(exported_ae, mode):
     assert out.shape == batch[keys.SOURCE][:2].shape and torch.isfinite(out).all()
 
 
+def test_translate_mode_trains_on_standard_scans_alone(ae2d, tmp_path):
+    """Unpaired training (issue 5): translate mode needs only standard-protocol scans (``image`` batches, as the
+    built-in ``image.json`` manifest gives); the loss equals the paired batch's, whose source it ignores; a Lightning
+    fit with validation runs on image-only batches; conditional mode refuses them with a clear error."""
+    _, path, batch = ae2d
+    model = _stage2(path, "translate")
+    unpaired = {keys.IMAGE: batch[keys.TARGET]}
+    torch.testing.assert_close(
+        model.loss(unpaired, generator=torch.Generator().manual_seed(1)),
+        model.loss(batch, generator=torch.Generator().manual_seed(1)),
+    )
+    data = [{keys.IMAGE: unpaired[keys.IMAGE][i]} for i in range(4)]
+    before = [p.detach().clone() for p in model.net.parameters()]
+    _trainer(tmp_path, 2, val=True).fit(model, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.net.parameters()))
+    with pytest.raises(ValueError, match="conditional mode trains on pairs"):
+        _stage2(path, "conditional").loss(unpaired)
+    with pytest.raises(ValueError, match="translate mode trains on standard-protocol scans"):
+        model.loss({keys.SOURCE: batch[keys.SOURCE]})
+
+
 def test_stage2_pickles_for_ddp_spawn_and_its_ema_still_averages(ae2d):
     """ddp_spawn pickles the LightningModule: the stage-2 AveragedModel must not hold torch's EMA closure."""
     import pickle
