@@ -179,6 +179,11 @@ class DiffIRStage1(L.LightningModule):
     def loss(self, batch: dict[str, Any]) -> Tensor:
         return F.l1_loss(self(batch[keys.SOURCE], batch[keys.TARGET]), batch[keys.TARGET])
 
+    def on_fit_start(self) -> None:
+        from medfusion.models._data_checks import check_hu_window
+
+        check_hu_window(self)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])

@@ -569,7 +569,16 @@ class DiffusionCTAutoencoder(StepRNGHooks, L.LightningModule):
 
     @torch.no_grad()
     def _update_latent_stats(self, mu: Tensor) -> None:
-        var = mu.float().var()
+        """Running ``Var(mu)`` -> ``latent_scale``. Under DDP the batch moments are averaged over ranks (equal
+        per-rank batches), so every rank holds the same scale, estimated from every rank's data."""
+        m = mu.float()
+        n = m.numel()
+        moments = torch.stack([m.mean(), m.square().mean()])
+        trainer = self._trainer  # None outside Lightning
+        if trainer is not None and trainer.world_size > 1:
+            moments = trainer.strategy.reduce(moments, reduce_op="mean")
+            n *= trainer.world_size
+        var = (moments[1] - moments[0].square()).clamp_min(0) * (n / max(n - 1, 1))
         if self.latent_var <= 0:
             self.latent_var.copy_(var)
         else:
