@@ -8,8 +8,11 @@ module does everything around it:
   (``medfusion.io.dicom.discover_series``); a manifest JSON (Decathlon-style, ``source``/``image`` entries);
 * HU -> [-1, 1] with the training window, and back; voxels outside the window cannot be represented by the model
   and keep their input value (documented pass-through, e.g. cortical bone above +1000 HU);
-* a 2D model gets the slices of a volume in batches (along the last array axis, i.e. axial for a
-  RAS/LPS-ordered CT); a 3D model gets the whole volume, or sliding windows of ``roi_size`` with Gaussian blending
+* every 3D volume is reoriented to RAS (``nibabel.orientations``; the training pipelines' ``Orientationd``
+  default) before the model sees it and back to its own voxel order after, so a scan stored sagittally, or in
+  LPS order, gets the axial slices in the orientation the model was trained on; outputs keep the input's affine;
+* a 2D model gets the axial slices of a volume in batches (the RAS array's last axis, the pipelines'
+  ``slice_axis=2``); a 3D model gets the whole volume, or sliding windows of ``roi_size`` with Gaussian blending
   (``monai.inferers.sliding_window_inference``); sizes are padded to multiples of ``divisible_by`` with air (-1);
 * output as NIfTI (same affine) or as a DICOM series derived from the input series; every output path is checked
   *before* any work (never overwrite without ``overwrite=True``) and written atomically;
@@ -303,6 +306,23 @@ def apply_to_array(
     return hu
 
 
+def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """``(array in RAS voxel order, function that puts an array of that order back in the input's order)``.
+
+    Only axis permutations and flips (``nibabel.orientations.io_orientation``, as ``as_closest_canonical``): no
+    resampling. 2D arrays are returned as they are.
+    """
+    if arr.ndim != 3:
+        return arr, lambda a: a
+    import nibabel.orientations as nio
+
+    to = nio.io_orientation(np.asarray(affine, dtype=np.float64))
+    back = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt(nio.aff2axcodes(affine)))
+    return np.ascontiguousarray(nio.apply_orientation(arr, to)), lambda a: np.ascontiguousarray(
+        nio.apply_orientation(a, back)
+    )
+
+
 def _units(arr: np.ndarray, spatial_dims: int) -> int:
     return 1 if spatial_dims == 3 or arr.ndim == 2 else arr.shape[-1]
 
@@ -369,7 +389,7 @@ def run_volume_job(
                     from medfusion.io.dicom import read_series
 
                     vol = read_series(item.series)
-                arr = np.asarray(vol.array)
+                arr, from_ras = to_ras(np.asarray(vol.array), vol.affine)
                 task = bar.add_task(item.name, total=_units(arr, spatial_dims))
                 if before_each is not None:
                     before_each(item)
@@ -378,6 +398,7 @@ def run_volume_job(
                     divisible_by=divisible_by, roi_size=roi_size, device=device,
                     progress=lambda n, task=task: bar.advance(task, n),
                 )  # fmt: skip
+                hu = from_ras(hu)
                 if fmt == "nifti":
                     from medfusion.io.nifti import write_nifti
 

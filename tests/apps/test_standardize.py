@@ -235,3 +235,30 @@ def test_a_broken_model_folder_names_the_file(model_dir, tmp_path, capsys, broke
     err = capsys.readouterr().err
     assert str(bad) in err and ("config.yaml" in err or "model.safetensors" in err)
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_scan_stored_in_another_voxel_order_gets_the_same_axial_slices(model_dir, tmp_path):
+    """Training reorients to RAS and slices axially; so does standardize: the same anatomy stored as (slice
+    reversed, i, j) with the matching affine gives the same output in world space, in the input's own voxel order."""
+    import nibabel as nib
+
+    vol = _volume(shape=(32, 32, 3))
+    a = AFFINE.copy()
+    perm = np.ascontiguousarray(vol.transpose(2, 0, 1)[::-1])  # voxel (p, q, r) = vol[q, r, 2 - p]
+    a_perm = np.eye(4)
+    a_perm[:3, 0], a_perm[:3, 1], a_perm[:3, 2] = -a[:3, 2], a[:3, 0], a[:3, 1]
+    a_perm[:3, 3] = a[:3, 3] + 2 * a[:3, 2]
+    canon = nib.as_closest_canonical(nib.Nifti1Image(perm, a_perm))
+    np.testing.assert_array_equal(np.asarray(canon.dataobj), vol)  # the same image in world space
+    write_nifti(tmp_path / "ras.nii.gz", vol, a)
+    write_nifti(tmp_path / "perm.nii.gz", perm, a_perm)
+    for name in ("ras", "perm"):
+        rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / f"{name}.nii.gz"),
+                   "--output", str(tmp_path / f"out_{name}.nii.gz"), "--quiet"])  # fmt: skip
+        assert rc == 0
+    out_ras, out_perm = read_nifti(tmp_path / "out_ras.nii.gz"), read_nifti(tmp_path / "out_perm.nii.gz")
+    np.testing.assert_allclose(out_perm.affine, a_perm)
+    assert out_perm.array.shape == perm.shape
+    back = nib.as_closest_canonical(nib.Nifti1Image(out_perm.array, out_perm.affine))
+    np.testing.assert_allclose(np.asarray(back.dataobj), out_ras.array, atol=1e-4)
+    assert not np.allclose(out_ras.array, vol, atol=1.0)  # the model did change the image
