@@ -45,6 +45,30 @@ def model_window(model) -> tuple[float, float]:
     return (float(w[0]), float(w[1])) if w else (-1000.0, 1000.0)
 
 
+def shared_noise(model, state: dict, where, volume_shape):
+    """The sampler's initial noise for a batch of 3D windows: crops of ONE latent noise field for the whole
+    (padded) volume, drawn once per volume from the scan's seeded generator. Why: windows that draw their own noise
+    are independent samples, and the Gaussian blending of their overlaps averages them, lowering the noise SD of the
+    standardized texture at every seam; with shared noise overlapping windows start from the same field.
+    Window starts are multiples of ``divisible_by`` (``volume_job`` aligns the window step), hence of the latent's
+    downsampling factor."""
+    import torch
+
+    f = model.autoencoder.downsample_factor
+    if state["field"] is None or state["field"][0] != tuple(volume_shape):
+        shape = model.latent_shape((1, 1, *volume_shape))
+        state["field"] = (tuple(volume_shape), torch.randn(shape, generator=state["gen"]))
+    field = state["field"][1]
+    crops = []
+    for spatial in where:
+        if any(sl.start % f or sl.stop % f for sl in spatial):
+            raise ValueError(f"window {spatial} is not on the latent grid (factor {f})")
+        crops.append(
+            field[(slice(None), slice(None), *(slice(sl.start // f, sl.stop // f) for sl in spatial))]
+        )
+    return torch.cat(crops)
+
+
 def check_options(args: argparse.Namespace, model) -> None:
     """Refuse options that do not fit the model before any scan is read (``ValueError`` naming the valid ones)."""
     from medfusion.diffusion.samplers import SAMPLERS
@@ -86,12 +110,16 @@ def run(args: argparse.Namespace) -> int:
         check_options(args, model)
         model = model.to(device).eval()
         window = tuple(args.hu_window) if args.hu_window else model_window(model)
-        state = {"gen": torch.Generator().manual_seed(args.seed)}
+        state: dict = {"gen": torch.Generator().manual_seed(args.seed), "field": None}
 
         def reseed(_item) -> None:
             state["gen"] = torch.Generator().manual_seed(args.seed)
+            state["field"] = None
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
+        def fn(x: torch.Tensor, where=None, volume_shape=None) -> torch.Tensor:
+            noise = None
+            if where is not None:  # 3D sliding windows: crops of one latent noise field per volume
+                noise = shared_noise(model, state, where, volume_shape)
             return model.standardize(
                 x,
                 num_steps=args.steps,
@@ -100,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
                 generator=state["gen"],
                 decode=args.decode,
                 residual_sigma=args.residual_sigma,
+                noise=noise,
             )
+
+        fn.window_aware = True  # type: ignore[attr-defined]
 
         results = run_volume_job(
             args.input, args.output, fn, fmt=args.format, spatial_dims=model.spatial_dims, hu_window=window,

@@ -243,6 +243,16 @@ def _crop(x: Tensor, pad: list[int]) -> Tensor:
     return x[tuple(idx)]
 
 
+def _aligned_overlap(roi: Sequence[int], multiple: int, target: float = 0.25) -> tuple[float, ...]:
+    """Per-axis overlap near ``target`` whose window step ``roi (1 - overlap)`` is a multiple of ``multiple``: with
+    sizes padded to that multiple every window then starts on the latent grid (shared-noise crops line up)."""
+    out = []
+    for r in roi:
+        step = max(multiple, int(r * (1.0 - target)) // multiple * multiple)
+        out.append(max(0.0, 1.0 - (min(step, r) + 1e-6) / r))  # + 1e-6: MONAI truncates r (1 - overlap)
+    return tuple(out)
+
+
 def apply_to_array(
     array_hu: np.ndarray,
     fn: BatchFn,
@@ -257,7 +267,10 @@ def apply_to_array(
 ) -> np.ndarray:
     """Run ``fn`` over one array in HU, ``(I, J)`` or ``(I, J, K)``; returns float32 HU of the same shape.
 
-    ``progress(n)`` is called with the number of slices (2D) or windows/volumes (3D) just finished.
+    ``progress(n)`` is called with the number of slices (2D) or windows/volumes (3D) just finished. With 3D
+    ``roi_size`` windows, a ``fn`` whose attribute ``window_aware`` is true is called as ``fn(windows, where,
+    volume_shape)``: ``where`` holds each window's spatial slices in the padded volume of ``volume_shape`` (e.g. to
+    crop one noise field shared by overlapping windows). Window steps are multiples of ``divisible_by``.
     """
     from medfusion.data.pipelines import hu_to_unit, unit_to_hu
 
@@ -294,8 +307,25 @@ def apply_to_array(
             if any(r % divisible_by for r in roi):
                 raise ValueError(f"roi_size {roi} must be multiples of {divisible_by}")
             x, pad = _pad_to(x, divisible_by, -1.0)
+            overlap = _aligned_overlap(roi, divisible_by)
+            kw: dict[str, Any] = {}
+            predictor: Callable[..., Tensor] = fn
+            if getattr(fn, "window_aware", False):
+                volume = tuple(x.shape[2:])
+
+                def predictor(w: Tensor, where: Sequence[Sequence[slice]]) -> Tensor:
+                    return fn(w, [tuple(s[2:]) for s in where], volume)  # type: ignore[call-arg]
+
+                kw["with_coord"] = True
             y = sliding_window_inference(
-                x, roi, batch_size, fn, overlap=0.25, mode="gaussian", padding_mode="replicate"
+                x,
+                roi,
+                batch_size,
+                predictor,
+                overlap=overlap,
+                mode="gaussian",
+                padding_mode="replicate",
+                **kw,
             )
             out = _crop(torch.as_tensor(y), pad)[0, 0].float().cpu()
         if progress is not None:

@@ -121,7 +121,7 @@ protocol toward the standard (+0.7 to +1.2 dB over the passthrough), the ceiling
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
@@ -1098,6 +1098,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         decode: str | None = None,
         residual_sigma: float | None = None,
         mean_only: bool = False,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Standardize ``images`` ``(B, 1, *spatial)`` in [-1, 1] (HU window of training) -> same shape and range.
 
@@ -1107,7 +1108,10 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
         overrides the ``decode`` hyperparameter (``"latent"`` or ``"residual"``), ``residual_sigma`` the low-pass of the
         residual (pixels; 0 = none). ``mean_only`` (``regression=True`` only) skips the DDPM and decodes the
         regression's conditional-mean latent ``z_src + mu(z_src) / r``: the MMSE estimate, without the standard's
-        texture.
+        texture. ``noise`` (shape of the source latent, :meth:`latent_shape`) replaces the sampler's initial noise
+        draw (translate mode: the noise of ``q(x_t | x_0)``): sliding windows of one volume pass crops of one shared
+        field, so overlapping windows start from the same noise and blending keeps the sample's texture (with an
+        ODE sampler the initial noise is the only randomness).
         """
         from medfusion.diffusion.gaussian import q_sample
         from medfusion.diffusion.samplers import sample
@@ -1146,6 +1150,16 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             dev = "cpu" if generator is not None else z_src.device
             return torch.randn(shape, generator=generator, device=dev).to(z_src.device, z_src.dtype)
 
+        if noise is not None and tuple(noise.shape) != tuple(z_src.shape):
+            raise ValueError(
+                f"noise must have the latent's shape {tuple(z_src.shape)}, got {tuple(noise.shape)}"
+            )
+        first = (
+            (lambda: noise.to(z_src.device, z_src.dtype))
+            if noise is not None
+            else (lambda: randn(z_src.shape))
+        )
+
         T = hp.num_train_timesteps
         if hp.mode == "translate":
             s = hp.translate_strength if strength is None else float(strength)
@@ -1159,7 +1173,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
                 n = min(steps, t_start + 1)
                 ts = make_timesteps(n, hp.timestep_spacing, T, t_start=t_start).to(z_src.device)
                 t0 = torch.full((z_src.shape[0],), int(ts[0]), device=z_src.device, dtype=torch.long)
-                x_t = q_sample(z_src, t0, randn(z_src.shape), self.schedule)
+                x_t = q_sample(z_src, t0, first(), self.schedule)
                 z = sample(
                     name,
                     model,
@@ -1182,7 +1196,7 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
                 x0 = sample(
                     name,
                     model,
-                    randn(z_src.shape),
+                    first(),
                     ts,
                     schedule=self.schedule,
                     prediction=hp.prediction,
@@ -1202,6 +1216,12 @@ class DiffusionCT(StepRNGHooks, L.LightningModule):
             out = out + error
         self.train(was_training)
         return out
+
+    def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of the latent of images ``(B, C, *spatial)`` (spatial sizes multiples of :attr:`divisible_by`)."""
+        f = self.autoencoder.downsample_factor
+        c = int(self.autoencoder.hparams.latent_channels)
+        return (int(image_shape[0]), c, *(int(s) // f for s in image_shape[2:]))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.standardize(images)

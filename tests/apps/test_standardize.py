@@ -11,6 +11,7 @@ import torch
 from medfusion import keys
 from medfusion.apps.volume_job import apply_to_array, discover_inputs, plan_outputs
 from medfusion.cli import main
+from medfusion.data.pipelines import unit_to_hu
 from medfusion.io.nifti import read_nifti, write_nifti
 from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
 from medfusion.models.export import export_model
@@ -262,3 +263,67 @@ def test_a_scan_stored_in_another_voxel_order_gets_the_same_axial_slices(model_d
     back = nib.as_closest_canonical(nib.Nifti1Image(out_perm.array, out_perm.affine))
     np.testing.assert_allclose(np.asarray(back.dataobj), out_ras.array, atol=1e-4)
     assert not np.allclose(out_ras.array, vol, atol=1.0)  # the model did change the image
+
+
+def test_window_aware_fn_gets_each_windows_place_in_the_padded_volume():
+    """3D sliding windows: a ``window_aware`` fn is told where each window lies; returning the crops of one
+    field must reproduce that field exactly (what shared sampler noise relies on); window steps sit on the grid."""
+    from medfusion.apps.volume_job import _aligned_overlap
+
+    vol = np.zeros((30, 26, 20), dtype=np.float32)  # padded to multiples of 4: (32, 28, 20)
+    field = torch.rand(1, 1, 32, 28, 20) * 2 - 1
+    seen = []
+
+    def fn(x, where=None, volume_shape=None):
+        assert volume_shape == (32, 28, 20)
+        seen.extend(where)
+        return torch.cat([field[(slice(None), slice(None), *w)] for w in where])
+
+    fn.window_aware = True
+    out = apply_to_array(vol, fn, spatial_dims=3, divisible_by=4, roi_size=(16, 16, 12), batch_size=3)
+    expected = np.asarray(unit_to_hu(field[0, 0, 1:31, 1:27, :].numpy()), dtype=np.float32)
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+    assert len(seen) > 8 and all(sl.start % 4 == 0 for w in seen for sl in w)
+    for r, m in [(64, 4), (32, 8), (16, 8), (12, 4), (96, 16)]:
+        (ov,) = _aligned_overlap((r,), m)
+        step = int(r * (1 - ov))  # what MONAI computes
+        assert step % m == 0 and 0 < step <= r, (r, m, step)
+
+
+def test_3d_model_standardizes_in_sliding_windows_with_one_noise_field(tmp_path, capsys, monkeypatch):
+    import medfusion.apps.standardize as cmd
+
+    crops = []
+    real = cmd.shared_noise
+    monkeypatch.setattr(cmd, "shared_noise", lambda *a: crops.append(real(*a)) or crops[-1])
+    torch.manual_seed(0)
+    ae = DiffusionCTAutoencoder(spatial_dims=3, channels=(8, 16), latent_channels=2, norm_num_groups=4)
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.rand(2, 1, 16, 16, 16, generator=g) * 2 - 1
+    batch = {keys.SOURCE: tgt + 0.1 * torch.randn(tgt.shape, generator=g), keys.TARGET: tgt}
+    ae.calibrate_latent_scale([batch])
+    export_model(ae, tmp_path / "s1")
+    model = DiffusionCT(
+        autoencoder=str(tmp_path / "s1"), channels=(16, 32), num_head_channels=8, unet_kwargs={"norm_num_groups": 8},
+        num_inference_steps=2,
+    )  # fmt: skip
+    model.loss(batch)
+    # the noise argument replaces the sampler's initial draw: the same draw passed explicitly gives the same result
+    x = batch[keys.SOURCE][:1]
+    a = model.standardize(x, generator=torch.Generator().manual_seed(5))
+    n = torch.randn(model.latent_shape(x.shape), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.standardize(x, noise=n), a)
+    with pytest.raises(ValueError, match="latent's shape"):
+        model.standardize(x, noise=n[:, :1])
+    export_model(model, tmp_path / "dct3d")
+    write_nifti(tmp_path / "v.nii.gz", _volume(shape=(30, 28, 18)), AFFINE)
+    outs = []
+    for i in range(2):
+        rc = main(["standardize", "--ckpt", str(tmp_path / "dct3d"), "--input", str(tmp_path / "v.nii.gz"),
+                   "--output", str(tmp_path / f"o{i}.nii.gz"), "--roi-size", "16", "16", "16", "--quiet"])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        outs.append(read_nifti(tmp_path / f"o{i}.nii.gz").array)
+    assert outs[0].shape == (30, 28, 18) and np.isfinite(outs[0]).all()
+    np.testing.assert_array_equal(outs[0], outs[1])  # seeded per scan: reproducible
+    f = model.autoencoder.downsample_factor
+    assert len(crops) >= 2 and crops[0].shape[2:] == (16 // f,) * 3  # 16³ windows of the latent noise field
