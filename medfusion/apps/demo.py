@@ -37,6 +37,7 @@ import numpy as np
 
 DISPLAY_WINDOW = (-160.0, 240.0)  # soft-tissue window (W400 / L40) for the figure
 METRIC_WINDOW = (-1000.0, 1000.0)
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # W 400 / L 40 HU: where kernel and dose differences are read
 
 
 @dataclass
@@ -155,7 +156,8 @@ def _rois(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def image_metrics(img: np.ndarray, ref: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    """PSNR / SSIM on the clipped [-1000, 1000] HU window, noise SD (HU) in the uniform ROI, edge sharpness."""
+    """PSNR / SSIM on the clipped [-1000, 1000] HU window, PSNR in the soft-tissue window (W 400 / L 40, clipped),
+    noise SD (HU) in the uniform ROI, edge sharpness."""
     from medfusion.eval.image import edge_sharpness, noise_sd, psnr, ssim
 
     lo, hi = METRIC_WINDOW
@@ -164,6 +166,11 @@ def image_metrics(img: np.ndarray, ref: np.ndarray, label: np.ndarray) -> dict[s
     return {
         "psnr": psnr(a, b, data_range=hi - lo),
         "ssim": ssim(a, b, data_range=hi - lo),
+        "psnr_soft": psnr(
+            np.clip(img, *SOFT_TISSUE_WINDOW),
+            np.clip(ref, *SOFT_TISSUE_WINDOW),
+            data_range=SOFT_TISSUE_WINDOW[1] - SOFT_TISSUE_WINDOW[0],
+        ),
         "noise_sd": noise_sd(img, roi),
         "edge_sharpness": edge_sharpness(img, body),
     }
