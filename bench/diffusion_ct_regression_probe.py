@@ -1,6 +1,6 @@
 """Probe: the DiffusionCT regression U-Net alone, on the latent grid or on the image grid (session 5).
 
-Trains only the regression part of ``DiffusionCT(regression=True)`` (``_GatedUNet``: MONAI ``UNet``, output gated from
+Trains only the regression part of ``DiffusionCT(regression=True)`` (``GatedUNet``: MONAI ``UNet``, output gated from
 zero) on the frozen stage 1 of a previous ``bench/diffusion_ct.py`` run, and scores ``D(z_src + mu / r)`` with
 residual decoding (``+ x - D(E(x))``) and plain latent decoding on its 12 test patients (PSNR dB / noise SD HU per
 protocol). It isolates what the network grid does to a per-pixel task: with the lossless 16-channel f = 4 latent a
@@ -29,8 +29,8 @@ def main() -> None:
     from medfusion.apps.volume_job import apply_to_array
     from medfusion.data.datamodule import ManifestDataModule
     from medfusion.io.nifti import read_nifti
-    from medfusion.models.diffusion_ct import _GatedUNet
     from medfusion.models.export import load_model
+    from medfusion.nets.autoencoder import GatedUNet
 
     p = argparse.ArgumentParser()
     p.add_argument(
@@ -58,7 +58,7 @@ def main() -> None:
     dm.setup("fit")
     torch.manual_seed(0)
     c_lat = int(ae.hparams.latent_channels)
-    reg = _GatedUNet(2, c_lat, tuple(args.channels), args.pixel_shuffle)
+    reg = GatedUNet(2, c_lat, tuple(args.channels), args.pixel_shuffle)
     opt = torch.optim.AdamW(reg.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps, eta_min=0.05 * args.lr)
     loss_fn = F.mse_loss if args.loss == "mse" else F.l1_loss

@@ -311,8 +311,8 @@ def test_stage1_frozen_during_stage2_training(ae2d, tmp_path):
     assert int(model.ema.n_averaged) == 3
 
 
-def test_seeded_sampling_is_deterministic(ae2d):
-    sd, path, batch = ae2d
+def test_seeded_sampling_is_deterministic(exported_ae):
+    sd, path, batch = exported_ae
     model = _stage2(path)
     model.loss(batch)  # calibrates the residual scale
     x = batch[keys.SOURCE][:2]
@@ -443,12 +443,12 @@ def test_adversarial_cross_skip_autoencoder_under_ddp_keeps_ranks_in_sync(tmp_pa
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12), (2, 2, 4, 6, 8)])
 def test_space_to_channel_round_trip(shape):
-    from medfusion.models.diffusion_ct import _channel_to_space, _space_to_channel
+    from medfusion.nets.autoencoder import channel_to_space, space_to_channel
 
     x = torch.randn(shape)
-    y = _space_to_channel(x)
+    y = space_to_channel(x)
     assert y.shape == (shape[0], shape[1] * 2 ** (len(shape) - 2), *(n // 2 for n in shape[2:]))
-    torch.testing.assert_close(_channel_to_space(y), x, rtol=0, atol=0)
+    torch.testing.assert_close(channel_to_space(y), x, rtol=0, atol=0)
     if len(shape) == 4:  # the 2D case is torch's pixel_unshuffle
         torch.testing.assert_close(y, torch.nn.functional.pixel_unshuffle(x, 2), rtol=0, atol=0)
 
@@ -657,10 +657,10 @@ def test_pixel_shuffle_runs_the_networks_on_the_finer_grid(spatial_dims, tmp_pat
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 6), (1, 64, 2, 2, 4)])
 def test_pixel_shuffle_round_trip(shape):
-    from medfusion.models.diffusion_ct import _pixel_shuffle, _pixel_unshuffle
+    from medfusion.nets.autoencoder import pixel_shuffle, pixel_unshuffle
 
     x = torch.randn(shape)
     k = 2 if len(shape) == 4 else 1
-    y = _pixel_shuffle(x, k)
+    y = pixel_shuffle(x, k)
     assert y.shape == (shape[0], shape[1] // 2 ** (k * (len(shape) - 2)), *(s * 2**k for s in shape[2:]))
-    torch.testing.assert_close(_pixel_unshuffle(y, k), x)
+    torch.testing.assert_close(pixel_unshuffle(y, k), x)
