@@ -6,6 +6,8 @@ from the image, and the image (bilinear) and its label (nearest, or one-hot + ar
 the same field. Outputs under ``--output``::
 
     images/<case>_aug<k>.nii.gz   labels/<case>_aug<k>.nii.gz   fields/<case>_aug<k>.nii.gz   manifest.json
+
+(``<case>``: the entry's ``case_id``, else its file stem, made unique: :func:`case_names`)
     fields_itk/<case>_aug<k>.nii.gz   (the same field in mm, LPS: an ITK/ANTs/SimpleITK displacement field)
 
 Fields are stored as ``(*spatial, D)`` float32 NIfTI in **voxels**, component ``d`` along array axis ``d``,
@@ -24,6 +26,28 @@ import sys
 from pathlib import Path
 
 LABEL_MODES = ("nearest", "onehot")
+
+
+def case_names(entries: list[dict]) -> list[str]:
+    """One output name per manifest entry, unique: its ``case_id``, else the image's file stem; where stems repeat
+    (the built-in data: ``case_*/standard.nii.gz``) the parent folder is prefixed, then an index if still needed.
+    Names depend only on the manifest, so a resumed run finds its own files."""
+
+    def stem(e: dict) -> str:
+        return Path(e["image"]).name.split(".")[0]
+
+    base = [str(e["case_id"]) if e.get("case_id") else stem(e) for e in entries]
+    if len(set(base)) < len(base):
+        base = [
+            b if e.get("case_id") else f"{Path(e['image']).parent.name}_{b}" for b, e in zip(base, entries)
+        ]
+    seen: dict[str, int] = {}
+    out = []
+    for b in base:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in b)
+        seen[safe] = seen.get(safe, 0) + 1
+        out.append(safe if seen[safe] == 1 else f"{safe}_{seen[safe]}")
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
     )
     records, total, done_before, failed = [], len(entries) * args.n, 0, 0
     count = 0
+    names = case_names(entries)
     for i, entry in enumerate(entries):
-        case = Path(entry["image"]).name.split(".")[0]
+        case = names[i]
         try:
             vol = read_nifti(entry["image"])
             lab = read_nifti(entry["label"]) if "label" in entry else None

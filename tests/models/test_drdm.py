@@ -187,6 +187,22 @@ def test_augment_command_writes_triplets_and_resumes(tmp_path):
     assert np.allclose(again.array, first.array)  # the resumed sample equals the original run's
 
 
+def test_augment_names_are_unique_for_the_builtin_layout():
+    """Every built-in case is ``case_*/standard.nii.gz``: output names must not collide (a collision made the
+    resume logic skip every case after the first)."""
+    from medfusion.apps.augment import case_names
+
+    same_stem = [{"image": f"case_{i:03d}/standard.nii.gz"} for i in range(3)]
+    assert case_names(same_stem) == ["case_000_standard", "case_001_standard", "case_002_standard"]
+    with_ids = [
+        {"image": "a/standard.nii.gz", "case_id": "p1"},
+        {"image": "b/standard.nii.gz", "case_id": "p2"},
+    ]
+    assert case_names(with_ids) == ["p1", "p2"]
+    assert case_names([{"image": "x/img.nii.gz"}, {"image": "x/img.nii"}]) == ["x_img", "x_img_2"]
+    assert case_names([{"image": "img0.nii.gz"}, {"image": "img1.nii.gz"}]) == ["img0", "img1"]
+
+
 def test_augment_refuses_to_overwrite_its_input_manifest(tmp_path, capsys):
     import json
 
