@@ -73,7 +73,9 @@ def hd95_per_case(
 
 
 class MeanAccumulator:
-    """Per-class running sums and counts of a per-case metric ``(B, C)``, NaNs skipped; exact under DDP.
+    """Per-class running sums and counts of a per-case metric ``(B, C)``, exact under DDP. Non-finite values are
+    skipped: NaN (class absent from the reference) and, for HD95, ``inf`` (class missing from the prediction: no
+    distance exists; Dice already scores that case 0).
 
     ``update(values)`` on each rank, then ``compute(reduce)`` where ``reduce(tensor) -> tensor`` sums over ranks
     (e.g. ``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``; identity on one process). Returns the mean per
