@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 ARMS = ("none", "random", "drdm", "elastic")
-REPORT_ORGANS = ("liver", "spleen", "kidney_left", "heart", "aorta", "spine", "lung")
+REPORT_ORGANS = ("liver", "heart", "aorta", "spine", "ribs", "lung_vessel", "airway")
 
 
 def _write_manifest(path: Path, training: list[dict], base: dict) -> Path:
