@@ -13,7 +13,7 @@ Protocol for config authors (keep it):
 
 1. Data: ``data.init_args.manifest`` must start with ``data/builtin2d/`` or ``data/builtin3d/`` (the folders that
    ``medfusion make-data`` writes). The test generates tiny stand-ins with
-   ``medfusion.data.builtin.make_dataset(tmp/"builtin2d", n_patients=4, dim=2, size=32)`` and
+   ``medfusion.data.builtin.make_dataset(tmp/"builtin2d", n_patients=12, dim=2, size=32)`` and
    ``make_dataset(tmp/"builtin3d", n_patients=4, dim=3, size=16, depth=16)`` and replaces that prefix with the
    temporary folder; the rest of the path (the manifest's file name) is kept. Any other manifest path fails the test.
 2. Stages: a config that needs a checkpoint of an earlier stage declares it in a comment line::
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) if (ROOT / "configs").is_dir() else []
 PREFIXES = {"data/builtin2d/": "builtin2d", "data/builtin3d/": "builtin3d"}
 DATASETS = {
-    "builtin2d": dict(n_patients=4, dim=2, size=32),
+    "builtin2d": dict(n_patients=12, dim=2, size=32),  # 12: two validation patients, one register pair
     "builtin3d": dict(n_patients=4, dim=3, size=16, depth=16),
 }
 REQUIRES = re.compile(r"^\s*#\s*smoke-requires:\s*(\S+)\s+as\s+(\S+)\s*$", re.MULTILINE)
