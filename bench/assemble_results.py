@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ORDER = [
     "convert", "data_pipelines", "dataset", "samplers", "diffusion_ct_bench", "diffusion_ct_bench_skipdrop", "diffusion_ct_bench_shortcuts", "diffusion_ct_bench_regression", "diffusion_ct", "drdm",
-    "segmentation", "restoration_lowdose", "restoration_kernel", "restoration_sr",
+    "segmentation", "registration", "restoration_lowdose", "restoration_kernel", "restoration_sr",
 ]  # fmt: skip
 HEADER = """# medfusion benchmark results
 
