@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from medfusion import keys
-from medfusion.eval.segmentation import MeanAccumulator, dice_per_case
+from medfusion.eval.segmentation import dice_per_case
+from medfusion.models._case_means import CaseMeans
 from medfusion.models._rng import StepRNG, StepRNGHooks
 
 SIMILARITIES = ("lncc", "mse")
@@ -107,10 +108,9 @@ class Registration(StepRNGHooks, L.LightningModule):
             else nn.MSELoss()
         )
         self.smooth_loss = DiffusionLoss()
-        self._train_rng = (
-            StepRNG()
-        )  # no training randomness of its own; kept for the shared seed/resume hooks
-        self._metrics: dict[str, MeanAccumulator] = {}
+        # no training randomness of its own; the StepRNG keeps the shared seed / resume hooks working
+        self._train_rng = StepRNG()
+        self._metrics = CaseMeans(self)
 
     @property
     def spatial_dims(self) -> int:
@@ -193,38 +193,28 @@ class Registration(StepRNGHooks, L.LightningModule):
         _, ddf = self(moving, fixed)
         bs = moving.shape[0]
         self.log(f"{stage}/loss", self.losses(batch)["total"], batch_size=bs, sync_dist=True)
-        acc = lambda name: self._metrics.setdefault(f"{stage}/{name}", MeanAccumulator())  # noqa: E731
-        acc("folding_pct").update(100 * folding_fraction(ddf).reshape(bs, 1))
-        acc("sdlogj").update(sdlogj(ddf).reshape(bs, 1))
+        self._metrics.update(stage, "folding_pct", 100 * folding_fraction(ddf).reshape(bs, 1))
+        self._metrics.update(stage, "sdlogj", sdlogj(ddf).reshape(bs, 1))
         if keys.MOVING_LABEL in batch and keys.FIXED_LABEL in batch:
             n = self.hparams.num_label_classes
             ml, fl = batch[keys.MOVING_LABEL].long(), batch[keys.FIXED_LABEL].long()
-            acc("dice").update(dice_per_case(warp_labels(ml, ddf, mode="nearest"), fl, n))
-            acc("dice_before").update(dice_per_case(ml, fl, n))
+            self._metrics.update(stage, "dice", dice_per_case(warp_labels(ml, ddf, mode="nearest"), fl, n))
+            self._metrics.update(stage, "dice_before", dice_per_case(ml, fl, n))
 
     def _log_epoch(self, stage: str) -> None:
-        trainer = self._trainer
-
-        def reduce(t: Tensor) -> Tensor:
-            if trainer is None or trainer.world_size == 1:
-                return t
-            return trainer.strategy.reduce(t, reduce_op="sum")
-
         widths = {"folding_pct": 1, "sdlogj": 1, "dice": self.hparams.num_label_classes - 1}
         widths["dice_before"] = widths["dice"]
         for name, width in widths.items():
-            key = f"{stage}/{name}"
-            if key not in self._metrics and name.startswith("dice"):
-                # every rank must join every reduction: a rank without label batches still reduces zeros
-                if trainer is None or trainer.world_size == 1:
-                    continue
-            means, _ = self._metrics.setdefault(key, MeanAccumulator()).compute(
-                reduce, num_classes=width, device=self.device
-            )
-            self._metrics[key].reset()
+            if (
+                name.startswith("dice")
+                and not self._metrics.seen(stage, name)
+                and not self._metrics.distributed
+            ):
+                continue  # no labelled pair; under DDP every rank still joins the reduction (zeros)
+            means, _ = self._metrics.means(stage, name, width)
             finite = means[torch.isfinite(means)]
             if finite.numel():
-                self.log(key, finite.mean().float(), prog_bar=name == "dice")
+                self.log(f"{stage}/{name}", finite.mean().float(), prog_bar=name == "dice")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from medfusion import keys
-from medfusion.eval.segmentation import MeanAccumulator, dice_per_case, hd95_per_case
+from medfusion.eval.segmentation import dice_per_case, hd95_per_case
+from medfusion.models._case_means import CaseMeans
 from medfusion.models._rng import StepRNG, StepRNGHooks
 
 
@@ -95,10 +96,9 @@ class Segmentation(StepRNGHooks, L.LightningModule):
             include_background=include_background, to_onehot_y=True, softmax=True,
             lambda_dice=lambda_dice, lambda_ce=lambda_ce,
         )  # fmt: skip
-        self._train_rng = (
-            StepRNG()
-        )  # no training randomness of its own; kept for the shared seed/resume hooks
-        self._metrics: dict[str, MeanAccumulator] = {}
+        # no training randomness of its own; the StepRNG keeps the shared seed / resume hooks working
+        self._train_rng = StepRNG()
+        self._metrics = CaseMeans(self)
 
     @property
     def spatial_dims(self) -> int:
@@ -164,22 +164,13 @@ class Segmentation(StepRNGHooks, L.LightningModule):
             ("dice", dice_per_case(pred, y, n, include_background=bg)),
             ("hd95", hd95_per_case(pred, y, n, include_background=bg)),
         ):
-            self._metrics.setdefault(f"{stage}/{name}", MeanAccumulator()).update(values)
+            self._metrics.update(stage, name, values)
 
     def _log_epoch(self, stage: str) -> None:
-        trainer = self._trainer
-
-        def reduce(t: Tensor) -> Tensor:
-            if trainer is None or trainer.world_size == 1:
-                return t
-            return trainer.strategy.reduce(t, reduce_op="sum")
-
         n_metric = self.hparams.num_classes - (0 if self.hparams.include_background else 1)
         names = self.class_names if self.hparams.include_background else self.class_names[1:]
         for name in ("dice", "hd95"):
-            acc = self._metrics.setdefault(f"{stage}/{name}", MeanAccumulator())
-            means, counts = acc.compute(reduce, num_classes=n_metric, device=self.device)
-            acc.reset()
+            means, counts = self._metrics.means(stage, name, n_metric)
             finite = means[torch.isfinite(means)]
             overall = finite.mean() if finite.numel() else means.new_tensor(float("nan"))
             # values are already summed over ranks: every rank logs the same number, no further sync
