@@ -46,3 +46,26 @@ class CaseMeans:
     def distributed(self) -> bool:
         trainer = getattr(self._module, "_trainer", None)
         return trainer is not None and trainer.world_size > 1
+
+
+class EvaluationHooks:
+    """Lightning's validation / test hooks for a module with ``_evaluate(batch, stage)`` (per step) and
+    ``_log_epoch(stage)`` (reduce and log at the epoch's end). Put it before ``L.LightningModule`` in the bases."""
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        raise NotImplementedError
+
+    def _log_epoch(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")

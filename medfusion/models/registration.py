@@ -37,13 +37,13 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.eval.segmentation import dice_per_case
-from medfusion.models._case_means import CaseMeans
+from medfusion.models._case_means import CaseMeans, EvaluationHooks
 from medfusion.models._rng import StepRNG, StepRNGHooks
 
 SIMILARITIES = ("lncc", "mse")
 
 
-class Registration(StepRNGHooks, L.LightningModule):
+class Registration(EvaluationHooks, StepRNGHooks, L.LightningModule):
     """VoxelMorph registration for 2D and 3D image pairs.
 
     Args:
@@ -215,18 +215,6 @@ class Registration(StepRNGHooks, L.LightningModule):
             finite = means[torch.isfinite(means)]
             if finite.numel():
                 self.log(f"{stage}/{name}", finite.mean().float(), prog_bar=name == "dice")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """The field ``(B, D, *spatial)`` in voxels (pull, moving -> fixed)."""

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.eval.segmentation import dice_per_case, hd95_per_case
-from medfusion.models._case_means import CaseMeans
+from medfusion.models._case_means import CaseMeans, EvaluationHooks
 from medfusion.models._rng import StepRNG, StepRNGHooks
 
 
-class Segmentation(StepRNGHooks, L.LightningModule):
+class Segmentation(EvaluationHooks, StepRNGHooks, L.LightningModule):
     """U-Net segmentation trained with Dice + cross-entropy, for 2D and 3D images.
 
     Args:
@@ -179,18 +179,6 @@ class Segmentation(StepRNGHooks, L.LightningModule):
                 for cls, m, c in zip(names, means, counts):
                     if c > 0:
                         self.log(f"{stage}/dice_{cls}", m.float())
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.predict_labels(batch[keys.IMAGE])

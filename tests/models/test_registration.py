@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from ddp_helpers import validate_on_two_ranks
 from torch.utils.data import DataLoader
 
 from medfusion import keys
@@ -105,24 +106,9 @@ def test_bad_arguments_and_batches():
         model(torch.zeros(1, 1, 30, 30), torch.zeros(1, 1, 30, 30))
 
 
-class _Data(L.LightningDataModule):
-    def __init__(self, batch):
-        super().__init__()
-        self.items = [{k: v[i] for k, v in batch.items()} for i in range(3)]
-
-    def val_dataloader(self):
-        from medfusion.data.datamodule import UnpaddedDistributedSampler
-
-        t = self.trainer
-        sampler = UnpaddedDistributedSampler(self.items, num_replicas=t.world_size, rank=t.global_rank)
-        return DataLoader(self.items, batch_size=1, sampler=sampler)
-
-
 @pytest.mark.slow
 def test_ddp_validation_dice_is_the_mean_over_cases(tmp_path):
     """2 CPU ranks (gloo, ddp_spawn), 3 pairs split 2 + 1: the logged Dice equals the one-process mean over cases."""
-    import warnings
-
     from medfusion.eval.segmentation import dice_per_case
 
     torch.manual_seed(0)
@@ -132,11 +118,5 @@ def test_ddp_validation_dice_is_the_mean_over_cases(tmp_path):
         _, ddf = model(b[keys.MOVING], b[keys.FIXED])
         d = dice_per_case(warp_labels(b[keys.MOVING_LABEL], ddf), b[keys.FIXED_LABEL], 3).double()
     expected = float(torch.nanmean(d, 0).mean())
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = trainer.validate(model, datamodule=_Data(b))
-    assert out[0]["val/dice"] == pytest.approx(expected, abs=1e-5)
+    out = validate_on_two_ranks(model, b, tmp_path)
+    assert out["val/dice"] == pytest.approx(expected, abs=1e-5)

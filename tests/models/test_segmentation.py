@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from ddp_helpers import validate_on_two_ranks
 from torch.utils.data import DataLoader
 
 from medfusion import keys
@@ -110,27 +111,10 @@ def test_bad_arguments():
         Segmentation(num_classes=3, class_names=["a"], **KW)
 
 
-class _Data(L.LightningDataModule):
-    """3 validation cases over 2 ranks with the unpadded sampler: rank 0 gets 2 cases, rank 1 gets 1."""
-
-    def __init__(self, batch):
-        super().__init__()
-        self.items = [{k: v[i] for k, v in batch.items()} for i in range(3)]
-
-    def val_dataloader(self):
-        from medfusion.data.datamodule import UnpaddedDistributedSampler
-
-        t = self.trainer
-        sampler = UnpaddedDistributedSampler(self.items, num_replicas=t.world_size, rank=t.global_rank)
-        return DataLoader(self.items, batch_size=1, sampler=sampler)
-
-
 @pytest.mark.slow
 def test_ddp_validation_dice_is_the_mean_over_cases(tmp_path):
     """2 CPU ranks (gloo, ddp_spawn), 3 cases split 2 + 1: the logged Dice equals the one-process mean over the
     3 cases (a mean of per-rank means would weight the lone case twice)."""
-    import warnings
-
     torch.manual_seed(0)
     model = Segmentation(num_classes=3, spatial_dims=2, **KW)
     batch = _discs(3, seed=4)
@@ -138,11 +122,5 @@ def test_ddp_validation_dice_is_the_mean_over_cases(tmp_path):
         per_case = dice_per_case(model.predict_labels(batch[keys.IMAGE]), batch[keys.LABEL], 3)
     expected = torch.nanmean(per_case.double(), dim=0)
     expected = float(expected[torch.isfinite(expected)].mean())
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = trainer.validate(model, datamodule=_Data(batch))
-    assert out[0]["val/dice"] == pytest.approx(expected, abs=1e-5)
+    out = validate_on_two_ranks(model, batch, tmp_path)
+    assert out["val/dice"] == pytest.approx(expected, abs=1e-5)
