@@ -102,6 +102,14 @@ def test_training_learns_the_classes_and_logs_dice(tmp_path):
         model.loss({keys.IMAGE: train[keys.IMAGE]})
 
 
+def test_3d_sliding_window_prediction_matches_the_whole_volume_shape():
+    torch.manual_seed(0)
+    model = Segmentation(num_classes=3, spatial_dims=3, sw_roi_size=(8, 8, 8), sw_batch_size=2, **KW)
+    x = _discs(1, 3, size=16)[keys.IMAGE]
+    pred = model.predict_labels(x)
+    assert pred.shape == (1, 1, 16, 16, 16) and int(pred.max()) < 3
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         Segmentation(num_classes=1)
