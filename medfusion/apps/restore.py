@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfusion.apps.volume_args import add_io_arguments, report
+from medfusion.apps.volume_args import add_io_arguments, check_roi_size, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +59,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if not is_rddm and (args.steps is not None or args.eta is not None):
             raise ValueError("--steps/--eta apply to RDDM only (DiffIR always runs its 4 prior steps)")
+        check_roi_size(args.roi_size, model.spatial_dims, model.divisible_by)
         if args.roi_size is not None:
-            if model.spatial_dims != 3 or len(args.roi_size) != 3:
-                raise ValueError(f"--roi-size needs a 3D model and 3 values, got {args.roi_size}")
-            if any(r % model.divisible_by for r in args.roi_size):
-                raise ValueError(f"--roi-size values must be multiples of {model.divisible_by}")
             model.hparams.sw_roi_size = list(args.roi_size)
         model = model.to(device).eval()
         window = tuple(args.hu_window) if args.hu_window else model.hu_window

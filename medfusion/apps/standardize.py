@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medfusion.apps.volume_args import add_io_arguments, report
+from medfusion.apps.volume_args import add_io_arguments, check_roi_size, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,13 +82,7 @@ def check_options(args: argparse.Namespace, model) -> None:
             )
         if not 0.0 <= args.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
-    if args.roi_size is not None:
-        if model.spatial_dims != 3:
-            raise ValueError("--roi-size applies to 3D models only (a 2D model runs slice by slice)")
-        if len(args.roi_size) != 3 or any(r % model.divisible_by for r in args.roi_size):
-            raise ValueError(
-                f"--roi-size needs 3 values, multiples of {model.divisible_by}; got {args.roi_size}"
-            )
+    check_roi_size(args.roi_size, model.spatial_dims, model.divisible_by)
 
 
 def run(args: argparse.Namespace) -> int:

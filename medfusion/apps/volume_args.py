@@ -44,6 +44,16 @@ def add_io_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> Non
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def check_roi_size(roi_size: Sequence[int] | None, spatial_dims: int, divisible_by: int) -> None:
+    """``--roi-size`` fits the model: 3D models only, three values, multiples of ``divisible_by`` (ValueError)."""
+    if roi_size is None:
+        return
+    if spatial_dims != 3:
+        raise ValueError("--roi-size applies to 3D models only (a 2D model runs slice by slice)")
+    if len(roi_size) != 3 or any(r % divisible_by for r in roi_size):
+        raise ValueError(f"--roi-size needs 3 values, multiples of {divisible_by}; got {list(roi_size)}")
+
+
 def report(results: Sequence[Any], verb: str) -> int:
     """Print one line per scan and a total; return the exit status.
 

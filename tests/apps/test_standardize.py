@@ -27,13 +27,15 @@ def _volume(seed=0, shape=(30, 28, 3)) -> np.ndarray:
     return vol
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
+def _tiny_model(root, spatial_dims: int = 2):
+    """A tiny exported DiffusionCT (stage 1 under ``root/stage1``); returns ``(model, calibration batch)``."""
     torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(spatial_dims=2, channels=(8, 16), latent_channels=2, norm_num_groups=4)
+    ae = DiffusionCTAutoencoder(
+        spatial_dims=spatial_dims, channels=(8, 16), latent_channels=2, norm_num_groups=4
+    )
     g = torch.Generator().manual_seed(0)
-    tgt = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    size = (32, 32) if spatial_dims == 2 else (16, 16, 16)
+    tgt = torch.rand(4 if spatial_dims == 2 else 2, 1, *size, generator=g) * 2 - 1
     batch = {keys.SOURCE: tgt + 0.1 * torch.randn(tgt.shape, generator=g), keys.TARGET: tgt}
     ae.calibrate_latent_scale([batch])
     export_model(ae, root / "stage1")
@@ -42,7 +44,13 @@ def model_dir(tmp_path_factory):
         num_inference_steps=2,
     )  # fmt: skip
     model.loss(batch)  # calibrates the residual scale
-    export_model(model, root / "dct")
+    return model, batch
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    export_model(_tiny_model(root)[0], root / "dct")
     return root
 
 
@@ -296,18 +304,7 @@ def test_3d_model_standardizes_in_sliding_windows_with_one_noise_field(tmp_path,
     crops = []
     real = cmd.shared_noise
     monkeypatch.setattr(cmd, "shared_noise", lambda *a: crops.append(real(*a)) or crops[-1])
-    torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(spatial_dims=3, channels=(8, 16), latent_channels=2, norm_num_groups=4)
-    g = torch.Generator().manual_seed(0)
-    tgt = torch.rand(2, 1, 16, 16, 16, generator=g) * 2 - 1
-    batch = {keys.SOURCE: tgt + 0.1 * torch.randn(tgt.shape, generator=g), keys.TARGET: tgt}
-    ae.calibrate_latent_scale([batch])
-    export_model(ae, tmp_path / "s1")
-    model = DiffusionCT(
-        autoencoder=str(tmp_path / "s1"), channels=(16, 32), num_head_channels=8, unet_kwargs={"norm_num_groups": 8},
-        num_inference_steps=2,
-    )  # fmt: skip
-    model.loss(batch)
+    model, batch = _tiny_model(tmp_path, spatial_dims=3)
     # the noise argument replaces the sampler's initial draw: the same draw passed explicitly gives the same result
     x = batch[keys.SOURCE][:1]
     a = model.standardize(x, generator=torch.Generator().manual_seed(5))
