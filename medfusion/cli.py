@@ -25,16 +25,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "main job: built-in data -> train DiffusionCT -> standardize held-out scans",
     ),
     "make-data": (
-        "medfusion.data.builtin",
+        "medfusion.apps.make_data",
         "write the built-in phantom dataset (CT protocols, labels, manifests)",
     ),
-    "convert": ("medfusion.io.convert", "DICOM tree -> one NIfTI + JSON sidecar per series (resumable)"),
-    "manifest": ("medfusion.data.manifest", "build a Decathlon-style datalist JSON from a converted folder"),
+    "convert": ("medfusion.apps.convert", "DICOM tree -> one NIfTI + JSON sidecar per series (resumable)"),
+    "manifest": ("medfusion.apps.manifest", "build a Decathlon-style datalist JSON from a converted folder"),
     "standardize": ("medfusion.apps.standardize", "standardize CT scans with a trained DiffusionCT model"),
     "restore": ("medfusion.apps.restore", "restore (denoise / super-resolve) scans with RDDM or DiffIR"),
     "augment": ("medfusion.apps.augment", "write DRDM-deformed image/label/field triplets from a manifest"),
     "export": ("medfusion.apps.export", "Lightning .ckpt -> pickle-free model folder (safetensors + YAML)"),
 }
+EXIT_CODE_TABLE = (  # medfusion.exit_codes, repeated here so that --help imports nothing
+    (0, "every input done (or already done, with --resume)"),
+    (1, "some inputs failed (each reported with its reason); the others were written"),
+    (2, "nothing written: every input failed, or bad arguments / input"),
+    (3, "every input done, but an incomplete acquisition was dropped in part (convert)"),
+)
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a YAML config",
     "validate": "run validation from a YAML config",
@@ -56,24 +62,116 @@ def _top_help() -> str:
     lines += [f"  {name:<12} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "data and inference:"]
     lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "exit status (every command):"]
+    lines += [f"  {code}  {text}" for code, text in EXIT_CODE_TABLE]
     return "\n".join(lines)
 
 
-def lightning_main(args: list[str]) -> int:
-    """Run LightningCLI with subclass mode for model and data (class_path in the YAML)."""
-    from lightning.pytorch.cli import LightningCLI
+def _config_path(args: list[str]) -> str | None:
+    """The ``--config`` file of a Lightning command line (the last one given), if any."""
+    path = None
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    return path
 
-    LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        auto_configure_optimizers=False,
-    )
+
+def checkpoint_dir(config: str | None) -> str:
+    """Where a config's checkpoints go when it names no ``ModelCheckpoint``: ``checkpoints/<method>/<experiment>``
+    (relative to the working folder), the same place every config in ``configs/`` writes ``last.ckpt`` to."""
+    if config is None:
+        return "checkpoints/run"
+    from pathlib import Path
+
+    path = Path(config)
+    return f"checkpoints/{path.parent.name}/{path.stem}" if path.parent.name else f"checkpoints/{path.stem}"
+
+
+def lightning_main(args: list[str], *, from_command_line: bool = False) -> int:
+    """Run LightningCLI with subclass mode for model and data (class_path in the YAML).
+
+    Every run saves ``last.ckpt``: configs without a ``ModelCheckpoint`` get one in :func:`checkpoint_dir`. A path
+    to another stage's checkpoint in ``model.init_args`` that does not exist stops the run with one line naming
+    the key and the path, before anything is built.
+    """
+    import warnings
+
+    cli_cls = _medfusion_cli_class()
+    config = _config_path(args)
+    with warnings.catch_warnings():
+        # MONAI's deprecation notices for arguments we do not pass, raised while our modules build its networks
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        try:
+            cli_cls(
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                args=None if from_command_line else args,
+                auto_configure_optimizers=False,
+                checkpoint_dir=checkpoint_dir(config),
+            )
+        except MissingStageError as err:
+            print(f"medfusion {args[0]}: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 
+class MissingStageError(Exception):
+    """A ``model.init_args`` path to an earlier stage's checkpoint or export does not exist."""
+
+
+STAGE_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def _stage_paths(init_args: dict, prefix: str = "model.init_args") -> list[tuple[str, str]]:
+    """``(key, path)`` of every ``init_args`` string that names a checkpoint (``*.ckpt``, ``*.safetensors``)."""
+    found = []
+    for key, value in (init_args or {}).items():
+        if isinstance(value, str) and value.endswith(STAGE_SUFFIXES):
+            found.append((f"{prefix}.{key}", value))
+    return found
+
+
+def _medfusion_cli_class():
+    """LightningCLI that adds a ``last.ckpt`` checkpoint where a config has none and checks stage paths first."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    class MedfusionCLI(LightningCLI):
+        def __init__(self, *args, checkpoint_dir: str, **kwargs) -> None:
+            self._checkpoint_dir = checkpoint_dir
+            super().__init__(*args, **kwargs)
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            model = config.get("model") if config is not None else None
+            init_args = model.get("init_args") if model is not None else None
+            for key, path in _stage_paths(dict(init_args or {})):
+                if not Path(path).exists():
+                    raise MissingStageError(
+                        f"{key}: {path} does not exist (relative paths are read from {Path.cwd()}); "
+                        "train that stage first from this folder, or pass the path on the command line, "
+                        f"e.g. --{key}=PATH"
+                    )
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            for cb in trainer.callbacks:
+                # Lightning's own default checkpoint (none configured): one place per config, and a last.ckpt
+                if type(cb) is ModelCheckpoint and cb.dirpath is None and not cb.save_last:
+                    cb.dirpath = str(Path(trainer.default_root_dir) / self._checkpoint_dir)
+                    cb.save_last = True
+            return trainer
+
+    return MedfusionCLI
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
@@ -85,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name in LIGHTNING_COMMANDS:
-        return lightning_main(argv)
+        return lightning_main(argv, from_command_line=from_command_line)
     if name not in COMMANDS:
         valid = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
         print(f"medfusion: unknown command {name!r}; valid commands: {valid}", file=sys.stderr)

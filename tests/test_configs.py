@@ -26,8 +26,7 @@ Protocol for config authors (keep it):
    passes ``--model.init_args.autoencoder_ckpt=<that .ckpt>`` to the config under test. Each required stage is
    trained once per session.
 
-With no configs yet the single test id ``no-configs`` is skipped; if ``medfusion.data.builtin.make_dataset`` is
-not importable the tests are skipped with that reason.
+With no configs the single test id ``no-configs`` is skipped.
 """
 
 from __future__ import annotations
@@ -59,10 +58,8 @@ def parse_requirements(config: Path, root: Path = ROOT) -> list[tuple[Path, str]
 
 
 def _builtin_make_dataset():
-    try:
-        from medfusion.data.builtin import make_dataset
-    except ImportError as e:
-        pytest.skip(f"medfusion.data.builtin.make_dataset is not importable yet ({e})")
+    from medfusion.data.builtin import make_dataset  # an import error of our own code fails the test
+
     return make_dataset
 
 
@@ -265,3 +262,49 @@ def test_runner_trains_required_stage_first_and_passes_its_checkpoint(tmp_path: 
     bad.write_text(body.replace("data/builtin2d/", "/data/elsewhere/"))
     with pytest.raises(pytest.fail.Exception, match="must start with one of"):
         runner.args(bad, tmp_path / "work" / "bad")
+
+
+def _toy_config(repo: Path, name: str, extra_init: str = "") -> Path:
+    (repo / "configs" / "toy").mkdir(parents=True, exist_ok=True)
+    path = repo / "configs" / "toy" / f"{name}.yaml"
+    path.write_text(
+        f"model:\n  class_path: {__name__}.Toy\n" + (f"  init_args:\n{extra_init}" if extra_init else "")
+        + "data:\n  class_path: medfusion.data.datamodule.ManifestDataModule\n  init_args:\n"
+        "    manifest: MANIFEST\n    task: standardize\n    roi_size: [8, 8]\n    batch_size: 2\n"
+        "trainer:\n  max_steps: 2\n  enable_progress_bar: false\n  enable_model_summary: false\n"
+        "  limit_val_batches: 1\n  num_sanity_val_steps: 0\n"
+    )
+    return path
+
+
+def test_config_without_checkpoint_callback_saves_last_ckpt_per_config(tmp_path: Path, monkeypatch) -> None:
+    """A config naming no ModelCheckpoint writes ``checkpoints/<method>/<experiment>/last.ckpt`` in the run folder."""
+    from medfusion.cli import main
+
+    globals()["Toy"] = _toy_module()
+    _toy_dataset(tmp_path / "data", n_patients=4, dim=2, size=8)
+    config = _toy_config(tmp_path / "repo", "stage1")
+    config.write_text(config.read_text().replace("MANIFEST", str(tmp_path / "data" / "manifest.json")))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["medfusion"])
+    assert main(["fit", f"--config={config}", "--trainer.accelerator=cpu", "--trainer.devices=1"]) == 0
+    assert (work / "checkpoints" / "toy" / "stage1" / "last.ckpt").is_file()
+    assert not (work / "lightning_logs" / "version_0" / "checkpoints").exists()
+
+
+def test_missing_stage_checkpoint_stops_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A stage path that does not exist: one line naming the config key and the path, exit 2, nothing built."""
+    from medfusion.cli import main
+
+    globals()["Toy"] = _toy_module()
+    TOY_LOADED.clear()
+    config = _toy_config(tmp_path / "repo", "stage2", "    stage1_ckpt: checkpoints/toy/stage1/last.ckpt\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["medfusion"])
+    assert main(["fit", f"--config={config}", "--trainer.accelerator=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "model.init_args.stage1_ckpt" in err[0] and "checkpoints/toy/stage1/last.ckpt" in err[0]
+    assert TOY_LOADED == []

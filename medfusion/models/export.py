@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from medfusion.io.atomic import atomic_dir
-from medfusion.models.callbacks import EMA_ATTR_KEY, EMA_KEY, load_ema_weights
 
 ALLOWED_PREFIX = "medfusion.models."
 WEIGHTS = "model.safetensors"
@@ -78,6 +77,9 @@ def build_from_config(config: dict[str, Any]) -> Any:
         raise ValueError(f"model config must be a mapping with 'class_path' and 'init_args', got {config!r}")
     cls = _resolve(config["class_path"])
     init_args = dict(config.get("init_args") or {})
+    upgrade = getattr(cls, "upgrade_config", None)  # models exported by an earlier version (MedfusionModule)
+    if upgrade is not None:
+        init_args = upgrade(init_args)
     # LightningCLI instantiates a model inside a context that makes *every* save_hyperparameters() call record the
     # CLI's init args; a module built here inside another module's __init__ (DiffusionCT's stage 1) must record its
     # own. Lightning exposes no public switch, so the context variable is cleared for the nested construction.
@@ -106,11 +108,11 @@ def export_model(module: Any, out_dir: str | Path, overwrite: bool = False) -> P
     return Path(out_dir)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, ema: bool = True) -> Any:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Load an exported folder (or its ``config.yaml`` / ``model.safetensors``) or a Lightning ``.ckpt``; eval mode.
 
-    A checkpoint written with the :class:`~medfusion.models.callbacks.EMA` callback holds raw and EMA weights;
-    ``ema=True`` (the default, for inference and export) loads the EMA weights, ``ema=False`` the raw ones.
+    Modules that average weights keep the average inside them (``ema.module.*``), so both are loaded and the
+    module's own inference uses the average.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for anything that is not a medfusion model.
     """
@@ -122,7 +124,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, em
     if path.is_dir():
         return _load_exported(path, map_location)
     if path.suffix == ".ckpt":
-        return _load_checkpoint(path, map_location, ema=ema)
+        return _load_checkpoint(path, map_location)
     raise ValueError(
         f"{path} is neither an exported model folder ({WEIGHTS} + {CONFIG}) nor a Lightning .ckpt"
     )
@@ -162,8 +164,12 @@ def _build(config: Any, source: Path) -> Any:
 
 
 def _load_state(module: Any, state: dict[str, Any], source: Path) -> None:
+    state = _plain_keys(state)
+    upgrade = getattr(module, "upgrade_state_dict", None)  # weights saved by an earlier version (MedfusionModule)
+    if upgrade is not None:
+        state = upgrade(state)
     try:
-        module.load_state_dict(_plain_keys(state), strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(
             f"{source}: the weights do not match the model its config describes "
@@ -171,7 +177,7 @@ def _load_state(module: Any, state: dict[str, Any], source: Path) -> None:
         ) from err
 
 
-def _load_checkpoint(path: Path, map_location: str | torch.device, *, ema: bool = True) -> Any:
+def _load_checkpoint(path: Path, map_location: str | torch.device) -> Any:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means: not a plain-data checkpoint
@@ -189,6 +195,4 @@ def _load_checkpoint(path: Path, map_location: str | torch.device, *, ema: bool 
     if "state_dict" not in ckpt:
         raise ValueError(f"{path} has no 'state_dict': not a Lightning checkpoint")
     _load_state(module, ckpt["state_dict"], path)
-    if ema and EMA_KEY in ckpt:
-        load_ema_weights(module, ckpt, attr=ckpt.get(EMA_ATTR_KEY))
     return module.eval()

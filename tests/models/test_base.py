@@ -1,0 +1,200 @@
+"""The shared base of every method (medfusion.models.base): EMA against its closed form, checkpoint round trip and
+exact resume of the average, `every`, bad arguments, the cosine schedule, per-rank noise under 2-process DDP."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from medfusion.models.base import MedfusionModule, cosine_schedule
+
+LR, W0, DECAY = 0.1, 1.0, 0.5
+
+
+class Tiny(MedfusionModule):
+    """One weight w with loss = w * x.sum(): constant gradient, so w_k = W0 - LR * k exactly (SGD)."""
+
+    def __init__(self, ema_decay: float | None = DECAY, ema_every: int = 1, cosine: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(1, 1, bias=False)
+        self.other = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.net.weight.fill_(W0)
+            self.other.weight.fill_(W0)
+        self.init_ema(ema_decay, "net", every=ema_every)
+        self.noise: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        self.noise.append(torch.randn(4, generator=self.step_generator(batch_idx)))
+        return (self.net.weight * x).sum() + 0 * self.other.weight.sum()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=LR)
+        return cosine_schedule(self, opt) if self.hparams.cosine else opt
+
+
+def _loader(n=16):
+    return DataLoader(TensorDataset(torch.ones(n, 1)), batch_size=1)
+
+
+def _fit(module, max_steps, ckpt_path=None, **trainer_kwargs):
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        **trainer_kwargs,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _closed_form(steps, decay=DECAY):
+    """AveragedModel copies on its first update, then ema <- d ema + (1 - d) w after each listed step."""
+    ema = None
+    for k in steps:
+        w = W0 - LR * k
+        ema = w if ema is None else decay * ema + (1 - decay) * w
+    return ema
+
+
+def test_ema_matches_closed_form_and_sampling_uses_it():
+    module = Tiny()
+    _fit(module, 4)
+    assert module.net.weight.item() == pytest.approx(W0 - 4 * LR)  # raw weights untouched
+    assert module.averaged().weight.item() == pytest.approx(_closed_form(range(1, 5)))
+    assert module.averaged(use_ema=False) is module.net
+
+
+def test_ema_every_k_steps_and_several_sources():
+    module = Tiny(ema_every=2)
+    _fit(module, 5)
+    assert int(module.ema.n_averaged) == 2
+    assert module.averaged().weight.item() == pytest.approx(_closed_form([2, 4]))
+    several = Tiny()
+    several.init_ema(DECAY, "net", "other")
+    _fit(several, 2)
+    avg = several.averaged()
+    assert isinstance(avg, nn.ModuleDict) and set(avg) == {"net", "other"}
+    assert avg["net"].weight.item() == pytest.approx(_closed_form([1, 2]))
+
+
+def test_no_ema_returns_the_raw_module_and_bad_arguments_raise():
+    module = Tiny(ema_decay=None)
+    _fit(module, 2)
+    assert module.ema is None and module.averaged() is module.net
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            Tiny(ema_decay=decay)
+    with pytest.raises(ValueError, match="every"):
+        Tiny(ema_every=0)
+    with pytest.raises(ValueError, match="names"):
+        Tiny().init_ema(DECAY)
+
+
+def test_checkpoint_holds_raw_and_average_and_resume_is_exact(tmp_path):
+    path = str(tmp_path / "a.ckpt")
+    module = Tiny()
+    trainer = _fit(module, 2)
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    assert float(ckpt["state_dict"]["net.weight"]) == pytest.approx(W0 - 2 * LR)
+    assert float(ckpt["state_dict"]["ema.module.weight"]) == pytest.approx(_closed_form([1, 2]))
+    assert ckpt["medfusion_class_path"] == f"{Tiny.__module__}.Tiny"
+
+    resumed, straight = Tiny(), Tiny()
+    _fit(resumed, 4, ckpt_path=path)
+    _fit(straight, 4)
+    assert resumed.averaged().weight.item() == pytest.approx(straight.averaged().weight.item())
+    assert int(resumed.ema.n_averaged) == 4
+    # the per-step generators continue where the interrupted run was: steps 3 and 4 draw the same noise
+    assert torch.equal(torch.stack(resumed.noise), torch.stack(straight.noise[2:]))
+
+
+def test_cosine_schedule_decays_to_the_floor():
+    module = Tiny(ema_decay=None, cosine=True)
+    trainer = _fit(module, 10)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(LR * 0.05)  # the floor at the last step
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    half = sched.lr_lambdas[0](5)
+    assert half == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_cosine_schedule_without_a_finite_budget_is_a_constant_rate():
+    module = Tiny(ema_decay=None)
+    opt = torch.optim.SGD(module.parameters(), lr=LR)
+    assert cosine_schedule(module, opt) is opt  # no trainer attached: no total known
+
+
+def test_upgrade_hooks_default_to_identity():
+    assert Tiny.upgrade_config({"a": 1}) == {"a": 1}
+    state = {"w": torch.ones(1)}
+    assert Tiny().upgrade_state_dict(state) is state
+
+
+class Recorder(Tiny):
+    def __init__(self, out_dir: str = ""):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def on_train_end(self):
+        torch.save(
+            {"noise": torch.stack(self.noise), "w": self.net.weight.detach().clone(),
+             "ema": self.averaged().weight.detach().clone()},
+            f"{self.out_dir}/rank{self.global_rank}.pt",
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_draw_different_noise_but_share_weights_and_ema(tmp_path):
+    """2 CPU processes (gloo): per-rank noise differs, weights and their average stay equal across ranks."""
+    module = Recorder(str(tmp_path))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _loader())
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["noise"], r1["noise"])
+    assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["ema"], r1["ema"])
+
+
+class Windowed(Tiny):
+    def __init__(self, hu_window: tuple[float, float] = (-1000.0, 1000.0)):
+        super().__init__()
+        self.save_hyperparameters()
+
+
+class _Data(pl.LightningDataModule):
+    def __init__(self, hu_window):
+        super().__init__()
+        self.hu_window = tuple(hu_window)
+
+    def train_dataloader(self):
+        return _loader(4)
+
+
+def test_hu_window_mismatch_between_model_and_data_stops_fit_and_a_match_trains(tmp_path):
+    """The window is set twice in a YAML (model and data): a mismatch would train on one scale and apply on another."""
+    kwargs = dict(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    assert Windowed((-1024.0, 2048.0)).hu_window == (-1024.0, 2048.0)
+    assert Tiny().hu_window is None
+    with pytest.raises(ValueError, match=r"hu_window \(-1000.0, 1000.0\) differs from the data's"):
+        pl.Trainer(**kwargs).fit(Windowed(), datamodule=_Data((-1024.0, 2048.0)))
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(Windowed((-1024.0, 2048.0)), datamodule=_Data((-1024.0, 2048.0)))
+    assert trainer.global_step == 1
