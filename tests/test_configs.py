@@ -308,3 +308,15 @@ def test_missing_stage_checkpoint_stops_with_one_line(tmp_path: Path, monkeypatc
     assert len(err) == 1, err
     assert "model.init_args.stage1_ckpt" in err[0] and "checkpoints/toy/stage1/last.ckpt" in err[0]
     assert TOY_LOADED == []
+
+
+def test_progress_bar_of_a_step_budget_names_no_negative_epoch_count(tmp_path: Path) -> None:
+    import lightning
+
+    from medfusion.cli import step_progress_bar_class
+
+    bar = step_progress_bar_class()()
+    bar._trainer = lightning.pytorch.Trainer(max_steps=7, logger=False, default_root_dir=tmp_path)
+    assert bar._get_train_description(9).strip() == "Epoch 9 (step budget 7)"
+    bar._trainer = lightning.pytorch.Trainer(max_epochs=3, logger=False, default_root_dir=tmp_path)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
