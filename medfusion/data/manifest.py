@@ -22,7 +22,7 @@ splits (patient-level leakage between training and evaluation).
 
 ``build_manifest_from_converted`` turns the output of ``medfusion convert`` (NIfTI + JSON sidecars) into a
 manifest, pairing series of the same patient and study by a sidecar field (e.g. the reconstruction kernel) and
-splitting by patient; ``medfusion manifest DIR`` is its command line.
+splitting by patient; ``medfusion manifest DIR`` (:mod:`medfusion.apps.manifest`) is its command line.
 
 Why hand-written: MONAI's ``load_decathlon_datalist`` resolves paths but does no validation (missing files,
 escapes, leakage across splits, task keys) and has no CSV or writer; nothing in MONAI builds pairs from DICOM
@@ -31,7 +31,6 @@ sidecars. This module stays import-cheap (stdlib only): no torch or MONAI at mod
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -540,58 +539,3 @@ def build_manifest_from_converted(
     if task != "image":
         desc += f"; standard = {standard!r}"
     return Manifest(splits=cleaned, root=root, task=task, name=directory.name, description=desc)
-
-
-# --- command line: medfusion manifest DIR --task standardize --standard KERNEL --output manifest.json -------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", help="folder written by `medfusion convert` (NIfTI + JSON sidecars)")
-    parser.add_argument("--task", required=True, choices=sorted(TASK_KEYS), help="task whose keys to write")
-    parser.add_argument(
-        "--group-by", default="ConvolutionKernel", help="sidecar field that defines protocols"
-    )
-    parser.add_argument("--standard", default=None, help="the standard protocol value (default: most common)")
-    parser.add_argument(
-        "--split", nargs=3, type=float, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST")
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
-    parser.add_argument(
-        "--output", default=None, help="manifest path (.json or .csv; default DIR/manifest.json)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
-    parser.add_argument(
-        "--allow-outside",
-        action="store_true",
-        help="allow --output outside DIR (writes ../ paths; load with allow_outside=True)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        manifest = build_manifest_from_converted(
-            args.directory,
-            task=args.task,
-            group_by=args.group_by,
-            standard=args.standard,
-            split=tuple(args.split),
-            seed=args.seed,
-        )
-        output = Path(args.output) if args.output else Path(args.directory) / "manifest.json"
-        write_manifest(
-            output,
-            manifest.splits,
-            task=args.task,
-            name=manifest.name,
-            description=manifest.description,
-            overwrite=args.overwrite,
-            allow_outside=args.allow_outside,
-        )
-    except (ManifestError, FileExistsError) as e:
-        print(f"medfusion manifest: {e}", file=sys.stderr)
-        return 1
-    sizes = ", ".join(f"{s}: {len(v)}" for s, v in manifest.splits.items())
-    print(f"wrote {output} ({sizes})")
-    return 0

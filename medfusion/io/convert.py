@@ -1,27 +1,26 @@
-"""``medfusion convert INPUT OUTPUT``: a DICOM tree -> one NIfTI (``.nii.gz``) + JSON sidecar per series.
+"""Batch conversion of a DICOM tree: one NIfTI (``.nii.gz``) + JSON sidecar per series.
 
-The batch-job behaviour users of dcm2niix / heudiconv ask for (user_asks.md §0.1, §0.6) and no library
-bundles: every series is discovered and reported (never silently one of several), bad series fail alone
-with a reason while the rest converts, files are written atomically (temporary name, then rename; the
-sidecar is written last and marks an output as complete), a rerun skips complete outputs, nothing is ever
-written inside INPUT, and the exit status tells "all ok" (0) from "some failed" (1), "all failed" (2) and
-"incomplete volumes" (10, as dcm2niix: a 4D series whose partial last volume was dropped, user_asks §0.3).
-Failures take precedence over incomplete volumes: 2 or 1 whenever a series failed, 10 only when every
-series converted (or was skipped) and at least one dropped a partial volume — a wrapper that treats any
-non-zero status as "look at the report" sees both, and one that only tolerates 10 never hides a failure.
+What users of dcm2niix / heudiconv expect of a batch job and no library bundles: every series is discovered and
+reported (never silently one of several), a bad series fails alone with its reason while the rest converts,
+files are written atomically (temporary name, then rename; the sidecar is written last and marks an output as
+complete), a rerun skips complete outputs, and nothing is ever written inside INPUT.
+:attr:`ConvertReport.exit_code` follows :mod:`medfusion.exit_codes`: 0 all done, 1 some series failed, 2 nothing
+converted, 3 every series done but a 4D series had its partial last volume dropped (dcm2niix reports such
+series the same way). Failures take precedence over incomplete volumes, so a wrapper that tolerates 3 never
+hides a failure.
 
 4D series (the same slice positions repeated over time) become one 4D NIfTI ``[i, j, k, t]`` with the 3D
 affine, as dcm2niix writes them; the sidecar says which field ordered the time points (``time_key``,
 ``time_values``) and ``incomplete`` records a dropped partial last volume (a rerun that skips the series
-still returns 10).
+still returns 3).
 
 Output layout: ``OUTPUT/<PatientID>/<StudyDate_StudyDescription>/<SeriesNumber>_<SeriesDescription>.nii.gz``
 (sanitised; a short hash of the UID is appended where two series or studies would get the same name).
+The command line is :mod:`medfusion.apps.convert`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Literal
 
 import numpy as np
 
+from medfusion.exit_codes import EXIT_NOTHING_DONE, batch_exit_code
 from medfusion.io.atomic import write_text_atomic
 from medfusion.io.dicom import SIDECAR_KEYS, DicomSeries, discover_series, read_series
 from medfusion.io.nifti import sidecar_path, write_nifti
@@ -53,7 +53,6 @@ SIDECAR_EXTRA_KEYS = (
     "time_values",
     "incomplete",
 )
-EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED, EXIT_INCOMPLETE = 0, 1, 2, 10
 
 
 @dataclass
@@ -72,8 +71,9 @@ class SeriesOutcome:
 
 @dataclass
 class ConvertReport:
-    """Return of :func:`convert_tree`; ``exit_code`` is 0 (all ok), 1 (some failed), 2 (all failed) or 10
-    (nothing failed, but a 4D series had its partial last volume dropped)."""
+    """Return of :func:`convert_tree`; ``exit_code`` follows :mod:`medfusion.exit_codes`: 0 all done,
+    1 some series failed, 2 nothing converted (every series failed, or no DICOM series at all), 3 nothing
+    failed but a 4D series had its partial last volume dropped."""
 
     input_dir: Path
     output_dir: Path
@@ -101,12 +101,9 @@ class ConvertReport:
     @property
     def exit_code(self) -> int:
         done = [o for o in self.outcomes if o.output is not None and o.status != "failed"]
-        if not self.failed:
-            # nothing but non-DICOM files (no series at all) counts as "all failed"
-            if not (done or any(o.series_uid for o in self.outcomes)):
-                return EXIT_ALL_FAILED
-            return EXIT_INCOMPLETE if self.incomplete else EXIT_OK
-        return EXIT_SOME_FAILED if done else EXIT_ALL_FAILED
+        if not (done or self.failed or any(o.series_uid for o in self.outcomes)):
+            return EXIT_NOTHING_DONE  # nothing but non-DICOM files: no series at all
+        return batch_exit_code(len(done), len(self.failed), incomplete=bool(self.incomplete))
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -211,7 +208,7 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
             incomplete=volume.meta.get("incomplete"),
         )
         write_text_atomic(sidecar_path(nifti), json.dumps(sidecar, indent=2) + "\n", overwrite=True)
-    except Exception as exc:  # noqa: BLE001 - one bad series must not stop the batch (user_asks §0.6)
+    except Exception as exc:  # noqa: BLE001 - one bad series must not stop the batch
         return SeriesOutcome("failed", f"{type(exc).__name__}: {exc}", **common)
     notes = tuple(volume.meta.get("warnings", []))
     reason = "ok" + (f" ({series.split_reason})" if series.split_reason else "")
@@ -351,93 +348,54 @@ def _progress_bar(enabled: bool):
     )
 
 
-def print_summary(report: ConvertReport, file=None) -> None:
-    """Counts, then one row per failed / skipped / converted series (skipped files grouped by reason)."""
-    from rich.console import Console
-    from rich.table import Table
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
-    console = Console(file=file or sys.stdout, width=160)
-    table = Table(title=f"medfusion convert {report.input_dir} -> {report.output_dir}")
-    for column in ("status", "series / files", "output", "reason"):
-        table.add_column(column, overflow="fold")
-    for outcome in report.failed + report.converted:
-        table.add_row(
-            outcome.status,
-            f"{outcome.description or ''} [{outcome.series_uid}] ({len(outcome.sources)} files)",
-            str(outcome.output.relative_to(report.output_dir)) if outcome.output else "-",
-            outcome.reason,
-        )
+
+def _source_folder(outcome: SeriesOutcome, input_dir: Path) -> str:
+    """Where the outcome's files are, relative to INPUT: their common folder (or the one file)."""
+    if not outcome.sources:
+        return "-"
+    if len(outcome.sources) == 1:
+        return _relative(Path(outcome.sources[0]), input_dir)
+    return _relative(Path(os.path.commonpath([str(p) for p in outcome.sources])), input_dir)
+
+
+def summary_line(outcome: SeriesOutcome, report: ConvertReport) -> str:
+    """One line for one series: status, output (or source folder), description, file count and reason."""
+    source = _source_folder(outcome, report.input_dir)
+    what = f"{outcome.description}, " if outcome.description else ""
+    what += f"{len(outcome.sources)} file{'s' if len(outcome.sources) != 1 else ''}"
+    if outcome.output is not None:
+        where = f"{_relative(outcome.output, report.output_dir)} <- {source}"
+    else:
+        where = source
+    reason = "" if outcome.reason == "ok" else f": {outcome.reason}"
+    return f"{outcome.status:<9} {where} ({what}){reason}"
+
+
+def print_summary(report: ConvertReport, file=None) -> None:
+    """One line per series (converted, already converted, failed), one per group of skipped files (grouped by
+    reason), then the counts and the exit status. Lines are not wrapped: each can be grepped whole."""
+    file = file or sys.stdout
+    series = [o for o in report.outcomes if o.status != "skipped" or o.output is not None]
+    order = {"converted": 0, "skipped": 1, "failed": 2}
+    for outcome in sorted(series, key=lambda o: order[o.status]):
+        print(summary_line(outcome, report), file=file)
     grouped: dict[str, list[SeriesOutcome]] = {}
     for outcome in report.skipped:
-        grouped.setdefault(outcome.reason if outcome.output is None else "already converted", []).append(
-            outcome
-        )
+        if outcome.output is None:
+            grouped.setdefault(outcome.reason, []).append(outcome)
     for reason, items in grouped.items():
-        files = sum(len(o.sources) for o in items)
-        first = items[0].sources[0] if items[0].sources else ""
-        table.add_row("skipped", f"{len(items)} item(s), {files} files, e.g. {first}", "-", reason)
-    console.print(table)
-    for outcome in report.failed:  # full reasons, unwrapped, for logs and grep
-        print(
-            f"FAILED {outcome.description or ''} [{outcome.series_uid}]: {outcome.reason}", file=console.file
-        )
-    for outcome in report.incomplete:
-        print(
-            f"INCOMPLETE {outcome.description or ''} [{outcome.series_uid}]: {outcome.incomplete}",
-            file=console.file,
-        )
-    console.print(
+        files = [p for o in items for p in o.sources]
+        example = _relative(Path(files[0]), report.input_dir) if files else "-"
+        count = f"{len(files)} file{'s' if len(files) != 1 else ''}"
+        print(f"{'skipped':<9} {count} (e.g. {example}): {reason}", file=file)
+    print(
         f"converted {len(report.converted)}, skipped {len(report.skipped)}, failed {len(report.failed)}, "
-        f"incomplete {len(report.incomplete)}; exit status {report.exit_code}"
+        f"incomplete {len(report.incomplete)}; exit status {report.exit_code}",
+        file=file,
     )
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-EXIT_STATUS_HELP = (
-    "exit status: 0 all ok; 1 some series failed; 2 all failed (or bad arguments); 10 nothing failed but "
-    "incomplete volumes (a 4D series' partial last volume was dropped). Failures take precedence over 10."
-)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    if parser.epilog is None:
-        parser.epilog = EXIT_STATUS_HELP
-    parser.add_argument("input", type=Path, help="DICOM folder tree (read only)")
-    parser.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="reconvert series whose outputs exist")
-    parser.add_argument(
-        "--include-derived", action="store_true", help="also convert ImageType DERIVED series"
-    )
-    parser.add_argument("--include-localizers", action="store_true", help="also convert localizer series")
-    parser.add_argument(
-        "--merge-acquisitions",
-        action="store_true",
-        help="keep repeated acquisitions (same positions, different AcquisitionNumber) as one 4D volume",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Exit status: 0 all ok, 1 some series failed, 2 all failed (or bad arguments), 10 incomplete volumes
-    (nothing failed, a partial last 4D volume was dropped); 1 / 2 take precedence over 10."""
-    try:
-        report = convert_tree(
-            args.input,
-            args.output,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            progress=not getattr(args, "no_progress", False),
-            include_derived=getattr(args, "include_derived", False),
-            include_localizers=getattr(args, "include_localizers", False),
-            merge_acquisitions=getattr(args, "merge_acquisitions", False),
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"medfusion convert: {exc}", file=sys.stderr)
-        return 2
-    print_summary(report)
-    if not report.outcomes:
-        print(f"medfusion convert: no DICOM files found under {args.input}", file=sys.stderr)
-    return report.exit_code

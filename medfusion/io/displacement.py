@@ -1,4 +1,4 @@
-"""Displacement fields on disk in the ITK/ANTs convention (user_asks.md §0.15).
+"""Displacement fields on disk in the ITK/ANTs convention, so that ITK, ANTs and SimpleITK read and apply them.
 
 In memory medfusion fields are ``(D, *spatial)`` in **voxels**, channel ``d`` along array axis ``d``, pull
 (``out(x) = in(x + u(x))``; :mod:`medfusion.fields.warp`). ITK, ANTs and SimpleITK expect a vector image whose

@@ -1,6 +1,11 @@
 """NIfTI read / write with an explicit RAS+ affine (nibabel does the format; this adds atomic writes,
 the sform/qform codes, 2D support and the JSON sidecar next to the image).
 
+The header follows the NIfTI-1 standard (NIfTI Data Format Working Group, ``nifti1.h``): the affine is stored
+as both sform and qform with code 1 (scanner anatomical), units mm and s (``xyzt_units``), and the time step of
+a 4D series in ``pixdim[4]``. The sidecar sits next to the image with the same stem and ``.json``, as BIDS and
+dcm2niix write it.
+
 Why not plain ``nibabel.save``: an interrupted batch job must never leave a half-written ``.nii.gz`` under
 its final name, so every write goes through :func:`medfusion.io.atomic.atomic_path`.
 """

@@ -1,8 +1,9 @@
 """Per-step training generators: a run resumed from a checkpoint draws the same noise as the uninterrupted run.
 
-user_asks §0.12 ("kill and resume gives the same training run") and §6 (Lightning#5325, DiT PR#23): the diffusion
-noise, timesteps and random fields drawn in ``training_step`` must continue, after a resume, exactly where the
-interrupted run left off; under DDP they must still differ across ranks (§0.13).
+A killed and resumed training run must be the same run: the diffusion noise, timesteps and random fields drawn in
+``training_step`` continue, after a resume, exactly where the interrupted run left off (Lightning checkpoints carry
+no RNG state: Lightning#5325; DiT's training script reseeds per rank for the same reason), and under DDP they still
+differ across ranks (otherwise every rank trains on the same noise and the effective batch shrinks).
 
 Design. Instead of one long-lived generator whose state would have to be saved (and gathered from every rank under
 DDP), every training step gets a fresh ``torch.Generator`` seeded from

@@ -244,7 +244,7 @@ def test_manifest_cli_writes_a_loadable_manifest(tmp_path: Path, capsys, monkeyp
     assert main(["manifest", "conv", "--task", "standardize", "--standard", "B30f"]) == 0
     m = load_manifest(root / "manifest.json")
     assert m.task == "standardize" and sum(len(v) for v in m.splits.values()) == 10
-    assert main(["manifest", str(root), "--task", "standardize"]) == 1  # exists: refuses to overwrite
+    assert main(["manifest", str(root), "--task", "standardize"]) == 2  # EXIT_NOTHING_DONE: nothing written
     assert "already exists" in capsys.readouterr().err
     out = root / "kernels.csv"
     assert (

@@ -81,3 +81,10 @@ def sitk_read_series(folder: Path):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     return reader.Execute()
+
+
+def convert_command(*argv: object) -> int:
+    """Run ``medfusion convert ARGV`` through the command line's entry point; return its exit status."""
+    from medfusion.cli import main
+
+    return main(["convert", *(str(a) for a in argv)])

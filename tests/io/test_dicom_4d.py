@@ -1,5 +1,5 @@
-"""4D DICOM series (user_asks §0.3): time points ordered by header fields, t and z never mixed up, a partial
-last volume dropped and reported (``medfusion convert`` exit status 10), gaps named; §0.2 IPP jitter."""
+"""4D DICOM series: time points ordered by header fields, t and z never mixed up, a partial last volume dropped
+and reported (``medfusion convert`` exit status 3, ``EXIT_INCOMPLETE``), gaps named; low-precision IPP accepted."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from io_helpers import ct_small_series
+from io_helpers import convert_command, ct_small_series
 
-from medfusion.cli import main
-from medfusion.io.convert import EXIT_INCOMPLETE, convert_tree
+from medfusion.exit_codes import EXIT_INCOMPLETE, EXIT_SOME_FAILED
+from medfusion.io.convert import convert_tree
 from medfusion.io.dicom import DicomSeriesError, discover_series, read_series
 
 N_T, N_Z, SIZE, STEP = 3, 4, 8, 2.5
@@ -121,7 +121,8 @@ def test_shuffled_file_order_gives_the_same_volume(tmp_path):
 def test_acquisition_number_splits_by_default_and_merges_on_flag(tmp_path):
     folder = write_4d(tmp_path / "s", key="AcquisitionNumber")
     parts = discover_series(folder).series
-    assert len(parts) == N_T and "AcquisitionNumber" in parts[0].split_reason  # user_asks §0.1
+    # contrast phases: one part each
+    assert len(parts) == N_T and "AcquisitionNumber" in parts[0].split_reason
     merged = discover_series(folder, merge_acquisitions=True).series
     assert len(merged) == 1
     volume = read_series(merged[0])
@@ -189,7 +190,7 @@ def test_3d_missing_slice_names_the_missing_positions(tmp_path):
 
 @pytest.mark.parametrize("step", [0.625, 3.0])
 def test_low_precision_ipp_is_not_varying_spacing(tmp_path, step):
-    """user_asks §0.2 / dcm2niix#216/#325: IPP rounded to 0.01 mm, or float noise (3.000016), is accepted."""
+    """dcm2niix#216/#325: IPP rounded to 0.01 mm, or float noise (3.000016), is accepted."""
     files = ct_small_series(tmp_path / "s", n=8, step=step)
     for k, path in enumerate(files):
         ds = pydicom.dcmread(path)
@@ -200,14 +201,14 @@ def test_low_precision_ipp_is_not_varying_spacing(tmp_path, step):
     assert volume.spacing[2] == pytest.approx(step, abs=0.01)
 
 
-def test_convert_writes_4d_nifti_and_exit_10_for_incomplete(tmp_path, capsys):
+def test_convert_writes_4d_nifti_and_exit_3_for_incomplete(tmp_path, capsys):
     root = tmp_path / "in"
     write_4d(root / "complete")
     write_4d(root / "stopped", drop=((2, 0), (2, 1), (2, 3)))
     out = tmp_path / "out"
-    assert main(["convert", str(root), str(out), "--no-progress"]) == EXIT_INCOMPLETE == 10
+    assert convert_command(str(root), str(out), "--no-progress") == EXIT_INCOMPLETE == 3
     text = capsys.readouterr().out
-    assert "incomplete: dropped last volume with 1 of 4 slices" in text and "exit status 10" in text
+    assert "incomplete: dropped last volume with 1 of 4 slices" in text and "exit status 3" in text
     niftis = sorted(out.rglob("*.nii.gz"))
     assert len(niftis) == 2
     shapes = sorted(nib.load(p).shape for p in niftis)
@@ -224,19 +225,20 @@ def test_convert_writes_4d_nifti_and_exit_10_for_incomplete(tmp_path, capsys):
     # resume: outputs are skipped, and the run still says "incomplete volumes"
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     report = convert_tree(root, out, progress=False)
-    assert len(report.skipped) == 2 and report.exit_code == 10
+    assert len(report.skipped) == 2 and report.exit_code == EXIT_INCOMPLETE
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
 
     # failures take precedence over incomplete volumes
     broken = ct_small_series(root / "gap", n=4)
     broken[1].unlink()
-    assert main(["convert", str(root), str(out), "--no-progress"]) == 1
+    assert convert_command(str(root), str(out), "--no-progress") == EXIT_SOME_FAILED == 1
 
 
-def test_convert_help_documents_exit_status_10(capsys):
+def test_convert_help_documents_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
-        main(["convert", "--help"])
-    assert "10 nothing failed but incomplete volumes" in " ".join(capsys.readouterr().out.split())
+        convert_command("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 every input done, but an incomplete acquisition was dropped in part" in text
 
 
 def test_volume_spacing_of_a_4d_array_is_spatial():

@@ -8,9 +8,8 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from io_helpers import ct_small_series, dicom_test_file, oblique_affine
+from io_helpers import convert_command, ct_small_series, dicom_test_file, oblique_affine
 
-from medfusion.cli import main
 from medfusion.io.convert import convert_tree
 from medfusion.io.dicom import read_series, write_dicom_series
 
@@ -42,11 +41,21 @@ def tree(tmp_path):
 def test_convert_end_to_end_summary_resume(tree, tmp_path, capsys):
     out = tmp_path / "out"
     before = _snapshot(tree)
-    assert main(["convert", str(tree), str(out), "--no-progress"]) == 1  # some failed
+    assert convert_command(str(tree), str(out), "--no-progress") == 1  # some failed
     text = capsys.readouterr().out
     assert "converted 2, skipped 2, failed 1" in text and "missing slice" in text
     niftis = sorted(out.rglob("*.nii.gz"))
     assert len(niftis) == 2 and _snapshot(tree) == before  # INPUT untouched
+    # one line per series (2 converted, 1 failed), one per group of skipped files (2 reasons), the counts
+    lines = text.splitlines()
+    assert len(lines) == 6 and lines[-1].startswith("converted 2, skipped 2, failed 1")
+    for nifti in niftis:
+        (line,) = [x for x in lines if str(nifti.relative_to(out)) in x]
+        assert line.split()[0] == "converted"
+    (failed,) = [x for x in lines if x.startswith("failed")]
+    assert "patient3/gap" in failed and "missing slice" in failed and "3 files" in failed
+    statuses = sorted(x.split()[0] for x in lines[:-1])
+    assert statuses == ["converted", "converted", "failed", "skipped", "skipped"]
     sim = next(p for p in niftis if "P2" in str(p))
     assert sim.name == "003_sim_B70f.nii.gz"
     sidecar = json.loads(sim.with_name("003_sim_B70f.json").read_text())
@@ -59,8 +68,10 @@ def test_convert_end_to_end_summary_resume(tree, tmp_path, capsys):
 
     # rerun: complete outputs are skipped, files untouched
     stamps = _snapshot(out)
-    assert main(["convert", str(tree), str(out), "--no-progress"]) == 1
-    assert "already converted" in capsys.readouterr().out and _snapshot(out) == stamps
+    assert convert_command(str(tree), str(out), "--no-progress") == 1
+    text = capsys.readouterr().out
+    assert "already converted" in text and _snapshot(out) == stamps
+    assert len([x for x in text.splitlines() if "already converted" in x]) == 2  # one line per series
     # an output without its sidecar (interrupted between the two writes) is redone
     sim.with_name("003_sim_B70f.json").unlink()
     report = convert_tree(tree, out, progress=False)
@@ -68,21 +79,22 @@ def test_convert_end_to_end_summary_resume(tree, tmp_path, capsys):
 
 
 def test_exit_codes_all_ok_and_all_failed(tmp_path):
+    """medfusion.exit_codes: 0 every series converted; 2 nothing converted (every series failed, or no DICOM)."""
     good = tmp_path / "good"
     ct_small_series(good / "a", n=3)
-    assert main(["convert", str(good), str(tmp_path / "o1"), "--no-progress"]) == 0
+    assert convert_command(str(good), str(tmp_path / "o1"), "--no-progress") == 0
     bad = tmp_path / "bad"
     ct_small_series(bad / "a", n=4)[1].unlink()
-    assert main(["convert", str(bad), str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert convert_command(str(bad), str(tmp_path / "o2"), "--no-progress") == 2
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "x.txt").write_text("x")
-    assert main(["convert", str(empty), str(tmp_path / "o3"), "--no-progress"]) == 2
+    assert convert_command(str(empty), str(tmp_path / "o3"), "--no-progress") == 2
 
 
 def test_refuses_output_inside_input(tree, capsys):
     before = _snapshot(tree)
-    assert main(["convert", str(tree), str(tree / "nifti"), "--no-progress"]) == 2
+    assert convert_command(str(tree), str(tree / "nifti"), "--no-progress") == 2
     assert "inside INPUT" in capsys.readouterr().err
     with pytest.raises(ValueError, match="inside INPUT"):
         convert_tree(tree, tree, progress=False)

@@ -181,7 +181,7 @@ def test_files_of_two_series_are_refused(tmp_path):
 
 
 def test_discovery_groups_splits_and_reports_skips(tmp_path):
-    """user_asks §0.1: many series in one folder, localizer and derived skipped with reasons, repeats split."""
+    """Many series in one folder, localizer and derived skipped with reasons, repeats split."""
     root = tmp_path / "export"
     uid = generate_uid()
     ct_small_series(root / "a" / "phase1", n=3, series_uid=uid)

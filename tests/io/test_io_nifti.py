@@ -64,7 +64,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["axial", "oblique"])
 def test_marker_voxel_same_world_position_in_dicom_nifti_and_simpleitk(tmp_path, kind):
-    """user_asks §0.4: one voxel, one LPS position in the DICOM, our NIfTI (nibabel and SimpleITK)."""
+    """One voxel, one LPS position in the DICOM, our NIfTI (nibabel and SimpleITK)."""
     import SimpleITK as sitk
 
     if kind == "axial":

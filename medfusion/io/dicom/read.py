@@ -1,0 +1,177 @@
+"""Reading one DICOM series to a :class:`~medfusion.io.volume.Volume`: ``array[i, j, k]`` (or
+``array[i, j, k, t]`` for 4D) with its RAS+ affine and the header metadata.
+
+pydicom decodes the pixels (its pixel-data plugins cover JPEG lossless, JPEG-LS, JPEG 2000 and RLE); the
+geometry comes from :func:`medfusion.io.dicom.geometry.series_geometry`. RescaleSlope / RescaleIntercept
+(PS3.3 C.11.1.1.2) are applied per frame, so CT comes out in Hounsfield units.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion.io.dicom.discovery import DicomSeries, discover_series
+from medfusion.io.dicom.geometry import series_geometry
+from medfusion.io.dicom.header import (
+    DicomSeriesError,
+    FrameInfo,
+    _fail,
+    _frames_from_header,
+    _non_image_reason,
+    _read_header,
+    header_meta,
+)
+from medfusion.io.volume import Volume
+
+
+def _frames_from_files(paths: Sequence[Path], label: str) -> tuple[list[FrameInfo], dict]:
+    frames: list[FrameInfo] = []
+    meta: dict | None = None
+    uids = set()
+    for path in paths:
+        ds, reason = _read_header(path)
+        if ds is None:
+            raise _fail(label, f"{path.name}: {reason}", [path])
+        reason = _non_image_reason(ds)
+        if reason is not None:
+            raise _fail(label, f"{path.name} is not an image: {reason}", [path])
+        uids.add(str(ds.SeriesInstanceUID))
+        try:
+            frames.extend(_frames_from_header(ds, path))
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(
+                label, f"{path.name}: unreadable image header ({type(exc).__name__}: {exc})", [path]
+            ) from exc
+        if meta is None:
+            meta = header_meta(ds)
+    if len(uids) > 1:
+        raise _fail(
+            label, f"files belong to {len(uids)} different series (SeriesInstanceUID {sorted(uids)})", paths
+        )
+    return frames, meta or {}
+
+
+def _resolve(series_or_files: Any) -> tuple[list[FrameInfo], dict, str]:
+    if isinstance(series_or_files, DicomSeries):
+        return list(series_or_files.frames), dict(series_or_files.meta), series_or_files.label
+    if isinstance(series_or_files, (str, os.PathLike)):
+        path = Path(series_or_files)
+        if path.is_dir():
+            found = discover_series(path, include_derived=True, include_localizers=True)
+            if len(found.series) != 1:
+                listing = "; ".join(s.label for s in found.series) or "none"
+                skipped = "; ".join(f"{s.paths[0].name}: {s.reason}" for s in found.skipped[:5])
+                raise DicomSeriesError(
+                    f"{path}: expected exactly one image series, found {len(found.series)} ({listing})"
+                    + (f"; skipped: {skipped}" if skipped else "")
+                    + " - use discover_series() and pick one"
+                )
+            return _resolve(found.series[0])
+        series_or_files = [path]
+    paths = [Path(p) for p in series_or_files]
+    if not paths:
+        raise DicomSeriesError("no files given")
+    label = f"files in {paths[0].parent}"
+    frames, meta = _frames_from_files(paths, label)
+    label = f"series {meta.get('SeriesInstanceUID')} ({meta.get('SeriesDescription') or 'no description'})"
+    return frames, meta, label
+
+
+def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
+    """Full dataset + decoded pixel array (frames first for multi-frame objects)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(
+            label, f"{path.name}: unreadable or corrupt file ({type(exc).__name__}: {exc})", [path]
+        ) from exc
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax_text = f"{syntax.name} ({syntax})" if syntax is not None else "unknown transfer syntax"
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise _fail(
+            label,
+            f"{path.name}: colour images (SamplesPerPixel {ds.SamplesPerPixel}) are not supported",
+            [path],
+        )
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - missing plugin, corrupt stream, truncated data
+        raise _fail(
+            label,
+            f"cannot decode pixel data of {path.name}, transfer syntax {syntax_text}: {type(exc).__name__}: {exc}",
+            [path],
+        ) from exc
+    return np.asarray(pixels), ds
+
+
+def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str | os.PathLike]) -> Volume:
+    """Read one DICOM series to a :class:`Volume` (``array[i, j, k]`` or ``array[i, j, k, t]``, RAS+ affine).
+
+    Args:
+        series_or_files: a :class:`DicomSeries` from :func:`discover_series`, a folder holding exactly one
+            series, a single (multi-frame) file, or a list of files of one series.
+
+    Slices are sorted along the normal of ImageOrientationPatient. RescaleSlope / RescaleIntercept are
+    applied per frame: the array is float32 then (CT in HU); otherwise the stored integer type is kept
+    (uint16 above 32767 survives). Raises :class:`DicomSeriesError` naming the series and the files.
+
+    A 4D series (repeated positions, see :func:`series_geometry` for how time points are ordered) gives
+    ``array[i, j, k, t]`` with the 3D affine of every time point (nibabel writes it as a 4D NIfTI, as
+    dcm2niix does); ``meta["time_key"]`` / ``meta["time_values"]`` say how time was ordered, and
+    ``meta["incomplete"]`` (also in ``meta["warnings"]``) says when a partial last volume was dropped.
+    Note that :attr:`Volume.spacing` is meant for 2D/3D arrays: use ``voxel_spacing(affine, 3)`` for 4D.
+    """
+    frames, meta, label = _resolve(series_or_files)
+    geometry = series_geometry(frames, label)
+    ordered = geometry.frames
+    n_slices = geometry.shape[2] if len(geometry.shape) > 2 else 1
+    rescale = any(f.slope != 1.0 or f.intercept != 0.0 for f in ordered) or meta.get("Modality") == "CT"
+    decoded: dict[Path, np.ndarray] = {}
+    out: np.ndarray | None = None
+    n = len(ordered)
+    for k, frame in enumerate(ordered):
+        if frame.path not in decoded:
+            decoded[frame.path], _ = _decode(frame.path, label)
+        pixels = decoded[frame.path]
+        if frame.frame is not None:
+            if pixels.ndim < 3 or frame.frame >= pixels.shape[0]:
+                raise _fail(
+                    label, f"{frame.path.name}: frame {frame.frame} missing from the pixel data", [frame.path]
+                )
+            pixels = pixels[frame.frame]
+        if pixels.shape != (frame.rows, frame.columns):
+            raise _fail(
+                label,
+                f"{frame.path.name}: pixel data shape {pixels.shape} != (Rows, Columns) {(frame.rows, frame.columns)}",
+                [frame.path],
+            )
+        if out is None:
+            out = np.empty(
+                (frame.columns, frame.rows, n_slices, n // n_slices),
+                dtype=np.float32 if rescale else pixels.dtype,
+            )
+        index = (slice(None), slice(None), k % n_slices, k // n_slices)  # frames are time-major
+        if rescale:
+            out[index] = pixels.T.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+        else:
+            out[index] = pixels.T
+    assert out is not None  # n >= 1 is guaranteed by series_geometry
+    array = out.reshape(geometry.shape)
+    meta = dict(meta)
+    meta["source_files"] = [str(p) for p in dict.fromkeys(f.path for f in ordered)]
+    meta["warnings"] = list(geometry.warnings)
+    meta["time_key"] = geometry.time_key
+    meta["time_values"] = list(geometry.time_values) if geometry.time_key else None
+    meta["incomplete"] = geometry.incomplete
+    meta["time_step"] = geometry.time_step
+    for note in geometry.warnings:
+        warnings.warn(f"{label}: {note}", stacklevel=2)
+    return Volume(array=array, affine=geometry.affine, meta=meta)
