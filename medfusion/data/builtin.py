@@ -1,8 +1,9 @@
-"""``medfusion make-data``: the built-in dataset (phantom patients scanned under several CT protocols).
+"""The built-in dataset: phantom patients scanned under several CT protocols (``medfusion make-data``).
 
-For every patient (:mod:`medfusion.data.phantoms`) it writes, under ``DIR/<case_id>/``:
+For every patient (:mod:`medfusion.data.phantoms`), :func:`make_dataset` writes under ``DIR/<case_id>/``:
 
-* ``phantom.nii.gz``: ground-truth HU (float32), ``label.nii.gz``: label map (uint8, :data:`~medfusion.data.phantoms.LABELS`);
+* ``phantom.nii.gz``: ground-truth HU (float32); ``label.nii.gz``: label map (uint8,
+  :data:`~medfusion.data.phantoms.LABELS`);
 * ``<protocol>.nii.gz``: the same anatomy scanned with each protocol (:data:`~medfusion.data.ctsim.PROTOCOLS`);
 * ``standard_repeat.nii.gz``: a second standard scan with another noise seed (test-retest reference for CCC);
 
@@ -10,23 +11,23 @@ with a RAS+ affine from the spacing (2D data as 2D NIfTI), optionally ``DIR/dico
 series with protocol headers, and one Decathlon-style manifest per task in ``DIR/manifests/`` (they declare
 ``"root": ".."``, so their paths, e.g. ``case_000/standard.nii.gz``, are relative to ``DIR``):
 ``standardize`` (each non-standard scan -> standard), ``restore`` (low dose -> standard), ``segment``
-(standard scan + labels) and ``register`` (pairs of patients within a split). Splits are by patient.
+(standard scan + labels), ``register`` (pairs of patients within a split) and ``image`` (standard scans only).
+Splits are by patient.
 
 2D slices are scanned from a thin slab of the phantom so that each protocol's slice thickness averages the
-anatomy along z (a thick slice blurs what the thin ground truth keeps sharp). Protocols of equal thickness share
-one forward projection per thin row. All protocols of one patient come from one raw acquisition (kernels filter the
-same projections, thick slices combine thin rows, lower doses are noise insertions: :func:`~medfusion.data.ctsim.scan_protocols`),
-as paired kernel data do; the repeat scan is an independent acquisition. Every file is written atomically; a rerun with the same parameters
-skips what exists (resume), different parameters need ``overwrite``.
+anatomy along z (a thick slice blurs what the thin ground truth keeps sharp). All protocols of one patient come
+from one raw acquisition, as paired kernel data do: kernels filter the same projections, thick slices combine
+thin rows and lower doses are noise insertions (Yu et al., Med Phys 39, 2012;
+:func:`~medfusion.data.ctsim.scan_protocols`). The repeat scan is an independent acquisition. Every file is
+written atomically; a rerun with the same parameters skips what exists (resume), other parameters need
+``overwrite``. The command line is :mod:`medfusion.apps.make_data`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,7 @@ from medfusion.io.atomic import write_text_atomic
 TASKS: tuple[str, ...] = ("standardize", "restore", "segment", "register", "image")
 REPEAT = "standard_repeat"
 RESTORE_SOURCE = "low_dose"
-FORMAT_VERSION = 2  # 2: protocols share one raw acquisition (session 3)
+FORMAT_VERSION = 2  # 2: the protocols of a patient share one raw acquisition
 SLAB_SPACING_MM = 1.0
 
 
@@ -259,6 +260,106 @@ def _manifests(
     return out
 
 
+def _check_options(
+    *, n_patients: int, dim: int, size: int, depth: int | None, protocols: Sequence[str] | None
+) -> list[str]:
+    """Validate the dataset options; return the protocol names (default all, duplicates dropped)."""
+    from medfusion.data import ctsim
+
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3, got {dim!r}")
+    if size < 16:
+        raise ValueError(f"size must be >= 16, got {size}")
+    if depth is not None and (dim != 3 or depth < 1):
+        raise ValueError(f"depth applies to dim=3 only and must be >= 1, got depth={depth}, dim={dim}")
+    if n_patients < 1:
+        raise ValueError(f"n_patients must be >= 1, got {n_patients}")
+    names = list(ctsim.PROTOCOLS) if protocols is None else list(dict.fromkeys(protocols))
+    unknown = [p for p in names if p not in ctsim.PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocols {unknown}; valid: {', '.join(ctsim.PROTOCOLS)}")
+    if ctsim.STANDARD not in names:
+        raise ValueError(f"protocols must include the standard protocol {ctsim.STANDARD!r}")
+    return names
+
+
+def _write_config(root: Path, config: dict, overwrite: bool) -> None:
+    """Record the parameters in ``root/dataset.json``; a folder made with other parameters needs ``overwrite``."""
+    config_path = root / "dataset.json"
+    if config_path.exists() and not overwrite:
+        old = json.loads(config_path.read_text())
+        if old != config:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ValueError(
+                f"{root} holds a dataset made with other parameters ({', '.join(changed)}); "
+                "use another folder or overwrite=True (--overwrite)"
+            )
+    write_text_atomic(config_path, json.dumps(config, indent=2) + "\n", overwrite=True)
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar over patients (disabled: a no-op with the same interface)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("make-data"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _write_case(
+    root: Path,
+    case_index: int,
+    *,
+    dim: int,
+    size: int,
+    depth: int | None,
+    protocols: Sequence[str],
+    dicom: bool,
+    seed: int,
+    overwrite: bool,
+) -> bool:
+    """Write one patient's NIfTI files (and DICOM series) unless all exist; return whether anything was scanned."""
+    from medfusion.data.phantoms import affine
+    from medfusion.io.nifti import write_nifti
+
+    case = f"case_{case_index:03d}"
+    folder = root / case
+    names = [*protocols, REPEAT]
+    files = [folder / "phantom.nii.gz", folder / "label.nii.gz", *(folder / f"{n}.nii.gz" for n in names)]
+    dicom_dirs = [root / "dicom" / case / n for n in names] if dicom else []
+    if not overwrite and all(p.exists() for p in files + dicom_dirs):
+        return False
+    hu, labels, spacing, scans = _scan_case(
+        case_index, dim=dim, size=size, depth=depth, protocols=protocols, seed=seed
+    )
+    aff = affine(spacing, hu.shape)
+    outputs = {"phantom": (hu, np.float32), "label": (labels, np.uint8)}
+    outputs.update({n: (scans[n], np.float32) for n in names})
+    for name, (array, dtype) in outputs.items():
+        path = folder / f"{name}.nii.gz"
+        if overwrite or not path.exists():
+            write_nifti(path, array.astype(dtype), aff, overwrite=overwrite)
+    for i, (name, out_dir) in enumerate(zip(names, dicom_dirs)):
+        if overwrite or not out_dir.exists():
+            _write_dicom(
+                out_dir,
+                scans[name],
+                aff,
+                case_id=case,
+                name=name,
+                number=100 + 10 * i,
+                seed=seed,
+                overwrite=overwrite,
+            )
+    return True
+
+
 def make_dataset(
     output_dir: str | Path,
     *,
@@ -289,137 +390,31 @@ def make_dataset(
         overwrite: regenerate everything; otherwise existing files are kept (resume) and the parameters must
             match those recorded in ``dataset.json``.
         progress: show a progress bar (rich).
-    """
-    from medfusion.data import ctsim
-    from medfusion.data.phantoms import affine
-    from medfusion.io.nifti import write_nifti
 
-    if dim not in (2, 3):
-        raise ValueError(f"dim must be 2 or 3, got {dim!r}")
-    if size < 16:
-        raise ValueError(f"size must be >= 16, got {size}")
-    if depth is not None and (dim != 3 or depth < 1):
-        raise ValueError(f"depth applies to dim=3 only and must be >= 1, got depth={depth}, dim={dim}")
-    if n_patients < 1:
-        raise ValueError(f"n_patients must be >= 1, got {n_patients}")
-    protocols = list(ctsim.PROTOCOLS) if protocols is None else list(dict.fromkeys(protocols))
-    unknown = [p for p in protocols if p not in ctsim.PROTOCOLS]
-    if unknown:
-        raise ValueError(f"unknown protocols {unknown}; valid: {', '.join(ctsim.PROTOCOLS)}")
-    if ctsim.STANDARD not in protocols:
-        raise ValueError(f"protocols must include the standard protocol {ctsim.STANDARD!r}")
+    Raises:
+        ValueError: bad options, or ``output_dir`` holds a dataset made with other parameters.
+    """
+    protocols = _check_options(n_patients=n_patients, dim=dim, size=size, depth=depth, protocols=protocols)
     root = Path(output_dir).absolute()
     root.mkdir(parents=True, exist_ok=True)
-
-    config = _config(n_patients, dim, size, depth, protocols, seed, split)
-    config_path = root / "dataset.json"
-    if config_path.exists() and not overwrite:
-        old = json.loads(config_path.read_text())
-        if old != config:
-            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ValueError(
-                f"{root} holds a dataset made with other parameters ({', '.join(changed)}); "
-                "use another folder or overwrite=True (--overwrite)"
-            )
-    write_text_atomic(config_path, json.dumps(config, indent=2) + "\n", overwrite=True)
-
+    _write_config(root, _config(n_patients, dim, size, depth, protocols, seed, split), overwrite)
     case_ids = [f"case_{i:03d}" for i in range(n_patients)]
     splits = split_cases(case_ids, split, seed)
-    names = [*protocols, REPEAT]
-    series_number = {name: 100 + 10 * i for i, name in enumerate(names)}
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("make-data"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        disable=not progress,
-        transient=False,
-    )
+    bar = _progress_bar(progress)
     with bar:
         job = bar.add_task("", total=n_patients)
         for i, case in enumerate(case_ids):
-            folder = root / case
-            files = [
-                folder / "phantom.nii.gz",
-                folder / "label.nii.gz",
-                *(folder / f"{n}.nii.gz" for n in names),
-            ]
-            dicom_dirs = [root / "dicom" / case / n for n in names] if dicom else []
-            todo = overwrite or not all(p.exists() for p in files + dicom_dirs)
-            if todo:
-                bar.update(job, description=case)
-                hu, labels, spacing, scans = _scan_case(
-                    i, dim=dim, size=size, depth=depth, protocols=protocols, seed=seed
-                )
-                aff = affine(spacing, hu.shape)
-                outputs = {"phantom": (hu, np.float32), "label": (labels, np.uint8)}
-                outputs.update({n: (scans[n], np.float32) for n in names})
-                for name, (array, dtype) in outputs.items():
-                    path = folder / f"{name}.nii.gz"
-                    if overwrite or not path.exists():
-                        write_nifti(path, array.astype(dtype), aff, overwrite=overwrite)
-                for name, out_dir in zip(names, dicom_dirs):
-                    if overwrite or not out_dir.exists():
-                        _write_dicom(
-                            out_dir,
-                            scans[name],
-                            aff,
-                            case_id=case,
-                            name=name,
-                            number=series_number[name],
-                            seed=seed,
-                            overwrite=overwrite,
-                        )
+            bar.update(job, description=case)
+            _write_case(
+                root,
+                i,
+                dim=dim,
+                size=size,
+                depth=depth,
+                protocols=protocols,
+                dicom=dicom,
+                seed=seed,
+                overwrite=overwrite,
+            )
             bar.advance(job)
     return _manifests(root, splits, protocols, overwrite)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``medfusion make-data``."""
-    parser.add_argument("--output", "-o", required=True, help="dataset folder")
-    parser.add_argument("--patients", type=int, default=24, help="number of phantom patients (default 24)")
-    parser.add_argument(
-        "--dim", type=int, choices=(2, 3), default=2, help="2D slices or 3D volumes (default 2)"
-    )
-    parser.add_argument(
-        "--size", type=int, default=128, help="in-plane matrix size (default 128; FOV 400 mm)"
-    )
-    parser.add_argument("--depth", type=int, default=None, help="slices per 3D volume (default: --size)")
-    parser.add_argument("--protocols", default=None, help="comma-separated protocol names (default: all)")
-    parser.add_argument(
-        "--dicom", action="store_true", help="also write DICOM series (dicom/<case>/<protocol>/)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions by patient")
-    parser.add_argument("--overwrite", action="store_true", help="regenerate existing files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``medfusion make-data``; exit status 0 on success, 2 on bad arguments or a conflicting folder."""
-    try:
-        split = tuple(float(v) for v in str(args.split).split(","))
-        protocols = [p.strip() for p in args.protocols.split(",") if p.strip()] if args.protocols else None
-        manifests = make_dataset(
-            args.output,
-            n_patients=args.patients,
-            dim=args.dim,
-            size=args.size,
-            depth=args.depth,
-            protocols=protocols,
-            dicom=args.dicom,
-            seed=args.seed,
-            split=split,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileExistsError) as err:
-        print(f"medfusion make-data: {err}", file=sys.stderr)
-        return 2
-    for task, path in manifests.items():
-        print(f"{task:12s} {path}")
-    return 0

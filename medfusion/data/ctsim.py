@@ -228,6 +228,125 @@ def _row_weights(thickness_mm: float, row_mm: float) -> dict[int, float]:
     return out
 
 
+def _scan_plan(
+    group: Sequence[Protocol], out_slices: Sequence[int], n_rows: int, row_mm: float
+) -> dict[tuple[str, int], dict[int, tuple[float, float]]]:
+    """``(protocol, slice) -> {row: (fraction of the row's full-dose photons, its readout-noise SD)}``.
+
+    The fraction is the protocol's dose relative to the group's highest dose times the row's overlap with the
+    slice profile; the readout noise of a row is ``sigma_e * sqrt(w / sum w)``, so the combined slice has the
+    protocol's ``sigma_e``.
+    """
+    d_max = max(p.dose for p in group)
+    plan: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
+    for p in group:
+        weights = _row_weights(p.slice_thickness_mm, row_mm)
+        for j in out_slices:
+            have = {j + k: w for k, w in weights.items() if 0 <= j + k < n_rows}
+            total = sum(have.values())
+            plan[(p.name, j)] = {
+                k: ((p.dose / d_max) * w, p.electronic_noise * math.sqrt(w / total)) for k, w in have.items()
+            }
+    return plan
+
+
+def _noisy_line_integrals(
+    rng: np.random.Generator,
+    plan: Mapping[tuple[str, int], Mapping[int, tuple[float, float]]],
+    water: Mapping[int, np.ndarray],
+    *,
+    i0_row: float,
+    mu_w: float,
+) -> dict[tuple[int, float, float], np.ndarray]:
+    """``(row, fraction, readout SD) -> noisy line integral``: one Poisson count per row, nested thinnings.
+
+    Each row is counted once at the full flux ``i0_row``; every smaller fraction is a binomial thinning of the
+    next larger one, so smaller fractions are subsets of larger ones. The row's readout noise is one draw shared by
+    its reconstructions, scaled per readout SD.
+    """
+    needed: dict[int, set[tuple[float, float]]] = {}
+    for fr in plan.values():
+        for k, fs in fr.items():
+            needed.setdefault(k, set()).add(fs)
+    line: dict[tuple[int, float, float], np.ndarray] = {}
+    for k in sorted(needed):
+        lam = i0_row * np.exp(-water[k] * mu_w)
+        counts = rng.poisson(lam).astype(np.float64)
+        e = rng.standard_normal(counts.shape)  # the row's readout noise, shared by its reconstructions
+        prev = 1.0
+        for f in sorted({f for f, _ in needed[k]}, reverse=True):  # nested: smaller fractions are subsets
+            if f < prev:
+                counts = rng.binomial(counts.astype(np.int64), f / prev).astype(np.float64)
+                prev = f
+            for s_e in sorted({s for g, s in needed[k] if g == f}):
+                c = counts + s_e * e if s_e > 0 else counts
+                line[(k, f, s_e)] = -np.log(np.maximum(c, 1.0) / (f * i0_row))
+    return line
+
+
+def _reconstruct_group(
+    group: Sequence[Protocol],
+    plan: Mapping[tuple[str, int], Mapping[int, tuple[float, float]]],
+    line: Mapping[tuple[int, float, float], np.ndarray],
+    out: dict[str, np.ndarray],
+    *,
+    out_slices: Sequence[int],
+    mu_w: float,
+    pixel_size_mm: float,
+    n_views: int,
+) -> None:
+    """FBP of every (protocol, slice) of one kVp group into ``out``; the line integral of a slice is the
+    photon-weighted mean of its rows' (protocols of equal dose, thickness and noise share one sinogram)."""
+    from skimage.transform import iradon
+
+    n = next(iter(out.values())).shape[0]
+    theta = np.linspace(0.0, 180.0, n_views, endpoint=False)
+    circle = _circle(n)
+    cache: dict[tuple, np.ndarray] = {}
+    for p in group:
+        for idx, j in enumerate(out_slices):
+            fr = plan[(p.name, j)]
+            key = tuple(sorted(fr.items()))
+            if key not in cache:
+                total = sum(f for f, _ in fr.values())
+                cache[key] = sum(f * line[(k, f, s_e)] for k, (f, s_e) in fr.items()) / total
+            mu = iradon(
+                cache[key] / (mu_w * pixel_size_mm), theta, output_size=n, filter_name=p.kernel, circle=True
+            )
+            hu = 1000.0 * (mu - 1.0)  # iradon of the line integrals in units of mu_water * pixel
+            hu[~circle] = -1000.0
+            out[p.name][:, :, idx] = hu
+
+
+def _check_scan(
+    rows_hu: np.ndarray,
+    protocols: Sequence[Protocol | str],
+    *,
+    pixel_size_mm: float,
+    row_mm: float,
+    slices: Sequence[int] | None,
+    n_views: int | None,
+) -> tuple[np.ndarray, list[Protocol], list[int], int]:
+    """Validated ``(rows_hu as float32, protocols, output slices, views)`` of :func:`scan_protocols`."""
+    protos = [_check_protocol(p) for p in protocols]
+    names = [p.name for p in protos]
+    if len(set(names)) != len(names):
+        raise ValueError(f"protocol names must be unique, got {names}")
+    rows_hu = np.asarray(rows_hu, dtype=np.float32)
+    if rows_hu.ndim != 3 or rows_hu.shape[0] != rows_hu.shape[1]:
+        raise ValueError(f"rows_hu must be (N, N, R), got shape {rows_hu.shape}")
+    if pixel_size_mm <= 0 or row_mm <= 0:
+        raise ValueError(f"pixel_size_mm and row_mm must be > 0, got {pixel_size_mm}, {row_mm}")
+    n, _, n_rows = rows_hu.shape
+    views = default_n_views(n) if n_views is None else int(n_views)
+    if views < 1:
+        raise ValueError(f"n_views must be >= 1, got {views}")
+    out_slices = list(range(n_rows)) if slices is None else [int(j) for j in slices]
+    if any(not 0 <= j < n_rows for j in out_slices):
+        raise ValueError(f"slices must lie in [0, {n_rows}), got {out_slices}")
+    return rows_hu, protos, out_slices, views
+
+
 def scan_protocols(
     rows_hu: np.ndarray,
     protocols: Sequence[Protocol | str],
@@ -253,87 +372,36 @@ def scan_protocols(
     Returns:
         ``{protocol name: float32 HU (N, N, len(slices))}``.
     """
-    from skimage.transform import iradon
-
-    protos = [_check_protocol(p) for p in protocols]
-    names = [p.name for p in protos]
-    if len(set(names)) != len(names):
-        raise ValueError(f"protocol names must be unique, got {names}")
-    rows_hu = np.asarray(rows_hu, dtype=np.float32)
-    if rows_hu.ndim != 3 or rows_hu.shape[0] != rows_hu.shape[1]:
-        raise ValueError(f"rows_hu must be (N, N, R), got shape {rows_hu.shape}")
-    if pixel_size_mm <= 0 or row_mm <= 0:
-        raise ValueError(f"pixel_size_mm and row_mm must be > 0, got {pixel_size_mm}, {row_mm}")
+    rows_hu, protos, out_slices, views = _check_scan(
+        rows_hu, protocols, pixel_size_mm=pixel_size_mm, row_mm=row_mm, slices=slices, n_views=n_views
+    )
     n, _, n_rows = rows_hu.shape
-    views = default_n_views(n) if n_views is None else int(n_views)
-    if views < 1:
-        raise ValueError(f"n_views must be >= 1, got {views}")
-    out_slices = list(range(n_rows)) if slices is None else [int(j) for j in slices]
-    if any(not 0 <= j < n_rows for j in out_slices):
-        raise ValueError(f"slices must lie in [0, {n_rows}), got {out_slices}")
-    theta = np.linspace(0.0, 180.0, views, endpoint=False)
-    circle = _circle(n)
     rng = np.random.default_rng(seed)
     out = {p.name: np.empty((n, n, len(out_slices)), dtype=np.float32) for p in protos}
     water: dict[int, np.ndarray] = {}  # water path lengths per row, shared by every kVp
-
     for kvp in sorted({p.kvp for p in protos}):
+        # 1. which rows each (protocol, slice) combines, with which share of the photons and readout noise
         group = [p for p in protos if p.kvp == kvp]
-        mu_w = MU_WATER[kvp]
+        plan = _scan_plan(group, out_slices, n_rows, row_mm)
+        # 2. photons per ray of one full-dose row: the flux rule with the row's width as thickness
         d_max = max(p.dose for p in group)
-        # photons per ray of one full-dose row: the flux rule with the row's width as thickness
         i0_row = incident_flux(replace(group[0], dose=d_max, slice_thickness_mm=row_mm), pixel_size_mm, views)
-        # (protocol, slice) -> {row: (fraction of the row's full-dose photons, its readout-noise SD)}; the readout
-        # noise of a row is sigma_e * sqrt(w / sum w), so the combined slice has the protocol's sigma_e
-        plan: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
-        for p in group:
-            weights = _row_weights(p.slice_thickness_mm, row_mm)
-            for j in out_slices:
-                have = {j + k: w for k, w in weights.items() if 0 <= j + k < n_rows}
-                total = sum(have.values())
-                plan[(p.name, j)] = {
-                    k: ((p.dose / d_max) * w, p.electronic_noise * math.sqrt(w / total))
-                    for k, w in have.items()
-                }
-        needed: dict[int, set[tuple[float, float]]] = {}
-        for fr in plan.values():
-            for k, fs in fr.items():
-                needed.setdefault(k, set()).add(fs)
-        line: dict[
-            tuple[int, float, float], np.ndarray
-        ] = {}  # (row, fraction, readout SD) -> noisy line integral
-        for k in sorted(needed):
+        # 3. forward projection of the rows needed (once for every kVp), then counts and thinnings per row
+        for k in sorted({k for fr in plan.values() for k in fr}):
             if k not in water:
                 water[k] = project(rows_hu[:, :, k], pixel_size_mm=pixel_size_mm, n_views=views)
-            lam = i0_row * np.exp(-water[k] * mu_w)
-            counts = rng.poisson(lam).astype(np.float64)
-            e = rng.standard_normal(counts.shape)  # the row's readout noise, shared by its reconstructions
-            prev = 1.0
-            for f in sorted({f for f, _ in needed[k]}, reverse=True):  # nested: smaller fractions are subsets
-                if f < prev:
-                    counts = rng.binomial(counts.astype(np.int64), f / prev).astype(np.float64)
-                    prev = f
-                for s_e in sorted({s for g, s in needed[k] if g == f}):
-                    c = counts + s_e * e if s_e > 0 else counts
-                    line[(k, f, s_e)] = -np.log(np.maximum(c, 1.0) / (f * i0_row))
-        cache: dict[tuple, np.ndarray] = {}  # protocols of equal dose/thickness/noise share one sinogram
-        for p in group:
-            for idx, j in enumerate(out_slices):
-                fr = plan[(p.name, j)]
-                key = tuple(sorted(fr.items()))
-                if key not in cache:
-                    total = sum(f for f, _ in fr.values())
-                    cache[key] = sum(f * line[(k, f, s_e)] for k, (f, s_e) in fr.items()) / total
-                mu = iradon(
-                    cache[key] / (mu_w * pixel_size_mm),
-                    theta,
-                    output_size=n,
-                    filter_name=p.kernel,
-                    circle=True,
-                )
-                hu = 1000.0 * (mu - 1.0)  # iradon of the line integrals in units of mu_water * pixel
-                hu[~circle] = -1000.0
-                out[p.name][:, :, idx] = hu
+        line = _noisy_line_integrals(rng, plan, water, i0_row=i0_row, mu_w=MU_WATER[kvp])
+        # 4. combine rows into slices and reconstruct with each protocol's kernel
+        _reconstruct_group(
+            group,
+            plan,
+            line,
+            out,
+            out_slices=out_slices,
+            mu_w=MU_WATER[kvp],
+            pixel_size_mm=pixel_size_mm,
+            n_views=views,
+        )
     return out
 
 

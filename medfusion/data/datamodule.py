@@ -8,7 +8,7 @@ builds the pipeline, and ``cache`` decides where its deterministic half is cache
 Batches are dicts keyed by ``medfusion.keys`` names: image/label keys are plain ``torch.Tensor`` of shape
 ``(B, 1, *spatial)`` (images in [-1, 1], see ``pipelines``); string keys (``protocol``, ``case_id``) become lists.
 
-Distributed training (user_asks.md §0.13), all without relying on Lightning's sampler injection:
+Distributed training, all without relying on Lightning's sampler injection:
 
 * training: a ``DistributedSampler`` (shuffled with ``seed``, reshuffled by Lightning's ``set_epoch``) gives each
   rank different cases; the random transforms are seeded per rank, per dataloader worker and per epoch (the

@@ -6,7 +6,7 @@ part that runs after the cache (random crops / 2D slice sampling for training; c
 evaluation). Every key of a sample (e.g. ``source`` and ``target``, ``image`` and ``label``) goes through the
 same spatial transforms with the same random draws, so paired images stay voxel-aligned.
 
-Intensity convention (see NOTES.md): image keys are windowed to ``hu_window`` (HU for CT) and scaled linearly to
+Intensity convention: image keys are windowed to ``hu_window`` (HU for CT) and scaled linearly to
 **[-1, 1]** (values outside the window are clipped); ``hu_to_unit`` / ``unit_to_hu`` convert either way. Label
 keys keep their integer values (float dtype, nearest-neighbour resampling, padded with 0).
 
@@ -240,6 +240,131 @@ def _sampling(
     return Compose(ts)
 
 
+def _check_keys(
+    keys: Sequence[str],
+    *,
+    spatial_dims: int,
+    hu_window: Sequence[float],
+    pixdim: Sequence[float] | None,
+    roi_size: Sequence[int] | None,
+    num_samples: int,
+    image_keys: Sequence[str] | None,
+    label_keys: Sequence[str] | None,
+    slice_axis: int,
+    crop_foreground: bool,
+) -> tuple[list[str], list[str], list[str]]:
+    """Validate :func:`build_transforms`' options; return ``(keys, image keys, label keys)`` as strings."""
+    keys = [str(k) for k in keys]
+    if not keys:
+        raise ValueError("keys must name at least one key to load")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
+        raise ValueError(f"hu_window must be (low, high) with high > low, got {tuple(hu_window)}")
+    if roi_size is not None and (
+        len(roi_size) != spatial_dims or any(int(r) == 0 or int(r) < -1 for r in roi_size)
+    ):
+        raise ValueError(
+            f"roi_size must have {spatial_dims} positive values (or -1 for a whole axis), got {tuple(roi_size)}"
+        )
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
+    if pixdim is not None and any(float(p) <= 0 for p in ensure_tuple(pixdim)):
+        raise ValueError(f"pixdim must be positive spacings in mm, got {pixdim!r}")
+    if label_keys is None:
+        label_keys = [k for k in keys if k in DEFAULT_LABEL_KEYS]
+    if image_keys is None:
+        image_keys = [k for k in keys if k not in label_keys]
+    image_keys, label_keys = [str(k) for k in image_keys], [str(k) for k in label_keys]
+    unknown = sorted(set(image_keys + label_keys) - set(keys))
+    if unknown or set(image_keys) & set(label_keys):
+        raise ValueError(
+            f"image_keys {image_keys} and label_keys {label_keys} must be disjoint subsets of keys {keys}"
+        )
+    if crop_foreground and not image_keys:
+        raise ValueError(
+            "crop_foreground needs an image key to find the foreground; pass crop_foreground=False"
+        )
+    return keys, image_keys, label_keys
+
+
+def _load_and_normalise(
+    keys: list[str],
+    *,
+    image_keys: list[str],
+    label_keys: list[str],
+    hu_window: Sequence[float],
+    pixdim: Sequence[float] | None,
+    orientation: str,
+    crop_foreground: bool,
+) -> list:
+    """Load, orient, resample, window to [-1, 1] and crop to the foreground (the first, cacheable steps)."""
+    load = LoadImaged(keys, image_only=True, ensure_channel_first=True)
+    if _dicom_reader_available():  # tried first for folders / .dcm; NIfTI falls through to nibabel
+        load.register(MedfusionDicomReader())
+    # orientation codes per rank (2D NIfTIs take the first two letters: MONAI would warn on every load)
+    orient = {r: Compose([Orientationd(keys, axcodes=orientation[:r])]) for r in (2, 3)}
+    det: list = [load, SpatialRankSwitchd(keys, orient)]
+    if pixdim is not None:
+        modes = ["nearest" if k in label_keys else "bilinear" for k in keys]
+        det.append(Spacingd(keys, pixdim=tuple(float(p) for p in ensure_tuple(pixdim)), mode=modes))
+    if image_keys:
+        low, high = float(hu_window[0]), float(hu_window[1])
+        det.append(ScaleIntensityRanged(image_keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True))
+    if crop_foreground:
+        det.append(
+            CropForegroundd(
+                keys,
+                source_key=image_keys[0],
+                select_fn=is_foreground,
+                allow_smaller=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            )
+        )
+    return det
+
+
+def _pad_and_index(
+    keys: list[str],
+    *,
+    image_keys: list[str],
+    label_keys: list[str],
+    spatial_dims: int,
+    roi_size: Sequence[int] | None,
+    train: bool,
+    slice_axis: int,
+) -> tuple[list, tuple[str, str] | None]:
+    """Padding up to the crop size and, for label-aware crops, the cached fg/bg voxel indices (their keys)."""
+    ranks = (2, 3) if spatial_dims == 2 else (3,)
+    det: list = []
+    if roi_size is not None:
+        pads = {
+            r: _padding(
+                r,
+                image_keys=image_keys,
+                label_keys=label_keys,
+                roi=_roi(r, spatial_dims, roi_size, slice_axis)[0],
+            )
+            for r in ranks
+        }
+        det.append(SpatialRankSwitchd(keys, pads))
+    index_keys = None
+    if train and label_keys and (roi_size is not None or spatial_dims == 2):
+        # label-aware crops need the foreground / background voxel indices: computed once, in the cached part
+        index_keys = (f"{label_keys[0]}_fg_indices", f"{label_keys[0]}_bg_indices")
+        det.append(
+            FgBgToIndicesd(
+                label_keys[0],
+                image_key=image_keys[0] if image_keys else None,
+                image_threshold=-1.0 + FOREGROUND_EPS,
+            )
+        )
+    return det, index_keys
+
+
 def build_transforms(
     keys: Sequence[str],
     *,
@@ -277,87 +402,39 @@ def build_transforms(
         ``Transforms(deterministic, random)``: apply ``deterministic`` then ``random``; each sample is a dict with
         ``(1, *spatial)`` MetaTensors (a list of ``num_samples`` dicts when training).
     """
-    keys = [str(k) for k in keys]
-    if not keys:
-        raise ValueError("keys must name at least one key to load")
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    if len(hu_window) != 2 or not float(hu_window[1]) > float(hu_window[0]):
-        raise ValueError(f"hu_window must be (low, high) with high > low, got {tuple(hu_window)}")
-    if roi_size is not None and (
-        len(roi_size) != spatial_dims or any(int(r) == 0 or int(r) < -1 for r in roi_size)
-    ):
-        raise ValueError(
-            f"roi_size must have {spatial_dims} positive values (or -1 for a whole axis), got {tuple(roi_size)}"
-        )
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if slice_axis not in (0, 1, 2):
-        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
-    if pixdim is not None and any(float(p) <= 0 for p in ensure_tuple(pixdim)):
-        raise ValueError(f"pixdim must be positive spacings in mm, got {pixdim!r}")
-    if label_keys is None:
-        label_keys = [k for k in keys if k in DEFAULT_LABEL_KEYS]
-    if image_keys is None:
-        image_keys = [k for k in keys if k not in label_keys]
-    image_keys, label_keys = [str(k) for k in image_keys], [str(k) for k in label_keys]
-    unknown = sorted(set(image_keys + label_keys) - set(keys))
-    if unknown or set(image_keys) & set(label_keys):
-        raise ValueError(
-            f"image_keys {image_keys} and label_keys {label_keys} must be disjoint subsets of keys {keys}"
-        )
-    if crop_foreground and not image_keys:
-        raise ValueError(
-            "crop_foreground needs an image key to find the foreground; pass crop_foreground=False"
-        )
-
-    load = LoadImaged(keys, image_only=True, ensure_channel_first=True)
-    if _dicom_reader_available():  # tried first for folders / .dcm; NIfTI falls through to nibabel
-        load.register(MedfusionDicomReader())
-    # orientation codes per rank (2D NIfTIs take the first two letters: MONAI would warn on every load)
-    orient = {r: Compose([Orientationd(keys, axcodes=orientation[:r])]) for r in (2, 3)}
-    det: list = [load, SpatialRankSwitchd(keys, orient)]
-    if pixdim is not None:
-        modes = ["nearest" if k in label_keys else "bilinear" for k in keys]
-        det.append(Spacingd(keys, pixdim=tuple(float(p) for p in ensure_tuple(pixdim)), mode=modes))
-    if image_keys:
-        low, high = float(hu_window[0]), float(hu_window[1])
-        det.append(ScaleIntensityRanged(image_keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True))
-    if crop_foreground:
-        det.append(
-            CropForegroundd(
-                keys,
-                source_key=image_keys[0],
-                select_fn=is_foreground,
-                allow_smaller=True,
-                start_coord_key=None,
-                end_coord_key=None,
-            )
-        )
-
+    keys, image_keys, label_keys = _check_keys(
+        keys,
+        spatial_dims=spatial_dims,
+        hu_window=hu_window,
+        pixdim=pixdim,
+        roi_size=roi_size,
+        num_samples=num_samples,
+        image_keys=image_keys,
+        label_keys=label_keys,
+        slice_axis=slice_axis,
+        crop_foreground=crop_foreground,
+    )
+    # 1. deterministic (cached): load, orient, resample, window, foreground crop, padding, label indices
+    det = _load_and_normalise(
+        keys,
+        image_keys=image_keys,
+        label_keys=label_keys,
+        hu_window=hu_window,
+        pixdim=pixdim,
+        orientation=orientation,
+        crop_foreground=crop_foreground,
+    )
+    tail, index_keys = _pad_and_index(
+        keys,
+        image_keys=image_keys,
+        label_keys=label_keys,
+        spatial_dims=spatial_dims,
+        roi_size=roi_size,
+        train=train,
+        slice_axis=slice_axis,
+    )
+    # 2. random (every epoch): crops / 2D slices by the spatial rank of the loaded data
     ranks = (2, 3) if spatial_dims == 2 else (3,)
-    if roi_size is not None:
-        pads = {
-            r: _padding(
-                r,
-                image_keys=image_keys,
-                label_keys=label_keys,
-                roi=_roi(r, spatial_dims, roi_size, slice_axis)[0],
-            )
-            for r in ranks
-        }
-        det.append(SpatialRankSwitchd(keys, pads))
-    index_keys = None
-    if train and label_keys and (roi_size is not None or spatial_dims == 2):
-        # label-aware crops need the foreground / background voxel indices: computed once, in the cached part
-        index_keys = (f"{label_keys[0]}_fg_indices", f"{label_keys[0]}_bg_indices")
-        det.append(
-            FgBgToIndicesd(
-                label_keys[0],
-                image_key=image_keys[0] if image_keys else None,
-                image_threshold=-1.0 + FOREGROUND_EPS,
-            )
-        )
     switch = RandSpatialRankSwitchd(
         keys,
         {
@@ -376,4 +453,4 @@ def build_transforms(
             for rank in ranks
         },
     )
-    return Transforms(deterministic=Compose(det), random=Compose([switch]))
+    return Transforms(deterministic=Compose(det + tail), random=Compose([switch]))

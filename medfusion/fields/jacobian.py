@@ -10,7 +10,8 @@ Conventions reported by every function here:
 - SDlogJ: standard deviation of ``log(clip(det J, 1e-9, 1e9))`` over the (masked) voxels, without the
   Learn2Reg "+3" offset;
 - displacement scale: ``|u|`` with component ``d`` divided by the size of axis ``d``, in percent of the
-  image size (``|u| / N * 100`` for square or cubic images, DRDM spec §5).
+  image size (``|u| / N * 100`` for square or cubic images), the scale DRDM reports (Zheng et al.,
+  arXiv 2407.07295).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def displacement_scale(ddf: torch.Tensor, mask: torch.Tensor | None = None) -> D
 def negative_jacobian_penalty(ddf: torch.Tensor) -> torch.Tensor:
     """Mean ``ReLU(-det(I + grad u))`` over voxels and batch: a true folding penalty (scalar, differentiable).
 
-    Replaces DRDM's ``negdetj`` term, which is not a Jacobian (spec §3, bug; §8 test 8).
+    Replaces the ``negdetj`` term of the official DRDM code (jianqingzheng/def_diff_rec), which is not a Jacobian
+    determinant: it gives 0 for a reflection, where this penalty is positive.
     """
     return torch.relu(-jacobian_determinant(ddf)).mean()

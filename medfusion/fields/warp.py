@@ -4,8 +4,8 @@ Convention (the whole package, STYLE.md rule 11): a displacement field ``ddf`` h
 ``(B, D, *spatial)`` with ``D = len(spatial)``, is measured in **voxels**, and channel ``d`` is the
 displacement along **array axis** ``d`` (i, j[, k] index order, not x, y, z). Warping is **pull**
 (backward): ``warp(I, u)(x) = I(x + u(x))``. This is the convention of MONAI's ``Warp``/``DVF2DDF``
-and of DRDM (Zheng et al., arXiv 2407.07295, §0 of our spec, where fields are fractions of the grid
-size: multiply them by the grid size to get ours).
+and of DRDM (Zheng et al., arXiv 2407.07295), whose official code stores fields as fractions of the grid
+size: multiply them by the grid size to get ours.
 
 Composition: ``compose(a, b)(x) = b(x) + a(x + b(x))``, so ``warp(warp(I, a), b) == warp(I, compose(a, b))``
 (``id + compose(a, b) = (id + a) o (id + b)``: ``b`` is applied to the coordinates first).
@@ -130,7 +130,9 @@ def compose(a: torch.Tensor, b: torch.Tensor, padding_mode: PaddingMode = "borde
 def self_compose(
     v: torch.Tensor, n: torch.Tensor | int, padding_mode: PaddingMode = "border"
 ) -> torch.Tensor:
-    """Compose ``v`` with itself ``n`` times: ``u <- compose(u, v)`` from ``u = 0`` (DRDM spec §1.2 step C).
+    """Compose ``v`` with itself ``n`` times: ``u <- compose(u, v)`` from ``u = 0``.
+
+    This is DRDM's forward field ``Phi_t`` (Zheng et al., arXiv 2407.07295, Fig. 3).
 
     ``n`` is an int or a per-sample integer tensor (B,); sample ``b`` stops after ``n[b]`` compositions
     (``n = 0`` gives the zero field). Euler-style exponentiation of the stationary field ``v``.

@@ -3,8 +3,8 @@
 A field ``u`` lives on a grid with voxel-to-world affine ``A = [L | t]`` (world ``x = L p + t``) and is in
 voxels of that grid, channel ``d`` along array axis ``d``, pull convention (:mod:`medfusion.fields.warp`).
 Its physical (world, mm) displacement is ``d = L u`` (as :func:`medfusion.io.displacement.voxel_to_mm_lps`
-before the RAS -> LPS flip). To move it to a second grid ``A' = [L' | t']`` (user_asks.md §0.14: image and
-label on different grids share one field in mm):
+before the RAS -> LPS flip). To move it to a second grid ``A' = [L' | t']`` (so that an
+image and its label on different grids share one field in mm):
 
 1. for each voxel ``p'`` of the new grid, ``x = L' p' + t'`` and ``p = L^+ (x - t)``;
 2. ``u(p)`` by linear interpolation, border padding (the field is extended outside its grid);

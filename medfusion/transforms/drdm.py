@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,10 +37,13 @@ from torch import nn
 
 from medfusion.diffusion.deformation import DeformationDiffusion, recover, recovery_schedule
 from medfusion.fields import folding_fraction, warp, warp_labels
+from medfusion.fields.warp import InterpMode, PaddingMode
 from medfusion.fields.world import resample_field, same_grid
 from medfusion.nets.drdm import DRDMRecoveryNet
 
-MODES = ("bilinear", "nearest", "bicubic", "onehot")
+Mode = Literal["bilinear", "nearest", "bicubic", "onehot"]
+MODES: tuple[str, ...] = ("bilinear", "nearest", "bicubic", "onehot")
+PADDINGS: tuple[str, ...] = ("zeros", "border", "reflection")
 
 
 def load_recovery_net(path: str | Path) -> DRDMRecoveryNet:
@@ -94,9 +97,9 @@ class RandDRDMDeform(RandomizableTransform):
         t_range: tuple[int, int] = (40, 48),
         recovery_net: nn.Module | str | Path | None = None,
         recovery_steps: int | None = None,
-        mode: str = "bilinear",
-        padding_mode: str = "zeros",
-        sampler_padding: str = "border",
+        mode: InterpMode = "bilinear",
+        padding_mode: PaddingMode = "zeros",
+        sampler_padding: PaddingMode = "border",
         sigma: float = 4e-5,
         ctl_size: int = 64,
         legacy_scale: bool = False,
@@ -107,6 +110,9 @@ class RandDRDMDeform(RandomizableTransform):
             raise ValueError(f"t_range must satisfy 0 <= low <= high <= 80, got {t_range}")
         if mode not in MODES[:3]:
             raise ValueError(f"mode={mode!r} is not valid for images; choose one of {', '.join(MODES[:3])}")
+        for name, value in (("padding_mode", padding_mode), ("sampler_padding", sampler_padding)):
+            if value not in PADDINGS:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(PADDINGS)}")
         if isinstance(recovery_net, (str, Path)):
             recovery_net = load_recovery_net(recovery_net)
         self.t_range = (lo, hi)
@@ -146,7 +152,7 @@ class RandDRDMDeform(RandomizableTransform):
             ).ddf
         return ddf[0]
 
-    def apply(self, img: Any, ddf: torch.Tensor, mode: str | None = None) -> Any:
+    def apply(self, img: Any, ddf: torch.Tensor, mode: Mode | None = None) -> Any:
         """Warp ``img`` (C, *spatial) with ``ddf`` (D, *spatial); ``mode`` in bilinear/nearest/bicubic/onehot."""
         mode = mode or self.mode
         if mode not in MODES:
@@ -186,7 +192,7 @@ class RandDRDMDeformd(RandomizableTransform, MapTransform):
     The field is generated on the grid of the first key present (the image; the net sees its first channel).
     Keys on another grid (a label with other spacing, origin, orientation or size; ``MetaTensor``s with affines)
     are warped by the same displacement in world space (mm), carried to their grid by
-    :func:`medfusion.fields.world.resample_field` (user_asks.md §0.14); keys on the same grid use the field as
+    :func:`medfusion.fields.world.resample_field`; keys on the same grid use the field as
     is. Plain tensors / arrays of a different spatial shape raise ``ValueError`` (no affine to relate them).
     ``mode``: one entry per key (or one for all), from ``bilinear`` / ``nearest`` / ``bicubic`` / ``onehot``;
     use ``nearest`` or ``onehot`` for labels. Default: ``bilinear`` for the first key, ``nearest`` for the others. ``ddf_key``: if given, the field (D, *spatial) in voxels is
@@ -197,13 +203,13 @@ class RandDRDMDeformd(RandomizableTransform, MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        mode: str | Sequence[str] | None = None,
+        mode: Mode | Sequence[Mode] | None = None,
         prob: float = 1.0,
         t_range: tuple[int, int] = (40, 48),
         recovery_net: nn.Module | str | Path | None = None,
         recovery_steps: int | None = None,
-        padding_mode: str = "zeros",
-        sampler_padding: str = "border",
+        padding_mode: PaddingMode = "zeros",
+        sampler_padding: PaddingMode = "border",
         sigma: float = 4e-5,
         ctl_size: int = 64,
         legacy_scale: bool = False,

@@ -9,10 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medfusion.data.builtin import REPEAT, add_arguments, make_dataset, run, split_cases
+from medfusion.apps.make_data import add_arguments, run
+from medfusion.data.builtin import REPEAT, make_dataset, split_cases
 from medfusion.data.ctsim import PROTOCOLS, STANDARD
 from medfusion.data.manifest import load_manifest
 from medfusion.data.phantoms import LABELS
+from medfusion.exit_codes import EXIT_NOTHING_DONE
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +153,11 @@ def test_cli_3d_with_dicom(tmp_path):
     )
     np.testing.assert_allclose(dcm.array[3, 5, 2], vol.get_fdata()[5, 3, 2], atol=1.0)
     parser.parse_args(["--output", str(out)])
-    assert run(parser.parse_args(["--output", str(out), "--size", "20", "--no-progress"])) == 2
+    # other parameters in the same folder: nothing written, exit status 2 (medfusion.exit_codes)
+    assert (
+        run(parser.parse_args(["--output", str(out), "--size", "20", "--no-progress"])) == EXIT_NOTHING_DONE
+    )
+    assert (
+        run(parser.parse_args(["--output", str(tmp_path / "x"), "--protocols", "nope", "--no-progress"])) == 2
+    )
+    assert not (tmp_path / "x" / "case_000").exists()

@@ -252,7 +252,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_two_process_ddp_gloo(manifest: Path, tmp_path: Path) -> None:
-    """Real DDP (2 CPU ranks, gloo) in a subprocess: plain "ddp" inside pytest would re-run pytest (env.md §4)."""
+    """Real DDP (2 CPU ranks, gloo) in a subprocess: plain "ddp" inside pytest would re-run pytest."""
     script = tmp_path / "ddp_probe.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     proc = subprocess.run(

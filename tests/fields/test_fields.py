@@ -80,7 +80,7 @@ def test_integer_translation_is_pull_along_array_axes(shape):
     out = warp(img, u)
     assert torch.allclose(out[:, :, :-2], img[:, :, 2:], atol=1e-5)
     assert torch.all(out[:, :, -2:] == 0)  # zeros padding
-    # a known translation warps a phantom onto its target exactly (user_asks §0.15)
+    # a known translation warps a phantom onto its target exactly
     target = disc(shape, center=[s / 2 - 2 if i == 0 else s / 2 for i, s in enumerate(shape)], radius=4)
     moving = disc(shape, center=[s / 2 for s in shape], radius=4)
     assert torch.equal(warp(moving, u, mode="nearest"), target)
@@ -121,7 +121,7 @@ def test_affine_field_has_its_determinant(matrix, det):
     assert folding_fraction(u).item() == (1.0 if det <= 0 else 0.0)
     if det > 0:
         assert sdlogj(u).item() < 1e-4
-    # the true Jacobian penalty sees a reflection (DRDM spec §8 test 8; the repo's term gives 0 here)
+    # the true Jacobian penalty sees a reflection (the official DRDM code's negdetj term gives 0 here)
     assert (negative_jacobian_penalty(u).item() > 0) == (det < 0)
 
 

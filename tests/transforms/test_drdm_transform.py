@@ -116,11 +116,15 @@ def test_bad_arguments_raise():
         RandDRDMDeformd(["image", "label"], mode=("bilinear", "argmax"))
     with pytest.raises(ValueError, match="one entry per key"):
         RandDRDMDeformd(["image", "label"], mode=("bilinear",))
+    with pytest.raises(ValueError, match="padding_mode='edge'.*zeros, border, reflection"):
+        RandDRDMDeform(padding_mode="edge")
+    with pytest.raises(ValueError, match="sampler_padding='wrap'.*zeros, border, reflection"):
+        RandDRDMDeformd(["image"], sampler_padding="wrap")
     with pytest.raises(ValueError, match="bilinear"):
         RandDRDMDeform(mode="onehot")
 
 
-# --- user_asks §0.14: image and label on different grids share one field in world space (mm) ---------------
+# --- image and label on different grids share one field in world space (mm) ---------------
 
 
 def grid_affine(spacing, origin):
@@ -265,7 +269,7 @@ def test_other_shape_without_affine_raises():
 
 @pytest.mark.parametrize("meta", [False, True])
 def test_same_grid_is_the_plain_fast_path(meta):
-    """Equal grids: bit-identical to warping every key with the reference field (the behaviour before §0.14)."""
+    """Equal grids: bit-identical to warping every key with the reference field (no world-space resampling on one grid)."""
     aff = grid_affine([0.8, 1.2], [3.0, -4.0])
     raw = sample()
     data = {k: MetaTensor(v, affine=aff) if meta else v for k, v in raw.items()}
