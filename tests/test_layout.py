@@ -44,10 +44,10 @@ def _python_files(*folders: str) -> list[Path]:
 
 def test_no_test_skips_on_an_import_of_our_own_code():
     """An import error of medfusion must fail a test, never skip it."""
-    offenders = [
-        str(p.relative_to(ROOT)) for p in _python_files("tests")
-        if 'importorskip("medfusion' in p.read_text() or "importorskip('medfusion" in p.read_text()
-    ]  # fmt: skip
+    import re
+
+    pattern = re.compile("importorskip" + r"""\(\s*["']medfusion""")  # split so that this file does not match
+    offenders = [str(p.relative_to(ROOT)) for p in _python_files("tests") if pattern.search(p.read_text())]
     assert not offenders, offenders
 
 

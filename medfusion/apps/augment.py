@@ -15,7 +15,8 @@ pull convention (``warped(x) = original(x + u(x))``), with the image's affine. T
 ``segment``, paths relative to it) lists every triplet under ``training`` with its source image and level.
 Resumable: every file is written atomically, finished triplets are skipped, and sample ``k`` of case ``i``
 is seeded from ``(seed, i, k)``, so a resumed run writes what an uninterrupted one would.
-Without ``--ckpt`` the forward process alone is used (the random-field baseline).
+Without ``--ckpt`` the forward process alone is used (the random-field baseline). A case that cannot be read or
+deformed is reported with its path and the reason and the others go on; exit status: :mod:`medfusion.exit_codes`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE, batch_exit_code
 
 LABEL_MODES = ("nearest", "onehot")
+OUTPUT_DIRS = ("images", "labels", "fields", "fields_itk")
 
 
 def case_names(entries: list[dict]) -> list[str]:
@@ -51,6 +56,7 @@ def case_names(entries: list[dict]) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_CODES_HELP
     parser.add_argument(
         "--ckpt",
         default=None,
@@ -78,24 +84,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_net(ckpt: str | None, device: str):
+    """The recovery network of a DRDM model (exported folder, ``.ckpt`` or a bare ``.safetensors``), or None."""
     if ckpt is None:
         return None
+    from medfusion.models.export import load_model
     from medfusion.transforms.drdm import load_recovery_net
 
     path = Path(ckpt)
     if path.suffix == ".safetensors" and path.is_file():
         return load_recovery_net(path).to(device)
-    try:
-        from medfusion.models.export import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        model = load_model(path, map_location="cpu")
-        net = getattr(model, "recovery_net", None)
-        if net is None:
-            raise ValueError(f"{ckpt} is not a DRDM model (no recovery_net)")
-        return net.to(device).eval()
-    return load_recovery_net(path).to(device)
+    net = getattr(load_model(path, map_location="cpu"), "recovery_net", None)
+    if net is None:
+        raise ValueError(f"{ckpt} is not a DRDM model (no recovery_net)")
+    return net.to(device).eval()
 
 
 def _pad8(x, value):
@@ -108,118 +109,123 @@ def _pad8(x, value):
     return F.pad(x[None], pads, value=float(value))[0]
 
 
-def run(args: argparse.Namespace) -> int:
+def _entries(args: argparse.Namespace) -> list[dict]:
+    """The manifest entries to augment; ``ValueError`` for bad arguments (nothing is written)."""
+    from medfusion.data.manifest import load_manifest
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    out = Path(args.output)
+    if (out / "manifest.json").resolve() == Path(args.input).resolve() and not args.overwrite:
+        raise ValueError(
+            f"the output manifest {out / 'manifest.json'} is the input manifest; choose another --output "
+            "(or pass --overwrite to replace it)"
+        )
+    entries = load_manifest(args.input, allow_outside=True).split(args.split)
+    if not entries:
+        raise ValueError(f"split {args.split!r} of {args.input} is empty")
+    return entries
+
+
+def _read_case(entry: dict, net: Any, device: str) -> tuple[Any, dict[str, Any], tuple[int, ...], bool]:
+    """``(image volume, padded {"image", "label"} tensors, spatial shape, has label)`` of one manifest entry."""
     import numpy as np
     import torch
 
-    from medfusion.data.manifest import load_manifest
-    from medfusion.io.atomic import write_text_atomic
-    from medfusion.io.displacement import write_displacement_field
-    from medfusion.io.nifti import read_nifti, write_nifti
-    from medfusion.transforms.drdm import RandDRDMDeformd
+    from medfusion.io.nifti import read_nifti
 
-    if args.n < 1:
-        print("medfusion augment: --n must be >= 1", file=sys.stderr)
-        return 2
+    vol = read_nifti(entry["image"])
+    lab = read_nifti(entry["label"]) if "label" in entry else None
+    image = np.asarray(vol.array, dtype=np.float32)
+    if net is not None:
+        nd = net.spatial_dims
+        if image.ndim > nd:
+            image = image.reshape([s for s in image.shape if s != 1] or image.shape)
+        if image.ndim != nd:
+            raise ValueError(f"{image.ndim}D image for a {nd}D model")
+    shape = image.shape
+    data = {"image": _pad8(torch.from_numpy(image)[None].to(device), image.min())}
+    if lab is not None:
+        label = torch.from_numpy(np.asarray(lab.array).reshape(shape).astype(np.int64))
+        data["label"] = _pad8(label[None].to(device), 0)
+    return vol, data, shape, lab is not None
+
+
+def _augment_case(
+    args: argparse.Namespace, transform: Any, net: Any, entry: dict, i: int, case: str, counts: dict
+) -> list[dict]:
+    """Write the ``--n`` triplets of manifest entry ``i`` (skipping finished ones); returns their manifest records."""
+    import numpy as np
+
+    from medfusion.io.displacement import write_displacement_field
+    from medfusion.io.nifti import write_nifti
+
     out = Path(args.output)
-    if (out / "manifest.json").resolve() == Path(args.input).resolve() and not args.overwrite:
+    vol, data, shape, has_label = _read_case(entry, net, args.device)
+    crop = (slice(None), *[slice(0, s) for s in shape])
+    needed = ["images", "fields", "fields_itk"] + (["labels"] if has_label else [])
+    records = []
+    for k in range(args.n):
+        name = f"{case}_aug{k:03d}.nii.gz"
+        paths = {sub: out / sub / name for sub in OUTPUT_DIRS}
+        record = {"image": f"images/{name}", "ddf": f"fields/{name}", "ddf_itk": f"fields_itk/{name}",
+                  "source_image": str(entry["image"]), "sample": k}  # fmt: skip
+        if has_label:
+            record["label"] = f"labels/{name}"
+        records.append(record)
+        counts["count"] += 1
+        if not args.overwrite and all(paths[s].exists() for s in needed):
+            counts["kept"] += 1
+            continue
+        transform.set_random_state(seed=(args.seed * 1_000_003 + i * 1009 + k) % (2**32))
+        res = transform(dict(data))
+        record |= {"t_start": transform.rand._t_start, "folding": res["ddf_folding"]}
+        write_nifti(paths["images"], res["image"][crop][0].cpu().numpy(), vol.affine, overwrite=True)
+        if has_label:
+            label = res["label"][crop][0].cpu().numpy().astype(np.int16)
+            write_nifti(paths["labels"], label, vol.affine, overwrite=True)
+        ddf = res["ddf"][crop].cpu().numpy().astype(np.float32)
+        write_nifti(paths["fields"], np.moveaxis(ddf, 0, -1), vol.affine, overwrite=True)
+        write_displacement_field(paths["fields_itk"], ddf, vol.affine, overwrite=True)
         print(
-            f"medfusion augment: the output manifest {out / 'manifest.json'} is the input manifest; choose another "
-            "--output (or pass --overwrite to replace it)",
+            f"[{counts['count']}/{counts['total']}] {name} T'={record['t_start']} "
+            f"folding={100 * record['folding']:.3f}%",
             file=sys.stderr,
         )
-        return 2
-    manifest = load_manifest(args.input, allow_outside=True)
-    entries = manifest.split(args.split)
-    if not entries:
-        print(f"medfusion augment: split {args.split!r} of {args.input} is empty", file=sys.stderr)
-        return 2
-    net = _load_net(args.ckpt, args.device)
-    for sub in ("images", "labels", "fields", "fields_itk"):
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from medfusion.io.atomic import write_text_atomic
+    from medfusion.transforms.drdm import RandDRDMDeformd
+
+    try:
+        entries = _entries(args)
+        net = _load_net(args.ckpt, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"medfusion augment: error: {err}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
+    out = Path(args.output)
+    for sub in OUTPUT_DIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    keys = ["image", "label"]
     transform = RandDRDMDeformd(
-        keys,
-        mode=("bilinear", args.label_mode),
-        t_range=tuple(args.t_range),
-        recovery_net=net,
-        recovery_steps=args.steps,
-        ddf_key="ddf",
-        allow_missing_keys=True,
-    )
-    records, total, done_before, failed = [], len(entries) * args.n, 0, 0
-    count = 0
-    names = case_names(entries)
-    for i, entry in enumerate(entries):
-        case = names[i]
+        ["image", "label"], mode=("bilinear", args.label_mode), t_range=tuple(args.t_range), recovery_net=net,
+        recovery_steps=args.steps, ddf_key="ddf", allow_missing_keys=True,
+    )  # fmt: skip
+    records: list[dict] = []
+    counts = {"count": 0, "kept": 0, "total": len(entries) * args.n}
+    failed = 0
+    for i, (entry, case) in enumerate(zip(entries, case_names(entries))):
         try:
-            vol = read_nifti(entry["image"])
-            lab = read_nifti(entry["label"]) if "label" in entry else None
-        except Exception as err:  # noqa: BLE001 - report and continue with the other cases
-            print(f"[skip] {entry['image']}: {err}", file=sys.stderr)
+            records += _augment_case(args, transform, net, entry, i, case, counts)
+        except Exception as err:  # noqa: BLE001 - report the case and go on with the others
+            print(f"[failed] {entry['image']}: {type(err).__name__}: {err}", file=sys.stderr)
             failed += 1
-            continue
-        nd = net.spatial_dims if net is not None else None
-        image = np.asarray(vol.array, dtype=np.float32)
-        if nd is not None:
-            image = (
-                image.reshape([s for s in image.shape if s != 1] or image.shape) if image.ndim > nd else image
-            )
-            if image.ndim != nd:
-                print(f"[skip] {entry['image']}: {image.ndim}D image for a {nd}D model", file=sys.stderr)
-                failed += 1
-                continue
-        shape = image.shape
-        img_t = _pad8(torch.from_numpy(image)[None].to(args.device), image.min())
-        data = {"image": img_t}
-        if lab is not None:
-            data["label"] = _pad8(
-                torch.from_numpy(np.asarray(lab.array).reshape(shape).astype(np.int64))[None].to(args.device),
-                0,
-            )
-        crop = (slice(None), *[slice(0, s) for s in shape])
-        for k in range(args.n):
-            count += 1
-            name = f"{case}_aug{k:03d}.nii.gz"
-            paths = {sub: out / sub / name for sub in ("images", "labels", "fields", "fields_itk")}
-            needed = ["images", "fields", "fields_itk"] + (["labels"] if lab is not None else [])
-            record = {
-                "image": f"images/{name}",
-                "ddf": f"fields/{name}",
-                "ddf_itk": f"fields_itk/{name}",
-                "source_image": str(entry["image"]),
-                "sample": k,
-            }
-            if lab is not None:
-                record["label"] = f"labels/{name}"
-            if not args.overwrite and all(paths[s].exists() for s in needed):
-                done_before += 1
-                records.append(record)
-                continue
-            transform.set_random_state(seed=(args.seed * 1_000_003 + i * 1009 + k) % (2**32))
-            res = transform(dict(data))
-            ddf = res["ddf"][crop]
-            record |= {"t_start": transform.rand._t_start, "folding": res["ddf_folding"]}
-            write_nifti(paths["images"], res["image"][crop][0].cpu().numpy(), vol.affine, overwrite=True)
-            if lab is not None:
-                write_nifti(
-                    paths["labels"],
-                    res["label"][crop][0].cpu().numpy().astype(np.int16),
-                    vol.affine,
-                    overwrite=True,
-                )
-            field = np.moveaxis(ddf.cpu().numpy().astype(np.float32), 0, -1)
-            write_nifti(paths["fields"], field, vol.affine, overwrite=True)
-            write_displacement_field(paths["fields_itk"], ddf.cpu().numpy(), vol.affine, overwrite=True)
-            records.append(record)
-            print(
-                f"[{count}/{total}] {name} T'={record['t_start']} folding={100 * record['folding']:.3f}%",
-                file=sys.stderr,
-            )
     doc = {"name": "drdm-augmented", "task": "segment", "training": records}
     write_text_atomic(out / "manifest.json", json.dumps(doc, indent=1), overwrite=True)
     print(
-        f"wrote {len(records) - done_before} new, kept {done_before}, {failed} case(s) failed; manifest {out / 'manifest.json'}",
+        f"wrote {len(records) - counts['kept']} new, kept {counts['kept']}, {failed} case(s) failed; "
+        f"manifest {out / 'manifest.json'}",
         file=sys.stderr,
     )
-    return 1 if failed and not records else (3 if failed else 0)
+    return batch_exit_code(len(entries) - failed, failed)

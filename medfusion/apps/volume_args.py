@@ -1,4 +1,5 @@
-"""Command-line options and the closing report shared by the volume commands (``standardize``, ``restore``).
+"""Command-line options, the run and the closing report shared by the volume commands (``standardize``,
+``restore``): one volume job (:func:`medfusion.apps.volume_job.restore_scans`), a per-command option set.
 
 Kept apart from :mod:`medfusion.apps.volume_job` so that ``medfusion standardize --help`` imports no torch.
 """
@@ -10,9 +11,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE, batch_exit_code
+
 
 def add_io_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> None:
     """The options every volume command shares (``standardize``, ``restore``): model, input, output, device, ..."""
+    parser.epilog = EXIT_CODES_HELP
     parser.add_argument("--ckpt", required=True, help=f"{model_help}: exported folder or Lightning .ckpt")
     parser.add_argument(
         "--input", required=True, help="DICOM folder, NIfTI file, folder of NIfTIs or manifest .json"
@@ -22,8 +26,21 @@ def add_io_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> Non
         "--format", default="nifti", choices=["nifti", "dicom"], help="output format (default nifti)"
     )
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices (2D) or windows (3D) per batch")
-    parser.add_argument("--roi-size", type=int, nargs="+", default=None, help="3D model: sliding-window size")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="2D model: slices per batch (default 8); 3D model: sliding windows per batch (default: the model's)",
+    )
+    parser.add_argument(
+        "--roi-size", type=int, nargs="+", default=None, help="3D model: sliding-window size in voxels"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="3D model: overlap of neighbouring sliding windows, a fraction of the window (default: the model's)",
+    )
     parser.add_argument(
         "--hu-window", type=float, nargs=2, default=None, help="HU window (default: the model's)"
     )
@@ -44,20 +61,48 @@ def add_io_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> Non
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def check_roi_size(roi_size: Sequence[int] | None, spatial_dims: int, divisible_by: int) -> None:
-    """``--roi-size`` fits the model: 3D models only, three values, multiples of ``divisible_by`` (ValueError)."""
-    if roi_size is None:
-        return
+def _window_options(args: argparse.Namespace, spatial_dims: int) -> dict[str, Any]:
+    """``--batch-size`` / ``--overlap`` as the model's sliding-window options (3D models)."""
     if spatial_dims != 3:
-        raise ValueError("--roi-size applies to 3D models only (a 2D model runs slice by slice)")
-    if len(roi_size) != 3 or any(r % divisible_by for r in roi_size):
-        raise ValueError(f"--roi-size needs 3 values, multiples of {divisible_by}; got {list(roi_size)}")
+        if args.overlap is not None:
+            raise ValueError("--overlap applies to 3D models only (a 2D model runs slice by slice)")
+        return {}
+    given = {"sw_batch_size": args.batch_size, "overlap": args.overlap}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def run_restorer(args: argparse.Namespace, *, command: str, options: dict[str, Any], verb: str) -> int:
+    """Run ``medfusion <command>``: load the model, check ``options`` (the command's flags that were given, as
+    the model's option names) and the shared ones, then :func:`~medfusion.apps.volume_job.restore_scans`.
+
+    Bad arguments, input or model print one line and return ``EXIT_NOTHING_DONE`` before any scan is read.
+    """
+    from medfusion.apps.volume_job import load_restorer, resolve_device, restore_scans
+
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = resolve_device(args.device)
+        model = load_restorer(args.ckpt, device)
+        options |= _window_options(args, model.spatial_dims)
+        results = restore_scans(
+            model, args.input, args.output, options=options, roi_size=args.roi_size, seed=args.seed,
+            hu_window=tuple(args.hu_window) if args.hu_window else None,
+            batch_size=8 if model.spatial_dims == 3 or args.batch_size is None else args.batch_size,
+            device=device, series_description=f"{verb} (medfusion {type(model).__name__})", fmt=args.format,
+            overwrite=args.overwrite, resume=args.resume, include_derived=args.include_derived,
+            manifest_key=args.manifest_key, split=args.split, show_progress=not args.quiet,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"medfusion {command}: error: {err}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
+    return report(results, verb)
 
 
 def report(results: Sequence[Any], verb: str) -> int:
-    """Print one line per scan and a total; return the exit status.
+    """Print one line per scan and a total; return the exit status (:func:`medfusion.exit_codes.batch_exit_code`).
 
-    0: every scan written (or already done, with ``--resume``); 1: some failed; 2: all failed (nothing written).
     DICOM objects skipped by discovery are listed but change nothing (a warning must not abort a pipeline).
     """
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "done", "skipped", "failed")}
@@ -71,6 +116,4 @@ def report(results: Sequence[Any], verb: str) -> int:
         if counts[s]
     ]
     print(f"{counts['ok']}/{scans} scans {verb}" + (f" ({', '.join(extra)})" if extra else ""))
-    if not counts["failed"]:
-        return 0
-    return 2 if counts["ok"] + counts["done"] == 0 else 1
+    return batch_exit_code(counts["ok"] + counts["done"], counts["failed"])

@@ -1,8 +1,8 @@
-"""Apply an image-to-image function to every scan of an input (DICOM folder, NIfTI file or folder, manifest).
+"""Apply an image-to-image model to every scan of an input (DICOM folder, NIfTI file or folder, manifest).
 
-Shared by ``medfusion standardize`` and ``medfusion restore``: the caller supplies
-``fn(batch) -> batch`` working on ``(B, 1, *spatial)`` tensors in [-1, 1] (the HU window of training), and this
-module does everything around it:
+The one volume job behind ``medfusion standardize`` and ``medfusion restore``: :func:`restore_scans` runs any model
+that implements :class:`medfusion.models.base.Restorer` (``model.restore(x, generator=..., roi_size=..., **options)``)
+over ``(B, 1, *spatial)`` tensors in [-1, 1] (the HU window of training), and this module does everything around it:
 
 * input discovery (:func:`discover_inputs`): a NIfTI file; a folder of NIfTI files; a folder holding DICOM series
   (``medfusion.io.dicom.discover_series``); a manifest JSON (Decathlon-style, ``source``/``image`` entries);
@@ -12,15 +12,18 @@ module does everything around it:
   default) before the model sees it and back to its own voxel order after, so a scan stored sagittally, or in
   LPS order, gets the axial slices in the orientation the model was trained on; outputs keep the input's affine;
 * a 2D model gets the axial slices of a volume in batches (the RAS array's last axis, the pipelines'
-  ``slice_axis=2``); a 3D model gets the whole volume, or sliding windows of ``roi_size`` with Gaussian blending
-  (``monai.inferers.sliding_window_inference``); sizes are padded to multiples of ``divisible_by`` with air (-1);
+  ``slice_axis=2``); a 3D model gets the whole volume, and runs its own sliding windows when given ``roi_size``
+  (the model knows how its windows must share noise or sampling steps); sizes are padded to multiples of
+  ``divisible_by`` with air (-1);
 * output as NIfTI (same affine) or as a DICOM series derived from the input series; every output path is checked
   *before* any work (never overwrite without ``overwrite=True``) and written atomically;
 * a rich progress bar, and a per-scan result list: a failing scan (unreadable file, wrong shape, any error while
   processing it) is reported with its path and the reason and does not stop the others; DICOM objects left out by
   discovery (localizers, derived images, non-image objects, unreadable files) are listed as ``skipped``;
-* resumable batches (user_asks §0.6): with ``resume=True`` a scan whose output exists is skipped; outputs are
-  written atomically, so an existing output is complete, and a killed run leaves no partial file.
+* resumable batches: with ``resume=True`` a scan whose output exists is skipped; outputs are written atomically,
+  so an existing output is complete, and a killed run leaves no partial file;
+* reproducible sampling: the generator handed to the model is reseeded before every scan, so a scan's output
+  depends on the seed and the scan only, not on its place in the batch.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor
 
 from medfusion.io.atomic import check_not_overwriting
+from medfusion.models.base import Restorer
 
 FORMATS = ("nifti", "dicom")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -243,16 +247,6 @@ def _crop(x: Tensor, pad: list[int]) -> Tensor:
     return x[tuple(idx)]
 
 
-def _aligned_overlap(roi: Sequence[int], multiple: int, target: float = 0.25) -> tuple[float, ...]:
-    """Per-axis overlap near ``target`` whose window step ``roi (1 - overlap)`` is a multiple of ``multiple``: with
-    sizes padded to that multiple every window then starts on the latent grid (shared-noise crops line up)."""
-    out = []
-    for r in roi:
-        step = max(multiple, int(r * (1.0 - target)) // multiple * multiple)
-        out.append(max(0.0, 1.0 - (min(step, r) + 1e-6) / r))  # + 1e-6: MONAI truncates r (1 - overlap)
-    return tuple(out)
-
-
 def apply_to_array(
     array_hu: np.ndarray,
     fn: BatchFn,
@@ -261,16 +255,14 @@ def apply_to_array(
     hu_window: tuple[float, float] = (-1000.0, 1000.0),
     batch_size: int = 8,
     divisible_by: int = 1,
-    roi_size: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Run ``fn`` over one array in HU, ``(I, J)`` or ``(I, J, K)``; returns float32 HU of the same shape.
 
-    ``progress(n)`` is called with the number of slices (2D) or windows/volumes (3D) just finished. With 3D
-    ``roi_size`` windows, a ``fn`` whose attribute ``window_aware`` is true is called as ``fn(windows, where,
-    volume_shape)``: ``where`` holds each window's spatial slices in the padded volume of ``volume_shape`` (e.g. to
-    crop one noise field shared by overlapping windows). Window steps are multiples of ``divisible_by``.
+    2D: ``fn`` gets batches of ``batch_size`` axial slices ``(b, 1, I, J)``; 3D: the whole volume ``(1, 1, I, J, K)``.
+    Sizes are padded with air (-1) to multiples of ``divisible_by`` and cropped back. ``progress(n)`` is called with
+    the number of slices (2D) or volumes (3D) just finished.
     """
     from medfusion.data.pipelines import hu_to_unit, unit_to_hu
 
@@ -287,47 +279,15 @@ def apply_to_array(
         slices = unit[None] if arr.ndim == 2 else unit.permute(2, 0, 1)  # (K, I, J)
         outs = []
         for start in range(0, slices.shape[0], batch_size):
-            x = slices[start : start + batch_size, None].to(device)
-            x, pad = _pad_to(x, divisible_by, -1.0)
-            y = _crop(fn(x), pad)
-            outs.append(y[:, 0].float().cpu())
+            x, pad = _pad_to(slices[start : start + batch_size, None].to(device), divisible_by, -1.0)
+            outs.append(_crop(fn(x), pad)[:, 0].float().cpu())
             if progress is not None:
                 progress(x.shape[0])
         out = torch.cat(outs)
         out = out[0] if arr.ndim == 2 else out.permute(1, 2, 0)
     else:
-        x = unit[None, None].to(device)
-        if roi_size is None:
-            x, pad = _pad_to(x, divisible_by, -1.0)
-            out = _crop(fn(x), pad)[0, 0].float().cpu()
-        else:
-            from monai.inferers import sliding_window_inference
-
-            roi = tuple(int(r) for r in roi_size)
-            if any(r % divisible_by for r in roi):
-                raise ValueError(f"roi_size {roi} must be multiples of {divisible_by}")
-            x, pad = _pad_to(x, divisible_by, -1.0)
-            overlap = _aligned_overlap(roi, divisible_by)
-            kw: dict[str, Any] = {}
-            predictor: Callable[..., Tensor] = fn
-            if getattr(fn, "window_aware", False):
-                volume = tuple(x.shape[2:])
-
-                def predictor(w: Tensor, where: Sequence[Sequence[slice]]) -> Tensor:
-                    return fn(w, [tuple(s[2:]) for s in where], volume)  # type: ignore[call-arg]
-
-                kw["with_coord"] = True
-            y = sliding_window_inference(
-                x,
-                roi,
-                batch_size,
-                predictor,
-                overlap=overlap,
-                mode="gaussian",
-                padding_mode="replicate",
-                **kw,
-            )
-            out = _crop(torch.as_tensor(y), pad)[0, 0].float().cpu()
+        x, pad = _pad_to(unit[None, None].to(device), divisible_by, -1.0)
+        out = _crop(fn(x), pad)[0, 0].float().cpu()
         if progress is not None:
             progress(1)
     hu = np.asarray(unit_to_hu(out.numpy(), hu_window), dtype=np.float32)
@@ -357,6 +317,30 @@ def _units(arr: np.ndarray, spatial_dims: int) -> int:
     return 1 if spatial_dims == 3 or arr.ndim == 2 else arr.shape[-1]
 
 
+def _read(item: JobItem) -> Any:
+    if item.kind == "nifti":
+        from medfusion.io.nifti import read_nifti
+
+        return read_nifti(item.path)
+    from medfusion.io.dicom import read_series
+
+    return read_series(item.series)
+
+
+def _write(item: JobItem, out: Path, hu: np.ndarray, affine: np.ndarray, fmt: str, job: dict[str, Any]) -> None:
+    if fmt == "nifti":
+        from medfusion.io.nifti import write_nifti
+
+        write_nifti(out, hu, affine, overwrite=job["overwrite"])
+        return
+    from medfusion.io.dicom import write_dicom_series
+
+    write_dicom_series(
+        hu, out, reference=item.series, series_description=job["series_description"],
+        derivation_description=job["derivation_description"], overwrite=job["overwrite"],
+    )  # fmt: skip
+
+
 def run_volume_job(
     input_path: str | Path,
     output: str | Path,
@@ -367,7 +351,6 @@ def run_volume_job(
     hu_window: tuple[float, float] = (-1000.0, 1000.0),
     batch_size: int = 8,
     divisible_by: int = 1,
-    roi_size: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     resume: bool = False,
@@ -379,7 +362,8 @@ def run_volume_job(
     show_progress: bool = True,
     before_each: Callable[[JobItem], None] | None = None,
 ) -> list[JobResult]:
-    """Discover the scans of ``input_path``, apply ``fn`` to each and write them under ``output``.
+    """Discover the scans of ``input_path``, apply ``fn`` to each (:func:`apply_to_array`) and write them under
+    ``output``.
 
     Raises (before any work): ``FileNotFoundError`` / ``ValueError`` for bad input or format, ``FileExistsError``
     if an output exists and neither ``overwrite`` nor ``resume`` is set. With ``resume`` scans whose output exists
@@ -401,6 +385,10 @@ def run_volume_job(
     if not resume:
         for out in outputs:
             check_not_overwriting(out, overwrite)
+    job = {
+        "overwrite": overwrite, "series_description": series_description,
+        "derivation_description": derivation_description,
+    }  # fmt: skip
     results: list[JobResult] = [JobResult(Path(w).name, w, "-", "skipped", r) for w, r in left_out]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not show_progress, transient=False) as bar:
@@ -411,38 +399,97 @@ def run_volume_job(
                 )
                 continue
             try:
-                if item.kind == "nifti":
-                    from medfusion.io.nifti import read_nifti
-
-                    vol = read_nifti(item.path)
-                else:
-                    from medfusion.io.dicom import read_series
-
-                    vol = read_series(item.series)
+                vol = _read(item)
                 arr, from_ras = to_ras(np.asarray(vol.array), vol.affine)
                 task = bar.add_task(item.name, total=_units(arr, spatial_dims))
                 if before_each is not None:
                     before_each(item)
                 hu = apply_to_array(
                     arr, fn, spatial_dims=spatial_dims, hu_window=hu_window, batch_size=batch_size,
-                    divisible_by=divisible_by, roi_size=roi_size, device=device,
-                    progress=lambda n, task=task: bar.advance(task, n),
+                    divisible_by=divisible_by, device=device, progress=lambda n, task=task: bar.advance(task, n),
                 )  # fmt: skip
-                hu = from_ras(hu)
-                if fmt == "nifti":
-                    from medfusion.io.nifti import write_nifti
-
-                    write_nifti(out, hu, vol.affine, overwrite=overwrite)
-                else:
-                    from medfusion.io.dicom import write_dicom_series
-
-                    write_dicom_series(
-                        hu, out, reference=item.series, series_description=series_description,
-                        derivation_description=derivation_description, overwrite=overwrite,
-                    )  # fmt: skip
+                _write(item, out, from_ras(hu), vol.affine, fmt, job)
                 results.append(JobResult(item.name, str(item.path), str(out), "ok"))
             except Exception as err:  # noqa: BLE001 - one bad scan (e.g. nibabel's ImageFileError) must not stop the batch
                 results.append(
                     JobResult(item.name, str(item.path), str(out), "failed", f"{type(err).__name__}: {err}")
                 )
     return results
+
+
+# ----------------------------------------------------------------------------------------------- Restorer models
+def load_restorer(path: str | Path, device: torch.device | str = "cpu") -> Restorer:
+    """Load a model (exported folder or Lightning ``.ckpt``) that implements the :class:`Restorer` contract, in eval
+    mode on ``device``; ``ValueError`` naming the file and what it holds for any other model."""
+    from medfusion.models.export import load_model
+
+    model = load_model(path)
+    if not isinstance(model, Restorer):
+        raise ValueError(
+            f"{path} holds a {type(model).__name__}, which does not restore images (no Restorer contract: "
+            "restore / check_options / describe); give a DiffusionCT (stage 2), RDDM or DiffIRStage2 model"
+        )
+    return model.to(device).eval()  # type: ignore[attr-defined,no-any-return]
+
+
+def check_roi_size(roi_size: Sequence[int] | None, spatial_dims: int, divisible_by: int) -> tuple[int, ...] | None:
+    """``roi_size`` (``--roi-size``) as a tuple, once it fits the model: 3D models only, three values, multiples of
+    ``divisible_by`` (``ValueError`` otherwise)."""
+    if roi_size is None:
+        return None
+    if spatial_dims != 3:
+        raise ValueError("--roi-size applies to 3D models only (a 2D model runs slice by slice)")
+    roi = tuple(int(r) for r in roi_size)
+    if len(roi) != 3 or any(r < 1 or r % divisible_by for r in roi):
+        raise ValueError(f"--roi-size needs 3 values, positive multiples of {divisible_by}; got {list(roi)}")
+    return roi
+
+
+def restore_scans(
+    model: Restorer,
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    options: dict[str, Any] | None = None,
+    roi_size: Sequence[int] | None = None,
+    seed: int = 0,
+    hu_window: tuple[float, float] | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    series_description: str = "restored (medfusion)",
+    **job: Any,
+) -> list[JobResult]:
+    """Apply ``model.restore`` to every scan of ``input_path`` and write the results under ``output``.
+
+    Args:
+        model: a :class:`Restorer` already on ``device`` in eval mode (:func:`load_restorer`).
+        options: the method's options (``model.inference_options()`` names them); checked by
+            ``model.check_options`` before any scan is read, and named in DICOM outputs by ``model.describe``.
+        roi_size: 3D sliding-window size in voxels (the model runs the windows); None: whole volumes.
+        seed: the CPU generator handed to the model is reseeded with it before every scan.
+        hu_window: ``(low, high)`` HU mapped to [-1, 1] (default: the model's).
+        batch_size: axial slices per model call (2D models).
+        job: ``fmt``, ``overwrite``, ``resume``, ``include_derived``, ``manifest_key``, ``split``, ``show_progress``
+            of :func:`run_volume_job`.
+    """
+    options = dict(options or {})
+    model.check_options(**options)
+    roi = check_roi_size(roi_size, model.spatial_dims, model.divisible_by)
+    window = hu_window if hu_window is not None else model.hu_window
+    if window is None:
+        raise ValueError(f"{type(model).__name__} has no HU window of its own; give one (--hu-window LOW HIGH)")
+    generator = torch.Generator()
+
+    def reseed(_item: JobItem) -> None:
+        generator.manual_seed(seed)
+
+    def fn(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model.restore(x, generator=generator, roi_size=roi, **options)
+
+    return run_volume_job(
+        input_path, output, fn, spatial_dims=model.spatial_dims,  # type: ignore[arg-type]
+        hu_window=(float(window[0]), float(window[1])), batch_size=batch_size, divisible_by=model.divisible_by,
+        device=device, series_description=series_description, derivation_description=model.describe(**options),
+        before_each=reseed, **job,
+    )  # fmt: skip

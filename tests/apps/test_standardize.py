@@ -1,4 +1,4 @@
-"""``medfusion standardize`` end to end (tiny model) and the generic volume job it is built on."""
+"""``medfusion standardize`` end to end (tiny DiffusionCT models) and the generic volume job it is built on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from medfusion import keys
 from medfusion.apps.volume_job import apply_to_array, discover_inputs, plan_outputs
 from medfusion.cli import main
-from medfusion.data.pipelines import unit_to_hu
 from medfusion.io.nifti import read_nifti, write_nifti
 from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
 from medfusion.models.export import export_model
@@ -40,8 +39,8 @@ def _tiny_model(root, spatial_dims: int = 2):
     ae.calibrate_latent_scale([batch])
     export_model(ae, root / "stage1")
     model = DiffusionCT(
-        autoencoder=str(root / "stage1"), channels=(16, 32), num_head_channels=8, unet_kwargs={"norm_num_groups": 8},
-        num_inference_steps=2,
+        autoencoder=str(root / "stage1"), sampling={"num_steps": 2},
+        denoiser={"channels": (16, 32), "num_head_channels": 8, "norm_num_groups": 8},
     )  # fmt: skip
     model.loss(batch)  # calibrates the residual scale
     return model, batch
@@ -61,10 +60,6 @@ def test_apply_to_array_identity_oracle_2d_and_3d():
     np.testing.assert_allclose(out2, vol, atol=1e-3)
     out3 = apply_to_array(vol[..., :2].repeat(8, axis=2), ident, spatial_dims=3, divisible_by=4)
     np.testing.assert_allclose(out3, vol[..., :2].repeat(8, axis=2), atol=1e-3)
-    sw = apply_to_array(
-        vol[..., :2].repeat(8, axis=2), ident, spatial_dims=3, divisible_by=4, roi_size=(16, 16, 8)
-    )
-    np.testing.assert_allclose(sw, vol[..., :2].repeat(8, axis=2), atol=1e-3)
     with pytest.raises(ValueError, match="3D array"):
         apply_to_array(vol[..., 0], ident, spatial_dims=3)
 
@@ -104,9 +99,9 @@ def test_standardize_refuses_to_overwrite(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "case, message",
     [("missing", "not found"), ("text", "unsupported input"), ("empty_dir", "no NIfTI files and no usable DICOM"),
-     ("dicom_from_nifti", "needs DICOM input"), ("wrong_model", "not a DiffusionCT"),
-     ("negative_sigma", "--residual-sigma must be >= 0"), ("bad_sampler", "--sampler must be one of"),
-     ("strength_conditional", "translate-mode models only"), ("roi_2d", "3D models only"),
+     ("dicom_from_nifti", "needs DICOM input"), ("wrong_model", "which does not restore images"),
+     ("negative_sigma", "residual_sigma"), ("bad_sampler", "ddim"), ("strength_conditional", "strength"),
+     ("mean_only_without_regression", "mean_only"), ("roi_2d", "3D models only"),
      ("overwrite_and_resume", "exclude each other")],
 )  # fmt: skip
 def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message):
@@ -126,6 +121,7 @@ def test_bad_input_gives_clear_error(model_dir, tmp_path, capsys, case, message)
         "negative_sigma": ["--decode", "residual", "--residual-sigma", "-1"],
         "bad_sampler": ["--sampler", "euler"],
         "strength_conditional": ["--strength", "0.3"],
+        "mean_only_without_regression": ["--mean-only"],
         "roi_2d": ["--roi-size", "16", "16", "8"],
         "overwrite_and_resume": ["--overwrite", "--resume"],
     }.get(case, [])
@@ -172,8 +168,8 @@ def test_manifest_input_and_output_plan(model_dir, tmp_path):
 
 
 def test_batch_continues_past_a_corrupt_scan_and_resumes(model_dir, tmp_path, capsys):
-    """user_asks §0.6: a bad file is reported (path + reason) and does not stop the batch; exit 1 = some failed;
-    a second run with --resume computes only what is missing and leaves finished outputs alone."""
+    """A bad file is reported (path + reason) and does not stop the batch; exit 1 = some failed; a second run with
+    --resume computes only what is missing and leaves finished outputs alone."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_nifti(inp / "a.nii.gz", _volume(), AFFINE)
     inp.joinpath("b.nii.gz").write_bytes(b"\x1f\x8b not gzip")  # nibabel: ImageFileError / OSError
@@ -273,54 +269,24 @@ def test_a_scan_stored_in_another_voxel_order_gets_the_same_axial_slices(model_d
     assert not np.allclose(out_ras.array, vol, atol=1.0)  # the model did change the image
 
 
-def test_window_aware_fn_gets_each_windows_place_in_the_padded_volume():
-    """3D sliding windows: a ``window_aware`` fn is told where each window lies; returning the crops of one
-    field must reproduce that field exactly (what shared sampler noise relies on); window steps sit on the grid."""
-    from medfusion.apps.volume_job import _aligned_overlap
-
-    vol = np.zeros((30, 26, 20), dtype=np.float32)  # padded to multiples of 4: (32, 28, 20)
-    field = torch.rand(1, 1, 32, 28, 20) * 2 - 1
-    seen = []
-
-    def fn(x, where=None, volume_shape=None):
-        assert volume_shape == (32, 28, 20)
-        seen.extend(where)
-        return torch.cat([field[(slice(None), slice(None), *w)] for w in where])
-
-    fn.window_aware = True
-    out = apply_to_array(vol, fn, spatial_dims=3, divisible_by=4, roi_size=(16, 16, 12), batch_size=3)
-    expected = np.asarray(unit_to_hu(field[0, 0, 1:31, 1:27, :].numpy()), dtype=np.float32)
-    np.testing.assert_allclose(out, expected, atol=1e-3)
-    assert len(seen) > 8 and all(sl.start % 4 == 0 for w in seen for sl in w)
-    for r, m in [(64, 4), (32, 8), (16, 8), (12, 4), (96, 16)]:
-        (ov,) = _aligned_overlap((r,), m)
-        step = int(r * (1 - ov))  # what MONAI computes
-        assert step % m == 0 and 0 < step <= r, (r, m, step)
-
-
-def test_3d_model_standardizes_in_sliding_windows_with_one_noise_field(tmp_path, capsys, monkeypatch):
-    import medfusion.apps.standardize as cmd
-
-    crops = []
-    real = cmd.shared_noise
-    monkeypatch.setattr(cmd, "shared_noise", lambda *a: crops.append(real(*a)) or crops[-1])
-    model, batch = _tiny_model(tmp_path, spatial_dims=3)
-    # the noise argument replaces the sampler's initial draw: the same draw passed explicitly gives the same result
-    x = batch[keys.SOURCE][:1]
-    a = model.standardize(x, generator=torch.Generator().manual_seed(5))
-    n = torch.randn(model.latent_shape(x.shape), generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(model.standardize(x, noise=n), a)
-    with pytest.raises(ValueError, match="latent's shape"):
-        model.standardize(x, noise=n[:, :1])
+def test_3d_model_standardizes_in_sliding_windows(tmp_path, capsys):
+    """3D DiffusionCT: windows run inside the model; one window as large as the (padded) volume gives the
+    whole-volume result (the windows' shared noise field is the whole volume's), smaller overlapping windows a
+    reproducible result of the input's shape."""
+    model, _ = _tiny_model(tmp_path, spatial_dims=3)
     export_model(model, tmp_path / "dct3d")
-    write_nifti(tmp_path / "v.nii.gz", _volume(shape=(30, 28, 18)), AFFINE)
-    outs = []
-    for i in range(2):
+    shape = (30, 28, 18)
+    write_nifti(tmp_path / "v.nii.gz", _volume(shape=shape), AFFINE)
+    padded = [str(s + (-s) % model.divisible_by) for s in shape]
+    runs = {"whole": [], "one_window": ["--roi-size", *padded], "windows": ["--roi-size", "16", "16", "16"],
+            "windows_again": ["--roi-size", "16", "16", "16"]}  # fmt: skip
+    outs = {}
+    for name, extra in runs.items():
         rc = main(["standardize", "--ckpt", str(tmp_path / "dct3d"), "--input", str(tmp_path / "v.nii.gz"),
-                   "--output", str(tmp_path / f"o{i}.nii.gz"), "--roi-size", "16", "16", "16", "--quiet"])  # fmt: skip
+                   "--output", str(tmp_path / f"{name}.nii.gz"), "--quiet", *extra])  # fmt: skip
         assert rc == 0, capsys.readouterr().err
-        outs.append(read_nifti(tmp_path / f"o{i}.nii.gz").array)
-    assert outs[0].shape == (30, 28, 18) and np.isfinite(outs[0]).all()
-    np.testing.assert_array_equal(outs[0], outs[1])  # seeded per scan: reproducible
-    f = model.autoencoder.downsample_factor
-    assert len(crops) >= 2 and crops[0].shape[2:] == (16 // f,) * 3  # 16³ windows of the latent noise field
+        outs[name] = read_nifti(tmp_path / f"{name}.nii.gz").array
+    np.testing.assert_allclose(outs["one_window"], outs["whole"], atol=1e-2)
+    assert outs["windows"].shape == shape and np.isfinite(outs["windows"]).all()
+    np.testing.assert_array_equal(outs["windows"], outs["windows_again"])  # seeded per scan: reproducible
+    assert not np.allclose(outs["windows"], _volume(shape=shape), atol=1.0)
