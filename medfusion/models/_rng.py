@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from medfusion.models.export import CKPT_CLASS_KEY, class_path
 
 RNG_KEY = "medfusion_rng"
 """Checkpoint key: ``{"scheme": SCHEME, "seed": int}``."""
@@ -102,28 +101,3 @@ class StepRNG:
             )
             return
         self.seed = int(state["seed"])
-
-
-class StepRNGHooks:
-    """The Lightning hooks every module with a ``self._train_rng`` (:class:`StepRNG`) needs, written once.
-
-    Put it before ``L.LightningModule`` in the bases. ``on_fit_start`` broadcasts rank 0's base seed (and checks
-    that the data's HU window is the module's, :func:`medfusion.models._data_checks.check_hu_window`);
-    ``on_save_checkpoint`` also records the module's class path (``medfusion.models.export`` rebuilds it without
-    pickle); ``on_load_checkpoint`` restores the seed.
-    """
-
-    _train_rng: StepRNG
-
-    def on_fit_start(self) -> None:
-        from medfusion.models._data_checks import check_hu_window
-
-        check_hu_window(self)
-        self._train_rng.sync(self)  # rank 0's base seed on every rank
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CKPT_CLASS_KEY] = class_path(self)
-        self._train_rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_rng.load(checkpoint)

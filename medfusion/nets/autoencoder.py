@@ -1,18 +1,50 @@
-"""The networks of DiffusionCT (:mod:`medfusion.models.diffusion_ct`): a skip-connected Gaussian-latent
-encoder-decoder with DC-AE residual shortcuts, the gated regression U-Net, and the space <-> channel rearrangements
-both use. Plain ``nn.Module``s: they know nothing of schedules or training.
+"""The encoder-decoders of DiffusionCT stage 1 behind one contract, :class:`LatentAutoencoder`:
+``encode(x) -> Encoded(mean, sigma, skips)`` and ``decode(z, skips) -> image``.
 
-Written here because MONAI's ``AutoencoderKL`` has neither a decoder skip path (which the DiffusionCT spec asks to
-switch on and off, ``shared/reference/diffusionct_monai.md``) nor DC-AE's parameter-free shortcuts (Chen et al.,
-"Deep Compression Autoencoder for Efficient High-Resolution Diffusion Models", ICLR 2025, sec. 3.2), which make
-the 16-channel f = 4 latent lossless at initialisation; the regression U-Net itself is MONAI's ``UNet``.
+* :class:`KLAutoencoder`: MONAI's ``AutoencoderKL`` (the Gaussian-latent autoencoder of Rombach et al. 2022, "High-
+  Resolution Image Synthesis with Latent Diffusion Models", CVPR), no skips; a thin adapter.
+* :class:`SkipAutoencoder`: a U-Net-style encoder-decoder with a Gaussian latent bottleneck, decoder skips from the
+  levels ``>= skip_from_level`` and optionally DC-AE's parameter-free residual shortcuts (Chen et al., "Deep
+  Compression Autoencoder for Efficient High-Resolution Diffusion Models", ICLR 2025, sec. 3.2). Written here
+  because MONAI ships no autoencoder with a decoder skip path or such shortcuts.
+
+:func:`build_autoencoder` picks one by name (``"kl"`` or ``"skip"``). Plain ``nn.Module``s: they know nothing of
+schedules or training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from medfusion.nets.latent_grid import channel_to_space, space_to_channel
+
+Architecture = Literal["kl", "skip"]
+ARCHITECTURES: tuple[str, ...] = ("kl", "skip")
+
+
+class Encoded(NamedTuple):
+    """Posterior of an image: ``mean`` and ``sigma`` ``(B, C_lat, *spatial / f)`` (unscaled), and ``skips``, the
+    encoder features the decoder takes (an empty tuple for autoencoders without skips)."""
+
+    mean: Tensor
+    sigma: Tensor
+    skips: tuple[Tensor, ...]
+
+
+class LatentAutoencoder(Protocol):
+    """The contract of DiffusionCT's stage-1 networks (``nn.Module``s)."""
+
+    downsample_factor: int
+    latent_channels: int
+
+    def encode(self, x: Tensor) -> Encoded: ...
+
+    def decode(self, z: Tensor, skips: tuple[Tensor, ...]) -> Tensor: ...
 
 
 def conv(spatial_dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Module:
@@ -37,26 +69,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.body(x)
 
 
-def space_to_channel(x: Tensor) -> Tensor:
-    """``(B, C, *S)`` -> ``(B, C * 2^d, *S / 2)``; channel ``c * 2^d + k`` holds sub-pixel ``k`` of channel ``c``
-    (``pixel_unshuffle`` for 2D and 3D alike)."""
-    b, c, *size = x.shape
-    d = len(size)
-    split = [v for n in size for v in (n // 2, 2)]
-    x = x.reshape(b, c, *split)
-    order = [0, 1, *range(3, 2 + 2 * d, 2), *range(2, 2 + 2 * d, 2)]
-    return x.permute(order).reshape(b, c * 2**d, *(n // 2 for n in size))
-
-
-def channel_to_space(x: Tensor) -> Tensor:
-    """Inverse of :func:`space_to_channel`."""
-    b, c, *size = x.shape
-    d = len(size)
-    x = x.reshape(b, c // 2**d, *([2] * d), *size)
-    order = [0, 1, *(v for i in range(d) for v in (2 + d + i, 2 + i))]
-    return x.permute(order).reshape(b, c // 2**d, *(2 * n for n in size))
-
-
 def group_mean(x: Tensor, channels: int) -> Tensor:
     """Mean of the channel groups ``x[:, g * channels:(g + 1) * channels]`` (DC-AE's channel averaging)."""
     return x.reshape(x.shape[0], x.shape[1] // channels, channels, *x.shape[2:]).mean(1)
@@ -68,11 +80,56 @@ def tile(x: Tensor, channels: int) -> Tensor:
     return x.repeat(1, channels // x.shape[1], *([1] * (x.ndim - 2)))
 
 
+class KLAutoencoder(nn.Module):
+    """MONAI ``AutoencoderKL`` behind :class:`LatentAutoencoder` (no skips; ``decode`` takes an empty tuple).
+
+    ``attention``: self-attention in the deepest level and the encoder's / decoder's non-local blocks (costly in 3D).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        latent_channels: int,
+        num_res_blocks: int,
+        norm_num_groups: int,
+        attention: bool = False,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import AutoencoderKL
+
+        n = len(channels)
+        self.kl = AutoencoderKL(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            channels=tuple(channels),
+            latent_channels=latent_channels,
+            num_res_blocks=(num_res_blocks,) * n,
+            attention_levels=(False,) * (n - 1) + (bool(attention),),
+            norm_num_groups=norm_num_groups,
+            with_encoder_nonlocal_attn=bool(attention),
+            with_decoder_nonlocal_attn=bool(attention),
+        )
+        self.downsample_factor = 2 ** (n - 1)
+        self.latent_channels = int(latent_channels)
+
+    def encode(self, x: Tensor) -> Encoded:
+        mu, sigma = self.kl.encode(x)
+        return Encoded(mu, sigma, ())
+
+    def decode(self, z: Tensor, skips: tuple[Tensor, ...] = ()) -> Tensor:
+        if skips:
+            raise ValueError("KLAutoencoder has no skip path: decode takes an empty skips tuple")
+        return self.kl.decode(z)
+
+
 class SkipAutoencoder(nn.Module):
     """U-Net encoder-decoder with a Gaussian latent bottleneck and decoder skips (concatenated per level).
 
-    Written here because MONAI's ``AutoencoderKL`` has no skip path. Interface as ``AutoencoderKL``'s
-    ``encode``/``decode`` plus the skip features.
+    Written here because MONAI's ``AutoencoderKL`` has no skip path. ``skip_from_level``: only encoder levels
+    ``>= skip_from_level`` feed the decoder (0 = every level; ``len(channels) - 1`` = none).
 
     ``shortcuts=True`` adds the residual-autoencoding shortcuts of DC-AE (Chen et al., "Deep Compression
     Autoencoder for Efficient High-Resolution Diffusion Models", ICLR 2025, sec. 3.2): every change of resolution
@@ -87,7 +144,7 @@ class SkipAutoencoder(nn.Module):
         self,
         spatial_dims: int,
         in_channels: int,
-        channels: tuple[int, ...],
+        channels: Sequence[int],
         latent_channels: int,
         num_res_blocks: int,
         norm_num_groups: int,
@@ -96,6 +153,13 @@ class SkipAutoencoder(nn.Module):
     ):
         super().__init__()
         d, g = spatial_dims, norm_num_groups
+        if not 0 <= skip_from_level <= len(channels) - 1:
+            raise ValueError(
+                f"skip_from_level must be in 0..{len(channels) - 1} (len(channels) - 1), got {skip_from_level}"
+            )
+        channels = tuple(int(c) for c in channels)
+        self.downsample_factor = 2 ** (len(channels) - 1)
+        self.latent_channels = int(latent_channels)
         self.skip_from_level = int(skip_from_level)
         self.shortcuts = bool(shortcuts)
         if shortcuts:
@@ -142,7 +206,7 @@ class SkipAutoencoder(nn.Module):
     def _dec_in(self, level: int, channels: tuple[int, ...]) -> int:
         return 2 * channels[level] if level >= self.skip_from_level else channels[level]
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    def encode(self, x: Tensor) -> Encoded:
         h = self.conv_in(x)
         if self.shortcuts:
             h = h + tile(x, h.shape[1])
@@ -157,9 +221,14 @@ class SkipAutoencoder(nn.Module):
         if self.shortcuts:
             mu = mu + group_mean(h, mu.shape[1])
         sigma = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        return mu, sigma, tuple(skips)
+        return Encoded(mu, sigma, tuple(skips))
 
     def decode(self, z: Tensor, skips: tuple[Tensor, ...]) -> Tensor:
+        if len(skips) != len(self.up):
+            raise ValueError(
+                f"this SkipAutoencoder's decode needs the encoder's {len(self.up)} skip tensors (encode(x).skips; "
+                f"the skip levels also give the decoder its sizes), got {len(skips)}"
+            )
         h = self.from_latent(z)
         if self.shortcuts:
             h = h + tile(z, h.shape[1])
@@ -175,35 +244,39 @@ class SkipAutoencoder(nn.Module):
         return out + group_mean(h, out.shape[1]) if self.shortcuts else out
 
 
-def pixel_shuffle(x: Tensor, k: int) -> Tensor:
-    """``k`` steps of :func:`channel_to_space`: ``(B, C, *S)`` -> ``(B, C / 2^(d k), *S * 2^k)``."""
-    for _ in range(k):
-        x = channel_to_space(x)
-    return x
-
-
-def pixel_unshuffle(x: Tensor, k: int) -> Tensor:
-    """Inverse of :func:`pixel_shuffle`."""
-    for _ in range(k):
-        x = space_to_channel(x)
-    return x
-
-
-class GatedUNet(nn.Module):
-    """``g * UNet(z)`` with the scalar gate ``g = 0`` at start (ReZero, Bachlechner et al. 2021): the regression
-    of :class:`DiffusionCT` starts from a zero residual, i.e. from the identity map of the latent. With
-    ``pixel_shuffle = k`` the U-Net runs on the ``2^k`` finer grid (see :class:`DiffusionCT`)."""
-
-    def __init__(self, spatial_dims: int, channels: int, widths: tuple[int, ...], pixel_shuffle: int = 0):
-        super().__init__()
-        from monai.networks.nets import UNet
-
-        self.k = pixel_shuffle
-        c = channels // 2 ** (spatial_dims * pixel_shuffle)
-        self.unet = UNet(
-            spatial_dims, c, c, channels=widths, strides=(2,) * (len(widths) - 1), num_res_units=1
+def build_autoencoder(
+    architecture: Architecture,
+    spatial_dims: int,
+    in_channels: int,
+    channels: Sequence[int],
+    latent_channels: int,
+    num_res_blocks: int,
+    norm_num_groups: int,
+    *,
+    attention: bool = False,
+    skip_from_level: int = 0,
+    shortcuts: bool = False,
+) -> KLAutoencoder | SkipAutoencoder:
+    """The encoder-decoder named ``architecture``; ``ValueError`` for options the other one owns (``attention``:
+    ``"kl"`` only; ``skip_from_level`` > 0 and ``shortcuts``: ``"skip"`` only)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if len(channels) < 1:
+        raise ValueError("channels must have at least one level")
+    if architecture == "kl":
+        if shortcuts or skip_from_level:
+            raise ValueError(
+                "shortcuts and skip_from_level belong to architecture='skip' (our U-Net encoder-decoder; "
+                f"skip_from_level={len(channels) - 1} for no skip); MONAI's AutoencoderKL has neither"
+            )
+        return KLAutoencoder(
+            spatial_dims, in_channels, channels, latent_channels, num_res_blocks, norm_num_groups, attention
         )
-        self.gate = nn.Parameter(torch.zeros(()))
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.gate * pixel_unshuffle(self.unet(pixel_shuffle(z, self.k)), self.k)
+    if attention:
+        raise ValueError("attention belongs to architecture='kl' (MONAI's AutoencoderKL)")
+    return SkipAutoencoder(
+        spatial_dims, in_channels, channels, latent_channels, num_res_blocks, norm_num_groups, skip_from_level,
+        shortcuts,
+    )  # fmt: skip

@@ -8,13 +8,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from medfusion import keys
-from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
-from medfusion.models.export import export_model, load_model
+from medfusion.models.diffusion_ct import (
+    AdversarialConfig,
+    DenoiserConfig,
+    DiffusionCT,
+    DiffusionCTAutoencoder,
+    RegressionConfig,
+    SamplingConfig,
+)
+from medfusion.models.export import export_model
 
 AE_KW = dict(channels=(8, 16), latent_channels=2, norm_num_groups=4, num_res_blocks=1)
-UNET_KW = dict(
-    channels=(16, 32), attention_levels=(False, True), num_head_channels=8, unet_kwargs={"norm_num_groups": 8}
-)
+DENOISER = DenoiserConfig(channels=(16, 32), attention_levels=(False, True), num_head_channels=8, norm_num_groups=8)
 
 
 def _size(spatial_dims: int) -> tuple[int, ...]:
@@ -61,9 +66,10 @@ def ae2d(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------- stage 1
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("skip", [False, True])
-def test_autoencoder_shapes(spatial_dims, skip):
-    ae = DiffusionCTAutoencoder(spatial_dims=spatial_dims, skip_connections=skip, **AE_KW)
+@pytest.mark.parametrize("architecture", ["kl", "skip"])
+def test_autoencoder_shapes(spatial_dims, architecture):
+    skip = architecture == "skip"
+    ae = DiffusionCTAutoencoder(spatial_dims=spatial_dims, architecture=architecture, **AE_KW)
     x = _pair(spatial_dims)[keys.SOURCE]
     enc = ae.encode(x)
     assert enc.mean.shape == (4, 2, *[s // 2 for s in x.shape[2:]])
@@ -71,29 +77,6 @@ def test_autoencoder_shapes(spatial_dims, skip):
     assert len(enc.skips) == (1 if skip else 0)
     assert ae.reconstruct(x).shape == x.shape
     assert ae.downsample_factor == 2
-
-
-def test_skip_decoder_needs_skips():
-    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, **AE_KW)
-    z = torch.zeros(1, 2, 16, 16)
-    with pytest.raises(ValueError, match="skip"):
-        ae.decode(z)
-
-
-def test_skip_from_level_drops_the_full_resolution_skip():
-    torch.manual_seed(0)
-    kw = {**AE_KW, "channels": (8, 16, 16)}
-    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_from_level=1, **kw)
-    x = _pair(2)[keys.SOURCE]
-    enc = ae.encode(x)
-    out = ae.decode(enc.mean, enc.skips)
-    # the full-resolution skip (level 0) is ignored, the half-resolution one (level 1) is used
-    noisy0 = (enc.skips[0] + torch.randn_like(enc.skips[0]), enc.skips[1])
-    torch.testing.assert_close(ae.decode(enc.mean, noisy0), out)
-    noisy1 = (enc.skips[0], enc.skips[1] + torch.randn_like(enc.skips[1]))
-    assert not torch.allclose(ae.decode(enc.mean, noisy1), out)
-    with pytest.raises(ValueError, match="skip_from_level"):
-        DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_from_level=3, **kw)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -127,64 +110,13 @@ def test_kl_term_is_per_image_pixel(spatial_dims):
     torch.testing.assert_close(loss, l1 + w * kl / x[0].numel())
 
 
-def test_cross_skips_trains_each_latent_with_the_other_scans_skips(tmp_path):
-    """cross_skips: loss = 1/2 (self-reconstruction + reconstruction from the pair partner's skips)."""
-    torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(
-        spatial_dims=2, skip_connections=True, cross_skips=True, kl_weight=0.0, ssim_weight=0.0, **AE_KW
-    )
-    batch = _pair(2)
-    src, tgt = batch[keys.SOURCE], batch[keys.TARGET]
-    x = torch.cat([src, tgt])
-    loss, _ = ae.loss(x)
-    enc_s, enc_t = ae.encode(src), ae.encode(tgt)
-    self_rec = torch.cat([ae.decode(enc_s.mean, enc_s.skips), ae.decode(enc_t.mean, enc_t.skips)])
-    cross_rec = torch.cat([ae.decode(enc_s.mean, enc_t.skips), ae.decode(enc_t.mean, enc_s.skips)])
-    expected = 0.5 * (torch.nn.functional.l1_loss(self_rec, x) + torch.nn.functional.l1_loss(cross_rec, x))
-    torch.testing.assert_close(loss, expected)
-    # it trains (one optimiser step lowers the loss) and needs pairs and skips
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
-    loss.backward()
-    opt.step()
-    assert ae.loss(x)[0].item() < loss.item()
-    with pytest.raises(ValueError, match="paired"):
-        ae.loss(x[:3])
-    with pytest.raises(ValueError, match="skip_connections"):
-        DiffusionCTAutoencoder(spatial_dims=2, cross_skips=True, **AE_KW)
-    with pytest.raises(KeyError, match="paired"):
-        ae.training_step({keys.IMAGE: tgt}, 0)
-
-
-def test_skip_dropout_makes_the_latent_reconstruct_alone_sometimes():
-    """skip_dropout = p: a training decode gets all-zero skips with probability p (seeded); eval never drops."""
-    torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_dropout=0.5, **AE_KW)
-    x = ae._images(_pair(2))
-    enc = ae.encode(x)
-    with_skips = ae.decode(enc.mean, enc.skips)
-    without = ae.decode(enc.mean, tuple(torch.zeros_like(t) for t in enc.skips))
-    ae.train()
-    seen = set()
-    for seed in range(12):
-        out = ae._train_decode(enc.mean, enc.skips, torch.Generator().manual_seed(seed))
-        seen.add("dropped" if torch.allclose(out, without) else "kept")
-        assert torch.allclose(out, without) or torch.allclose(out, with_skips)
-    assert seen == {"dropped", "kept"}
-    ae.eval()
-    torch.testing.assert_close(ae.reconstruct(x), with_skips)
-    with pytest.raises(ValueError, match="skip_dropout"):
-        DiffusionCTAutoencoder(spatial_dims=2, skip_dropout=0.5, **AE_KW)  # no skips to drop
-    with pytest.raises(ValueError, match="skip_dropout"):
-        DiffusionCTAutoencoder(spatial_dims=2, skip_connections=True, skip_dropout=1.0, **AE_KW)
-
-
 @pytest.mark.parametrize("start", [0, 100], ids=["adversarial", "warm-up"])
 def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
     """adv_weight > 0: generator and discriminator step in turn (2 optimiser steps per iteration); during the
     warm-up (iteration < adv_start_step) the discriminator does not move and the loss has no adversarial term."""
     torch.manual_seed(0)
     ae = DiffusionCTAutoencoder(
-        spatial_dims=2, adv_weight=0.1, adv_start_step=start, disc_channels=8, **AE_KW
+        spatial_dims=2, adversarial=AdversarialConfig(weight=0.1, start_step=start, disc_channels=8), **AE_KW
     )
     plain = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)
     plain.net.load_state_dict(ae.net.state_dict())
@@ -207,8 +139,8 @@ def test_patch_adversarial_term_trains_a_discriminator(tmp_path, start):
     moved = any(not torch.equal(a, b) for a, b in zip(disc0, ae.discriminator.parameters()))
     assert moved == (start == 0)
     assert any(not torch.equal(a, b) for a, b in zip(net0, ae.net.parameters()))
-    with pytest.raises(ValueError, match="adv_weight"):
-        DiffusionCTAutoencoder(spatial_dims=2, adv_weight=-1.0, **AE_KW)
+    with pytest.raises(ValueError, match="weight"):
+        AdversarialConfig(weight=-1.0)
 
 
 def test_latent_scale_round_trip_and_running_estimate(tmp_path):
@@ -221,7 +153,7 @@ def test_latent_scale_round_trip_and_running_estimate(tmp_path):
     assert scale == pytest.approx(1 / mus.std().item(), rel=1e-4)
     z, skips = ae.encode_latent(x)
     assert z.std().item() == pytest.approx(1.0, abs=0.3)
-    # encode -> scale -> unscale -> decode equals the plain reconstruction (user_asks §0.10)
+    # encode -> scale -> unscale -> decode equals the plain reconstruction
     torch.testing.assert_close(ae.decode_latent(z, skips), ae.reconstruct(x))
     # the running estimate during training is stored in the weights
     ae2 = DiffusionCTAutoencoder(spatial_dims=2, **AE_KW)
@@ -235,11 +167,10 @@ def test_latent_scale_round_trip_and_running_estimate(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- stage 2
-def _stage2(path, mode="conditional", **kw):
+def _stage2(path, mode="conditional", sampling=None, **kw):
     torch.manual_seed(0)
-    return DiffusionCT(
-        autoencoder=str(path), mode=mode, num_inference_steps=3, ema_decay=0.9, **UNET_KW, **kw
-    )
+    sampling = SamplingConfig(num_steps=3, **(sampling or {}))
+    return DiffusionCT(autoencoder=str(path), mode=mode, sampling=sampling, ema_decay=0.9, denoiser=DENOISER, **kw)
 
 
 @pytest.mark.parametrize("mode", ["conditional", "translate"])
@@ -290,6 +221,7 @@ def test_stage2_pickles_for_ddp_spawn_and_its_ema_still_averages(ae2d):
             p.add_(1.0)
     m2.ema.update_parameters(m2.net)
     d = m2.hparams.ema_decay
+    assert m2.averaged() is m2.ema.module
     for o, e in zip(old, m2.ema.module.parameters()):
         torch.testing.assert_close(e, d * o + (1 - d) * (o + 1.0))
 
@@ -333,11 +265,11 @@ def test_translate_strength_zero_returns_reconstruction(ae2d):
     assert not torch.allclose(partial, out)
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["aekl", "skip"])
-def test_residual_decoding_adds_the_decoded_latent_change_to_the_input(tmp_path, skip):
+@pytest.mark.parametrize("architecture", ["kl", "skip"])
+def test_residual_decoding_adds_the_decoded_latent_change_to_the_input(tmp_path, architecture):
     """decode='residual': y = x + D(z_hat) - D(E(x)); an unchanged latent returns the input exactly (any ceiling)."""
     torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(spatial_dims=2, skip_connections=skip, **AE_KW)
+    ae = DiffusionCTAutoencoder(spatial_dims=2, architecture=architecture, **AE_KW)
     batch = _pair(2)
     ae.calibrate_latent_scale([batch])
     export_model(ae, tmp_path / "stage1")
@@ -363,17 +295,19 @@ def test_residual_decoding_adds_the_decoded_latent_change_to_the_input(tmp_path,
     with pytest.raises(ValueError, match="latent"):
         model.standardize(x, decode="pixel")
     with pytest.raises(ValueError, match="residual"):
-        DiffusionCT(autoencoder=str(tmp_path / "stage1"), decode="both")
+        SamplingConfig(decode="both")
 
 
 def test_bad_arguments_raise_clear_errors(ae2d, tmp_path):
     sd, path, batch = ae2d
     with pytest.raises(ValueError, match="conditional"):
         DiffusionCT(autoencoder=str(path), mode="paired")
-    with pytest.raises(ValueError, match="translate_strength"):
-        DiffusionCT(autoencoder=str(path), translate_strength=1.5)
+    with pytest.raises(ValueError, match="strength"):
+        SamplingConfig(strength=1.5)
     with pytest.raises(ValueError, match="dpmpp_2m"):
-        DiffusionCT(autoencoder=str(path), sampler="euler_magic")
+        SamplingConfig(sampler="euler_magic")
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        DiffusionCT(autoencoder=str(path), sampling={"sampler": "euler_magic"})
     with pytest.raises(ValueError, match="epsilon"):
         DiffusionCT(autoencoder=str(path), prediction="noise")
     with pytest.raises(FileNotFoundError):
@@ -418,88 +352,13 @@ def _fit_on_two_ranks(module, data, steps: int, tmp_path) -> tuple[dict, dict]:
     return r0, r1
 
 
-class _RankSaver(_SavesWeightsPerRank, DiffusionCTAutoencoder):
-    """Stage 1 (generator and discriminator) that writes each rank's weights."""
-
-
-@pytest.mark.slow
-def test_adversarial_cross_skip_autoencoder_under_ddp_keeps_ranks_in_sync(tmp_path):
-    """2 CPU ranks (gloo, ddp_spawn), manual optimisation with two optimisers, cross skips and skip dropout drawn
-    per rank: after training, every weight (generator, discriminator) and the latent scale, estimated from both
-    ranks' batches, are equal on both."""
-
-    module = _RankSaver(
-        str(tmp_path), spatial_dims=2, skip_connections=True, cross_skips=True, skip_dropout=0.5, adv_weight=0.1,
-        disc_channels=8, **AE_KW,
-    )  # fmt: skip
-    batch = _pair(2, n=8)
-    data = [{k: v[i] for k, v in batch.items()} for i in range(8)]
-    r0, r1 = _fit_on_two_ranks(module, data, 6, tmp_path)
-    weights = [k for k in r0 if k.startswith(("net.", "discriminator."))] + ["latent_var", "latent_scale"]
-    assert any(k.startswith("discriminator.") for k in weights)
-    for k in weights:
-        torch.testing.assert_close(r0[k], r1[k], msg=k)
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 8, 12), (2, 2, 4, 6, 8)])
-def test_space_to_channel_round_trip(shape):
-    from medfusion.nets.autoencoder import channel_to_space, space_to_channel
-
-    x = torch.randn(shape)
-    y = space_to_channel(x)
-    assert y.shape == (shape[0], shape[1] * 2 ** (len(shape) - 2), *(n // 2 for n in shape[2:]))
-    torch.testing.assert_close(channel_to_space(y), x, rtol=0, atol=0)
-    if len(shape) == 4:  # the 2D case is torch's pixel_unshuffle
-        torch.testing.assert_close(y, torch.nn.functional.pixel_unshuffle(x, 2), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("spatial_dims, channels, latent", [(2, (32, 64, 64), 16), (3, (8, 16), 8)])
-def test_shortcuts_alone_are_a_lossless_latent(spatial_dims, channels, latent):
-    """DC-AE residual autoencoding: with every convolution zeroed only the shortcuts remain, and when the latent
-    holds as many values as the image they compose to an exact rearrangement (decode(encode(x)) == x)."""
-    torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(
-        spatial_dims=spatial_dims, channels=channels, latent_channels=latent, norm_num_groups=4,
-        skip_connections=True, skip_from_level=len(channels) - 1, shortcuts=True,
-    )  # fmt: skip
-    for m in ae.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            torch.nn.init.zeros_(m.weight)
-            torch.nn.init.zeros_(m.bias)
-    x = torch.rand(2, 1, *([16] * spatial_dims)) * 2 - 1
-    enc = ae.encode(x)
-    assert enc.mean.numel() == x.numel()
-    torch.testing.assert_close(ae.decode(enc.mean, enc.skips), x)
-    # trained as usual: one optimiser step lowers the loss (from a random init)
-    torch.manual_seed(0)
-    ae = DiffusionCTAutoencoder(
-        spatial_dims=spatial_dims, channels=channels, latent_channels=latent, norm_num_groups=4,
-        skip_connections=True, skip_from_level=len(channels) - 1, shortcuts=True,
-    )  # fmt: skip
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
-    before, _ = ae.loss(x, generator=torch.Generator().manual_seed(1))
-    before.backward()
-    opt.step()
-    assert ae.loss(x, generator=torch.Generator().manual_seed(1))[0].item() < before.item()
-
-
-def test_shortcuts_need_our_network_and_divisible_widths():
-    with pytest.raises(ValueError, match="skip_connections=True"):
-        DiffusionCTAutoencoder(spatial_dims=2, shortcuts=True, **AE_KW)
-    with pytest.raises(ValueError, match="divisible"):
-        DiffusionCTAutoencoder(
-            spatial_dims=2, channels=(8, 48), latent_channels=4, norm_num_groups=4, skip_connections=True,
-            skip_from_level=1, shortcuts=True,
-        )  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------- regression (CorrDiff)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_regression_learns_the_mean_and_the_ddpm_the_rest(spatial_dims, tmp_path_factory):
     """regression=True: the regression U-Net's MSE and the DDPM loss both fall; the DDPM's target is the scaled
     residual minus the (detached) regression output, and mean_only decodes z_src + mu / r."""
     sd, path, batch = _export_ae(spatial_dims, tmp_path_factory)
-    model = _stage2(path, regression=True, regression_channels=(8, 16), regression_lr=1e-3)
+    model = _stage2(path, regression=RegressionConfig(channels=(8, 16), lr=1e-3))
     params = [*model.net.parameters(), *model.regressor.parameters()]
     groups = model.configure_optimizers().param_groups
     assert [g["params"] for g in groups] == [list(model.net.parameters()), list(model.regressor.parameters())]
@@ -537,63 +396,15 @@ def test_regression_learns_the_mean_and_the_ddpm_the_rest(spatial_dims, tmp_path
 def test_regression_bad_arguments(ae2d):
     sd, path, batch = ae2d
     with pytest.raises(ValueError, match="conditional"):
-        _stage2(path, "translate", regression=True)
+        _stage2(path, "translate", regression=RegressionConfig(channels=(8, 16)))
     with pytest.raises(ValueError, match="residual=True"):
-        _stage2(path, regression=True, residual=False)
+        _stage2(path, regression=RegressionConfig(channels=(8, 16)), residual=False)
     with pytest.raises(ValueError, match="two levels"):
-        _stage2(path, regression=True, regression_channels=(8,))
+        RegressionConfig(channels=(8,))
     model = _stage2(path)
     model.loss(batch)
-    with pytest.raises(ValueError, match="regression=True"):
+    with pytest.raises(ValueError, match="regression"):
         model.standardize(batch[keys.SOURCE][:1], mean_only=True)
-
-
-def test_regression_rescale_sets_the_ddpm_scale_once_and_sampling_undoes_it(ae2d, tmp_path):
-    """regression_rescale_step=k: the DDPM's target r (z_std - z_src) - mu is rescaled to unit variance once, at
-    training step k (s = 1 before; never changed after); the target is s (r res - mu), sampling returns x0 / s + mu,
-    the scale survives export, and the option needs the regression."""
-    sd, path, batch = ae2d
-    with pytest.raises(ValueError, match="regression_rescale_step"):
-        _stage2(path, regression_rescale_step=2)
-    with pytest.raises(ValueError, match="regression_rescale_step"):
-        _stage2(path, regression=True, regression_channels=(8, 16), regression_rescale_step=-1)
-    model = _stage2(
-        path, regression=True, regression_channels=(8, 16), regression_lr=3e-3, regression_rescale_step=2
-    )
-    data = [{k: v[i] for k, v in batch.items()} for i in range(4)]
-    _trainer(tmp_path, 2).fit(model, DataLoader(data, batch_size=2))
-    assert float(model.dm_scale) == 0 and model._dm_scale == 1.0  # steps 0, 1: not yet
-    trainer = _trainer(tmp_path, 5)
-    trainer.fit(model, DataLoader(data, batch_size=2))
-    scale = float(model.dm_scale)
-    assert scale > 0
-    z_src, z_tgt = model._latents(batch)
-    mean = model.regressor(z_src).detach()
-    x0, _ = model.diffusion_target(z_src, z_tgt, mean)
-    torch.testing.assert_close(x0, ((z_tgt - z_src) * model.residual_scale - mean) * scale)
-    # set once: more training steps past k (a fresh trainer: steps 0-4 again) leave it alone
-    _trainer(tmp_path, 5).fit(model, DataLoader(data, batch_size=2))
-    assert float(model.dm_scale) == scale
-    # sampling undoes it: the DDPM's sample x0 does not depend on s (same net, same generator), so with the decoder
-    # replaced by the identity on latents, (z_hat - z_mean) * r * s is the same for any s
-    x = batch[keys.SOURCE][:2]
-    model.eval()
-    model.autoencoder.decode_latent = lambda z, skips: z
-    z_mean = model.standardize(x, mean_only=True, decode="latent")
-    x0s = []
-    for s_value in (scale, 3.0 * scale):
-        model.dm_scale.fill_(s_value)
-        z_hat = model.standardize(
-            x, generator=torch.Generator().manual_seed(0), use_ema=False, decode="latent"
-        )
-        x0s.append((z_hat - z_mean) * model.residual_scale * s_value)
-    torch.testing.assert_close(x0s[0], x0s[1], rtol=1e-4, atol=1e-4)
-    assert x0s[0].abs().mean() > 0
-    model.dm_scale.fill_(scale)
-    del model.autoencoder.decode_latent
-    # the scale is saved with the model
-    export_model(model, tmp_path / "exported")
-    assert float(load_model(tmp_path / "exported").dm_scale) == scale
 
 
 class _Stage2RankSaver(_SavesWeightsPerRank, DiffusionCT):
@@ -603,13 +414,13 @@ class _Stage2RankSaver(_SavesWeightsPerRank, DiffusionCT):
 @pytest.mark.slow
 def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     """2 CPU ranks (gloo, ddp_spawn): the regression U-Net and the DDPM train in the same step, so DDP sees every
-    parameter used; afterwards both nets, their EMA and the DDPM target's scale are equal on both ranks."""
+    parameter used; afterwards both nets and their EMA are equal on both ranks."""
 
     sd, path, batch = ae2d
     torch.manual_seed(0)
     module = _Stage2RankSaver(
-        str(tmp_path), autoencoder=str(path), regression=True, regression_channels=(8, 16), ema_decay=0.9,
-        regression_rescale_step=1, val_num_samples=0, **UNET_KW,
+        str(tmp_path), autoencoder=str(path), regression=RegressionConfig(channels=(8, 16)), ema_decay=0.9,
+        val_num_samples=0, denoiser=DENOISER,
     )  # fmt: skip
     data = [{k: v[i % 4] for k, v in batch.items()} for i in range(8)]
     gate = module.regressor.gate.detach().clone()
@@ -619,7 +430,7 @@ def test_regression_stage2_under_ddp_keeps_ranks_in_sync(ae2d, tmp_path):
     assert not torch.equal(r0["regressor.gate"], gate)  # it trained
     for k in weights:
         torch.testing.assert_close(r0[k], r1[k], msg=k)
-    assert float(r0["dm_scale"]) > 0 and torch.equal(r0["dm_scale"], r1["dm_scale"])  # all-reduced, one value
+    assert float(r0["residual_scale"]) > 0 and torch.equal(r0["residual_scale"], r1["residual_scale"])
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -632,9 +443,9 @@ def test_pixel_shuffle_runs_the_networks_on_the_finer_grid(spatial_dims, tmp_pat
     batch = _pair(spatial_dims)
     ae.calibrate_latent_scale([batch])
     export_model(ae, tmp_path / "stage1")
-    model = _stage2(tmp_path / "stage1", regression=True, regression_channels=(8, 16), pixel_shuffle=1)
+    model = _stage2(tmp_path / "stage1", regression=RegressionConfig(channels=(8, 16)), pixel_shuffle=1)
     seen = []
-    model.net.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape, out.shape)))
+    model.net.net.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape, out.shape)))  # in ImageGrid
     z, _ = ae.encode_latent(batch[keys.SOURCE])
     finer = (z.shape[0], 1, *(2 * s for s in z.shape[2:]))
     assert model.divisible_by == ae.downsample_factor  # the U-Nets' one downsampling is undone by the shuffle
@@ -655,12 +466,43 @@ def test_pixel_shuffle_runs_the_networks_on_the_finer_grid(spatial_dims, tmp_pat
         _stage2(tmp_path / "stage1", pixel_shuffle=-1)
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 4, 6), (1, 64, 2, 2, 4)])
-def test_pixel_shuffle_round_trip(shape):
-    from medfusion.nets.autoencoder import pixel_shuffle, pixel_unshuffle
-
-    x = torch.randn(shape)
-    k = 2 if len(shape) == 4 else 1
-    y = pixel_shuffle(x, k)
-    assert y.shape == (shape[0], shape[1] // 2 ** (k * (len(shape) - 2)), *(s * 2**k for s in shape[2:]))
-    torch.testing.assert_close(pixel_unshuffle(y, k), x)
+# ------------------------------------------------------------------------------------------- inference contract
+def test_restore_options_defaults_and_refusals(ae2d):
+    """restore(): options default to the model's SamplingConfig; options a model cannot take raise ValueError
+    naming the problem (before any image is touched); restore equals standardize with the same options."""
+    sd, path, batch = ae2d
+    cond = _stage2(path, regression=RegressionConfig(channels=(8, 16)), sampling={"decode": "residual"})
+    cond.loss(batch)
+    assert cond.inference_options() == {
+        "num_steps": 3, "sampler": "dpmpp_2m", "decode": "residual", "residual_sigma": 0.0, "mean_only": False,
+        "sw_batch_size": 4, "overlap": 0.25,
+    }  # fmt: skip
+    trans = _stage2(path, "translate", sampling={"strength": 0.3})
+    assert trans.inference_options()["strength"] == 0.3 and "mean_only" not in trans.inference_options()
+    x = batch[keys.SOURCE][:2]
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    torch.testing.assert_close(
+        cond.restore(x, generator=gen(), num_steps=2, sampler="ddim"),
+        cond.standardize(x, generator=gen(), num_steps=2, sampler="ddim"),
+    )
+    assert cond.hparams.sampling["num_steps"] == 3  # call options never touch the hyper-parameters
+    for model, options, match in [
+        (cond, {"steps": 3}, "unknown DiffusionCT option.*num_steps"),
+        (cond, {"strength": 0.5}, "translate-mode models only"),
+        (trans, {"mean_only": True}, "regression"),
+        (cond, {"num_steps": 0}, "num_steps"),
+        (cond, {"sampler": "euler"}, "dpmpp_2m"),
+        (trans, {"strength": 1.5}, "strength"),
+        (cond, {"decode": "pixel"}, "latent"),
+        (cond, {"residual_sigma": -1.0}, "residual_sigma"),
+        (cond, {"overlap": 1.0}, "overlap"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.check_options(**options)
+        with pytest.raises(ValueError, match=match):
+            model.restore(x, **options)
+    assert cond.describe() == "DiffusionCT standardization, dpmpp_2m 3 steps, residual decoding"
+    assert cond.describe(mean_only=True, decode="latent") == (
+        "DiffusionCT standardization, regression mean (no sampling), latent decoding"
+    )
+    assert trans.describe(num_steps=5) == "DiffusionCT standardization, dpmpp_2m 5 steps, strength 0.3, latent decoding"
