@@ -11,7 +11,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from medfusion import keys
-from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
+from medfusion.models.diffusion_ct import DenoiserConfig, DiffusionCT, DiffusionCTAutoencoder, SamplingConfig
 from medfusion.models.export import export_model, load_model
 
 AE_KW = dict(channels=(8, 16), latent_channels=2, norm_num_groups=4)
@@ -45,8 +45,8 @@ def test_diffusion_ct_export_is_self_contained(stage1, tmp_path):
     _, path = stage1
     torch.manual_seed(0)
     model = DiffusionCT(
-        autoencoder=str(path), channels=(16, 32), num_head_channels=8, unet_kwargs={"norm_num_groups": 8},
-        num_inference_steps=2, ema_decay=0.5,
+        autoencoder=str(path), denoiser=DenoiserConfig(channels=(16, 32), num_head_channels=8, norm_num_groups=8),
+        sampling=SamplingConfig(num_steps=2), ema_decay=0.5,
     )  # fmt: skip
     batch = _batch()
     loss = model.loss(batch)
@@ -120,7 +120,7 @@ def test_refuses_foreign_classes_and_overwrite(stage1, tmp_path):
 
 
 def test_loads_weights_saved_from_a_compiled_module(stage1, tmp_path):
-    """``torch.compile`` prefixes keys with ``_orig_mod.``; loading must not care (user_asks §0.12)."""
+    """``torch.compile`` prefixes keys with ``_orig_mod.``; loading must not care."""
     from safetensors.torch import load_file, save_file
 
     ae, path = stage1
