@@ -46,16 +46,8 @@ def roi_mask(labels: np.ndarray, names: tuple[str, ...], erode: int) -> np.ndarr
     return ndi.binary_erosion(m, iterations=erode) if erode else m
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--patients", type=int, default=24)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="/tmp/medfusion_dataset_report", help="dataset folder (regenerated)")
-    ap.add_argument("--figure", default=str(ROOT / "docs" / "img" / "dataset_protocols.png"))
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "dataset.md"))
-    args = ap.parse_args(argv)
-
+def load_dataset(args) -> dict:
+    """Write the dataset and read every protocol's image, the phantom, the labels and the ROIs of every case."""
     data = Path(args.data)
     if data.exists():
         shutil.rmtree(data)
@@ -63,102 +55,82 @@ def main(argv: list[str] | None = None) -> int:
     make_dataset(data, n_patients=args.patients, dim=2, size=args.size, seed=args.seed, progress=False)
     t_make = time.perf_counter() - t0
     cases = sorted(p.name for p in data.glob("case_*"))
-    protocols = list(ctsim.PROTOCOLS)
-    names = [*protocols, REPEAT]
+    names = [*ctsim.PROTOCOLS, REPEAT]
     imgs = {n: [load(data / c / f"{n}.nii.gz") for c in cases] for n in [*names, "phantom", "label"]}
     labels = [lab.astype(np.uint8) for lab in imgs["label"]]
     body = [lab > 0 for lab in labels]
-    body_inner = [ndi.binary_erosion(b, iterations=3) for b in body]
-    rois = {r: [roi_mask(lab, spec[0], spec[1]) for lab in labels] for r, spec in ROIS.items()}
+    return {
+        "cases": cases, "names": names, "imgs": imgs, "labels": labels, "body": body, "t_make": t_make,
+        "body_inner": [ndi.binary_erosion(b, iterations=3) for b in body],
+        "rois": {r: [roi_mask(lab, spec[0], spec[1]) for lab in labels] for r, spec in ROIS.items()},
+    }  # fmt: skip
 
-    def clip(x: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.ndarray:
-        return np.clip(x, lo, hi)
 
-    rows = []
-    for n in names:
+def clip(x: np.ndarray, lo: float = -1000.0, hi: float = 1000.0) -> np.ndarray:
+    return np.clip(x, lo, hi)
+
+
+def protocol_rows(d: dict) -> list[tuple]:
+    """Per protocol: liver SD, pure-noise SD, PSNR / soft PSNR / SSIM vs standard, PSNR vs phantom, edge slope / rise."""
+    imgs, rows = d["imgs"], []
+    for n in d["names"]:
         std, x = imgs[ctsim.STANDARD], imgs[n]
-        liver_sd = np.mean([E.noise_sd(a, m) for a, m in zip(x, rois["liver"]) if m.sum() > 10])
+        liver_sd = np.mean([E.noise_sd(a, m) for a, m in zip(x, d["rois"]["liver"]) if m.sum() > 10])
         # pure noise: two scans of the same (thin) phantom slice with different seeds, SD of the difference / sqrt 2
         p = ctsim.PROTOCOLS[ctsim.STANDARD if n == REPEAT else n]
-        pure_sd = np.mean(
-            [
-                E.noise_sd(ctsim.simulate(ph, p, seed=1) - ctsim.simulate(ph, p, seed=2), inner)
-                / np.sqrt(2.0)
-                for ph, inner in zip(imgs["phantom"][:8], body_inner[:8])
-            ]
-        )
+        pure_sd = np.mean([E.noise_sd(ctsim.simulate(ph, p, seed=1) - ctsim.simulate(ph, p, seed=2), inner) / np.sqrt(2.0)
+                           for ph, inner in zip(imgs["phantom"][:8], d["body_inner"][:8])])  # fmt: skip
         p_full = np.mean([E.psnr(clip(a), clip(b), 2000.0) for a, b in zip(x, std)])
         p_soft = np.mean([E.psnr(clip(a, -160, 240), clip(b, -160, 240), 400.0) for a, b in zip(x, std)])
         s_full = np.mean([E.ssim(clip(a), clip(b), 2000.0) for a, b in zip(x, std)])
         p_gt = np.mean([E.psnr(clip(a), clip(b), 2000.0) for a, b in zip(x, imgs["phantom"])])
-        edge = [E.edge_profile(a, m) for a, m in zip(x, body)]
-        rows.append(
-            (
-                n,
-                liver_sd,
-                pure_sd,
-                p_full,
-                p_soft,
-                s_full,
-                p_gt,
-                np.mean([e.max_slope for e in edge]),
-                np.mean([e.rise_10_90 for e in edge]),
-            )
-        )
+        edge = [E.edge_profile(a, m) for a, m in zip(x, d["body"])]
+        rows.append((n, liver_sd, pure_sd, p_full, p_soft, s_full, p_gt, np.mean([e.max_slope for e in edge]),
+                     np.mean([e.rise_10_90 for e in edge])))  # fmt: skip
+    return rows
 
-    ccc_rows = []
-    for n in names:
+
+def ccc_table(d: dict) -> list[tuple]:
+    """Per protocol and ROI: (median texture CCC vs standard, fraction >= 0.9, cases)."""
+    out = []
+    for n in d["names"]:
         if n == ctsim.STANDARD:
             continue
         cells = []
         for r, (_, _, window) in ROIS.items():
-            ok = [i for i, m in enumerate(rois[r]) if m.sum() >= 20]
-            cc = E.feature_ccc(
-                [imgs[n][i] for i in ok],
-                [imgs[ctsim.STANDARD][i] for i in ok],
-                [rois[r][i] for i in ok],
-                window=window,
-                levels=32,
-            )
+            ok = [i for i, m in enumerate(d["rois"][r]) if m.sum() >= 20]
+            cc = E.feature_ccc([d["imgs"][n][i] for i in ok], [d["imgs"][ctsim.STANDARD][i] for i in ok],
+                               [d["rois"][r][i] for i in ok], window=window, levels=32)  # fmt: skip
             s = E.summarize_ccc(cc, 0.9)
             cells.append((s.median, s.fraction_above, len(ok)))
-        ccc_rows.append((n, cells))
+        out.append((n, cells))
+    return out
 
-    # noiseless ramp round trip (FBP without noise) against the phantom, first 4 patients
+
+def roundtrip(d: dict, size: int) -> np.ndarray:
+    """Noiseless ramp-filter FBP round trip vs the phantom, first 4 patients: RMSE, mean |err|, liver bias, median."""
     rt = []
-    for c in cases[:4]:
-        ph = imgs["phantom"][cases.index(c)]
-        lab = labels[cases.index(c)]
-        px = 400.0 / args.size
-        rec = ctsim.reconstruct_noiseless(
-            ctsim.project(ph, pixel_size_mm=px, n_views=ctsim.default_n_views(args.size)),
-            "sharp",
-            pixel_size_mm=px,
-        )
+    for k in range(min(4, len(d["cases"]))):
+        ph, lab = d["imgs"]["phantom"][k], d["labels"][k]
+        px = 400.0 / size
+        rec = ctsim.reconstruct_noiseless(ctsim.project(ph, pixel_size_mm=px, n_views=ctsim.default_n_views(size)),
+                                          "sharp", pixel_size_mm=px)  # fmt: skip
         liver = roi_mask(lab, ("liver",), 1)
-        rt.append(
-            (
-                float(np.sqrt(np.mean((rec - ph)[lab > 0] ** 2))),
-                float(np.mean(np.abs(rec - ph)[lab > 0])),
-                float(np.mean((rec - ph)[liver])) if liver.any() else float("nan"),
-                float(np.median(np.abs(rec - ph)[ndi.binary_erosion(lab > 0, iterations=2)])),
-            )
-        )
-    rt = np.nanmean(np.array(rt), axis=0)
-    t1 = time.perf_counter()
-    torso_phantom((64, 64, 64), seed=0)
-    t_3d = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    ctsim.simulate(imgs["phantom"][0], ctsim.STANDARD, seed=0)
-    t_scan = time.perf_counter() - t1
+        rt.append((float(np.sqrt(np.mean((rec - ph)[lab > 0] ** 2))), float(np.mean(np.abs(rec - ph)[lab > 0])),
+                   float(np.mean((rec - ph)[liver])) if liver.any() else float("nan"),
+                   float(np.median(np.abs(rec - ph)[ndi.binary_erosion(lab > 0, iterations=2)]))))  # fmt: skip
+    return np.nanmean(np.array(rt), axis=0)
 
-    # figure: one patient, every protocol, soft-tissue and lung windows
+
+def figure(d: dict, path: str) -> None:
+    """One patient, every protocol, soft-tissue and lung windows; labels and a difference image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = 0
+    imgs, labels, names = d["imgs"], d["labels"], d["names"]
     cols = ["phantom", *names]
     fig, axes = plt.subplots(2, len(cols) + 1, figsize=(2.2 * (len(cols) + 1), 4.6))
     for j, n in enumerate(cols):
@@ -181,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=90)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
 
+
+def report_lines(args, argv, d: dict, rows, ccc_rows, rt, t_3d: float, t_scan: float) -> list[str]:
+    cases, names, t_make = d["cases"], d["names"], d["t_make"]
     cmd = "PATH=.venv/bin:$PATH .venv/bin/python bench/dataset_report.py" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
@@ -239,6 +214,29 @@ def main(argv: list[str] | None = None) -> int:
         "last column: labels and the sharp_low_dose minus standard difference).",
         "",
     ]
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patients", type=int, default=24)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default="/tmp/medfusion_dataset_report", help="dataset folder (regenerated)")
+    ap.add_argument("--figure", default=str(ROOT / "docs" / "img" / "dataset_protocols.png"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "dataset.md"))
+    args = ap.parse_args(argv)
+    d = load_dataset(args)
+    rows, ccc_rows, rt = protocol_rows(d), ccc_table(d), roundtrip(d, args.size)
+    t1 = time.perf_counter()
+    torso_phantom((64, 64, 64), seed=0)
+    t_3d = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    ctsim.simulate(d["imgs"]["phantom"][0], ctsim.STANDARD, seed=0)
+    t_scan = time.perf_counter() - t1
+    figure(d, args.figure)
+    lines = report_lines(args, argv, d, rows, ccc_rows, rt, t_3d, t_scan)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text("\n".join(lines))
     print("\n".join(lines))

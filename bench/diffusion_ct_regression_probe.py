@@ -1,6 +1,6 @@
-"""Probe: the DiffusionCT regression U-Net alone, on the latent grid or on the image grid (session 5).
+"""Probe: the DiffusionCT regression U-Net alone, on the latent grid or on the image grid.
 
-Trains only the regression part of ``DiffusionCT(regression=True)`` (``GatedUNet``: MONAI ``UNet``, output gated from
+Trains only the regression part of ``DiffusionCT(regression=...)`` (``GatedUNet``: MONAI ``UNet``, output gated from
 zero) on the frozen stage 1 of a previous ``bench/diffusion_ct.py`` run, and scores ``D(z_src + mu / r)`` with
 residual decoding (``+ x - D(E(x))``) and plain latent decoding on its 12 test patients (PSNR dB / noise SD HU per
 protocol). It isolates what the network grid does to a per-pixel task: with the lossless 16-channel f = 4 latent a
@@ -21,44 +21,30 @@ import torch
 import torch.nn.functional as F
 
 
-def main() -> None:
-    import lightning as L
-
-    from medfusion import keys
-    from medfusion.apps.demo import _load_test_entries, image_metrics
-    from medfusion.apps.volume_job import apply_to_array
-    from medfusion.data.datamodule import ManifestDataModule
-    from medfusion.io.nifti import read_nifti
-    from medfusion.models.export import load_model
-    from medfusion.nets.autoencoder import GatedUNet
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument(
-        "--run", required=True, help="--out folder of a bench/diffusion_ct.py run (data/, stage1/)"
-    )
+    p.add_argument("--run", required=True, help="--out folder of a bench/diffusion_ct.py run (data/, stage1/)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--loss", choices=["mse", "l1"], default="mse")
     p.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--pixel-shuffle", type=int, default=0)
-    args = p.parse_args()
-    run = Path(args.run)
-    L.seed_everything(0, verbose=False)
-    ae = load_model(run / "stage1").eval()
-    manifest = run / "data" / "manifests" / "standardize.json"
-    dm = ManifestDataModule(
-        str(manifest),
-        task="standardize",
-        spatial_dims=2,
-        roi_size=[64, 64],
-        batch_size=8,
-        cache="memory",
-        seed=0,
-    )
+    return p.parse_args(argv)
+
+
+def train_regression(args, ae, manifest: Path) -> tuple[torch.nn.Module, float, float]:
+    """(regression net, residual scale r = 1 / std(z_std - z_src), training seconds)."""
+    from medfusion import keys
+    from medfusion.data.datamodule import ManifestDataModule
+    from medfusion.nets.latent_grid import grid_channels, on_grid
+    from medfusion.nets.unet import GatedUNet
+
+    dm = ManifestDataModule(str(manifest), task="standardize", spatial_dims=2, roi_size=[64, 64], batch_size=8,
+                            cache="memory", seed=0)  # fmt: skip
     dm.setup("fit")
     torch.manual_seed(0)
-    c_lat = int(ae.hparams.latent_channels)
-    reg = GatedUNet(2, c_lat, tuple(args.channels), args.pixel_shuffle)
+    c = grid_channels(int(ae.latent_channels), 2, args.pixel_shuffle)
+    reg = on_grid(GatedUNet(2, c, tuple(args.channels)), args.pixel_shuffle)
     opt = torch.optim.AdamW(reg.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps, eta_min=0.05 * args.lr)
     loss_fn = F.mse_loss if args.loss == "mse" else F.l1_loss
@@ -78,8 +64,24 @@ def main() -> None:
             steps += 1
             if steps >= args.steps:
                 break
-    train_s = time.perf_counter() - t0
-    reg.eval()
+    return reg.eval(), float(scale), time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    import lightning as L
+
+    from medfusion.apps.volume_job import apply_to_array
+    from medfusion.data.manifest import load_manifest
+    from medfusion.data.phantoms import LABEL_IDS
+    from medfusion.eval.ct_protocol import CTProtocol, read_case
+    from medfusion.models.export import load_model
+
+    args = parse_args(argv)
+    run = Path(args.run)
+    L.seed_everything(0, verbose=False)
+    ae = load_model(run / "stage1").eval()
+    manifest = run / "data" / "manifests" / "standardize.json"
+    reg, scale, train_s = train_regression(args, ae, manifest)
 
     def mean_latent(x: torch.Tensor) -> torch.Tensor:
         z, sk = ae.encode_latent(x)
@@ -89,18 +91,15 @@ def main() -> None:
         z, sk = ae.encode_latent(x)
         return mean_latent(x) + x - ae.decode_latent(z, sk)
 
+    protocol = CTProtocol.for_label_ids(LABEL_IDS)
     res: dict[str, dict[str, list]] = {}
     with torch.no_grad():
-        for e in _load_test_entries(manifest):
-            src = np.asarray(read_nifti(e["source"]).array, np.float32)
-            ref = np.asarray(read_nifti(e["target"]).array, np.float32)
-            lab = np.asarray(read_nifti(e["label"]).array)
+        for e in load_manifest(manifest).split("test"):
+            c = read_case(e)
             for name, fn in (("residual decoding", mean_residual), ("D(z)", mean_latent)):
-                y = apply_to_array(
-                    src, fn, spatial_dims=2, divisible_by=16, device=torch.device("cpu"), batch_size=32
-                )
-                m = image_metrics(y, ref, lab)
-                res.setdefault(name, {}).setdefault(e["protocol"], []).append((m["psnr"], m["noise_sd"]))
+                y = apply_to_array(c.source, fn, spatial_dims=2, divisible_by=16, device="cpu", batch_size=32)
+                m = protocol.image_metrics(y, c.reference, c.label)
+                res.setdefault(name, {}).setdefault(c.protocol, []).append((m["psnr"], m["noise_sd"]))
     print(
         f"regression alone: lr {args.lr:g}, {args.steps} steps (bs 8), {args.loss}, channels {tuple(args.channels)}, "
         f"pixel shuffle {args.pixel_shuffle}, train {train_s:.0f} s"

@@ -2,10 +2,8 @@
 
 The model is *untrained* (random weights, ``residual_scale`` set to 1): the compute per call does not depend on
 the weights, so this measures what ``medfusion standardize`` costs on a trained model of the same size. Sizes are
-``medfusion.apps.demo.budget_for(quick=False, cuda=True)``: stage 1 = skip-connected encoder-decoder
-(channels (32, 64, 64), 4 latent channels, skip from level 1, latent 1/4 of the image), stage 2 = conditional
-latent U-Net (64, 128, 128) with attention on the lowest level, v-prediction, residual, DPM-Solver++(2M) with the
-budget's sample steps (20).
+the demo's CUDA budget, ``configs/demo/cuda.yaml`` (stage 1 encoder-decoder, stage 2 conditional latent U-Net
+with the regression U-Net and the image-grid denoiser, v-prediction, residual, the budget's sampler and steps).
 
 Rows: one slice ``(1, 1, 512, 512)`` through ``standardize`` directly, and a ``512 x 512 x 300`` HU volume through
 ``medfusion.apps.volume_job.apply_to_array`` (the code path of ``medfusion standardize`` for 2D models: slices in
@@ -30,22 +28,27 @@ import torch
 
 
 def build_model(small: bool):
-    """Untrained DiffusionCT (stage 1 built from its config, as ``load_model`` rebuilds exported models)."""
-    from medfusion.apps.demo import budget_for
-    from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
+    """Untrained DiffusionCT of the demo's CUDA budget (``configs/demo/cuda.yaml``; ``--small``: ``quick.yaml``),
+    stage 1 built from its config, as ``load_model`` rebuilds exported models."""
+    from medfusion.apps.demo import default_budget, load_budget
+    from medfusion.models.diffusion_ct import DenoiserConfig, DiffusionCT, RegressionConfig, SamplingConfig
+    from medfusion.models.diffusion_ct_autoencoder import DiffusionCTAutoencoder
     from medfusion.models.export import module_config
 
-    b = budget_for(quick=small, cuda=True)
+    b = load_budget(default_budget(quick=small, cuda=True))
+    s1, s2 = b.stage1, b.stage2
     torch.manual_seed(0)
     ae = DiffusionCTAutoencoder(
-        spatial_dims=2, channels=b.ae_channels, latent_channels=b.latent_channels, norm_num_groups=b.ae_groups,
-        skip_connections=b.ae_skip, skip_from_level=b.ae_skip_from,
+        spatial_dims=2, architecture="skip", channels=s1.channels, latent_channels=s1.latent_channels,
+        norm_num_groups=s1.norm_groups, skip_from_level=s1.skip_from_level, shortcuts=s1.shortcuts,
     )  # fmt: skip
     model = DiffusionCT(
-        autoencoder_config=module_config(ae), mode="conditional", channels=b.unet_channels,
-        attention_levels=b.unet_attention, num_head_channels=b.head_channels,
-        unet_kwargs={"norm_num_groups": b.unet_groups}, prediction="v", residual=True, sampler=b.sampler,
-        num_inference_steps=b.sample_steps, ema_decay=0.995,
+        autoencoder_config=module_config(ae), mode="conditional", prediction="v", residual=True, ema_decay=0.995,
+        denoiser=DenoiserConfig(channels=s2.channels, attention_levels=s2.attention_levels,
+                                num_head_channels=s2.head_channels, norm_num_groups=s2.norm_groups),
+        regression=RegressionConfig(s2.regression_channels, s2.regression_lr) if s2.regression else None,
+        pixel_shuffle=s2.pixel_shuffle,
+        sampling=SamplingConfig(sampler=b.sampling.sampler, num_steps=b.sampling.steps, decode=b.sampling.decode),
     )  # fmt: skip
     model.residual_scale.fill_(1.0)  # calibrated on the first training batch in real runs
     return model, b
@@ -106,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: {card}; torch {torch.__version__}. Command: `python3 bench/gpu/standardize_timing.py"
         f"{' --small' if args.small else ''} --size {size} --depth {depth} --batch-sizes "
         f"{' '.join(map(str, batch_sizes))}`.",
-        f"Model: stage 1 channels {tuple(b.ae_channels)}, latent {b.latent_channels} ch, skip from level "
-        f"{b.ae_skip_from} ({n_ae / 1e6:.2f} M params); stage 2 U-Net {tuple(b.unet_channels)}, attention "
-        f"{tuple(b.unet_attention)} ({n_unet / 1e6:.2f} M params); {b.sampler} {b.sample_steps} steps "
-        f"(= {b.sample_steps} U-Net calls + 1 encode + 1 decode per batch); divisible_by {model.divisible_by}.",
+        f"Model: stage 1 channels {b.stage1.channels}, latent {b.stage1.latent_channels} ch, skip from level "
+        f"{b.stage1.skip_from_level} ({n_ae / 1e6:.2f} M params); stage 2 U-Net {b.stage2.channels}, attention "
+        f"{b.stage2.attention_levels} ({n_unet / 1e6:.2f} M params); {b.sampling.sampler} {b.sampling.steps} steps "
+        f"(= {b.sampling.steps} U-Net calls + 1 encode + 1 decode per batch); divisible_by {model.divisible_by}.",
         "",
         "| case | precision | batch | total s | ms / slice | peak GiB |",
         "|---|---|---|---|---|---|",

@@ -1,23 +1,25 @@
-"""``medfusion demo``: the main job end to end on the built-in data.
+"""``medfusion demo``: CT standardization with DiffusionCT end to end on the built-in data.
 
-1. write the built-in phantom dataset (``medfusion.data.builtin.make_dataset``; 2D, 128² by default);
-2. train DiffusionCT stage 1 (autoencoder on every protocol) and stage 2 (conditional latent DDPM, stage 1 frozen)
-   with a Lightning ``Trainer``, sized for about 10 minutes on 2 CPU cores (step counts plus a wall-clock guard per
-   stage; larger automatically when CUDA is available). The default stage 1 is the encoder-decoder with no decoder
-   skip (with skips the latent diffusion was inert), DC-AE residual shortcuts and the lossless 16-channel f = 4
-   latent; stage 2 runs its denoiser on the image grid (``pixel_shuffle=2``) beside the CorrDiff-style regression
-   U-Net at its own rate (``regression_lr``); the exported model decodes with residual decoding,
-   ``x + D(z_hat) - D(E(x))``, which kept 0.6 dB over the paper's ``D(z_hat)`` on 12 test patients (measurements:
-   bench/results/diffusion_ct_bench_regression.md and bench/results/diffusion_ct.md, "Session 5" and "Session 6");
-3. standardize the held-out test patients (every non-standard protocol) and write NIfTI outputs;
-4. score them against the standard scan of the same anatomy: PSNR / SSIM on the [-1000, 1000] HU window, noise SD
-   in an eroded liver/soft-tissue ROI, edge sharpness of the body outline, and the CCC of texture features
-   across test patients, for identity (the raw input), the stage-1 passthrough ``decode(encode(source))`` (the
-   ablation the feasibility study asks for: most of a gain can come from the autoencoder alone), DiffusionCT and
-   DiffusionCT decoded the paper's way, ``D(z_hat)`` (``diffusion_ct_latent``), and the regression's posterior
-   mean without the DDPM (``diffusion_ct_mean``, ``standardize(mean_only=True)``: best PSNR, not a sample);
-5. write ``metrics.json``, ``figure.png`` (source / standardized / reference / difference per protocol) and print
-   a table.
+DiffusionCT (Selim et al., "Latent Diffusion Model for Medical Image Standardization and Enhancement",
+arXiv 2310.05237) maps a CT scan taken with any protocol (kernel, dose, slice thickness) to the look of a standard
+protocol: a stage-1 autoencoder gives a latent space, a stage-2 conditional latent diffusion model maps the
+source's latent to the standard scan's. The demo:
+
+1. writes the built-in phantom dataset (``medfusion.data.builtin.make_dataset``; 2D);
+2. trains stage 1 (autoencoder on every protocol) and stage 2 (conditional latent DDPM, stage 1 frozen) with a
+   Lightning ``Trainer`` within a budget (:class:`DemoBudget`, a YAML file: ``configs/demo/cpu.yaml``, about 10
+   minutes on 2 CPU cores; ``cuda.yaml`` on a GPU; ``quick.yaml`` for ``--quick``; or ``--budget PATH``); the
+   exported model decodes with residual decoding ``x + D(z_hat) - D(E(x))`` (``sampling.decode``);
+3. standardizes the held-out test patients (every non-standard protocol) and writes NIfTI outputs;
+4. scores them against the standard scan of the same anatomy with the CT evaluation protocol
+   (:mod:`medfusion.eval.ct_protocol`: PSNR / SSIM on the [-1000, 1000] HU window, soft-tissue PSNR, noise SD in
+   an eroded liver ROI, edge sharpness of the body outline, texture-feature CCC across patients) for identity
+   (the raw input), the stage-1 passthrough ``decode(encode(source))`` (how much of a gain the autoencoder alone
+   gives), DiffusionCT, DiffusionCT with the other decoding (``diffusion_ct_latent``: the paper's ``D(z_hat)``)
+   and, with the regression U-Net, its posterior mean without the DDPM (``diffusion_ct_mean``: best PSNR, not a
+   sample);
+5. writes ``metrics.json``, ``figure.png`` (source / standardized / reference / difference per protocol) and
+   prints a table.
 
 ``--quick`` runs the same pipeline at toy size (a few seconds; used by the tests): its numbers mean nothing.
 """
@@ -29,108 +31,135 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-DISPLAY_WINDOW = (-160.0, 240.0)  # soft-tissue window (W400 / L40) for the figure
-METRIC_WINDOW = (-1000.0, 1000.0)
-SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # W 400 / L 40 HU: where kernel and dose differences are read
+DISPLAY_WINDOW = (-160.0, 240.0)  # soft-tissue window (W 400 / L 40) for the figure
+BUDGET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+BUDGETS = ("quick", "cpu", "cuda")
 
 
-@dataclass
+# ------------------------------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class DataBudget:
+    """Built-in dataset and training crops. ``workers``: at most this many loader workers (capped at CPUs - 2)."""
+
+    patients: int
+    size: int
+    crop: int
+    crop_foreground: bool
+    workers: int
+
+
+@dataclass(frozen=True)
+class Stage1Budget:
+    """DiffusionCT autoencoder (our skip-capable encoder-decoder) and its training steps / minutes guard."""
+
+    channels: tuple[int, ...]
+    latent_channels: int
+    norm_groups: int
+    skip_from_level: int
+    shortcuts: bool
+    lr: float
+    ssim_weight: float
+    steps: int
+    batch: int
+    minutes: float
+
+
+@dataclass(frozen=True)
+class Stage2Budget:
+    """Conditional latent DDPM (denoiser U-Net, optional regression U-Net) and its training budget."""
+
+    channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...]
+    norm_groups: int
+    head_channels: int
+    regression: bool
+    regression_channels: tuple[int, ...]
+    regression_lr: float | None
+    pixel_shuffle: int
+    lr: float
+    ema_decay: float
+    steps: int
+    batch: int
+    minutes: float
+
+
+@dataclass(frozen=True)
+class SamplingBudget:
+    """Sampler of the exported model and its decoding (``residual`` or the paper's ``latent``)."""
+
+    sampler: str
+    steps: int
+    decode: Literal["residual", "latent"]
+    residual_sigma: float
+
+
+@dataclass(frozen=True)
 class DemoBudget:
-    """Sizes and training budget of one demo run (recorded in ``metrics.json``)."""
+    """Sizes and training budget of one demo run (one YAML file; recorded in ``metrics.json``)."""
 
-    size: int = 128
-    n_patients: int = 24
-    crop: int = (
-        64  # training crops (the data pipeline crops to the body, so sizes vary; inference: whole slices)
-    )
-    ae_channels: tuple[int, ...] = (32, 64, 64)
-    # stage 1 (measured, bench/results/diffusion_ct.md, sessions 3-5): the encoder-decoder with no skip at all
-    # (skip_from_level = len(ae_channels) - 1), so that the protocol's texture has to pass the latent and the diffusion
-    # in it is not inert (with decoder skips it was: <= 0.02 dB from the passthrough), with DC-AE residual shortcuts
-    # and the lossless 16-channel f = 4 latent (ceiling 46.5 dB at 3,000 CPU steps, 45.7 in this demo)
-    latent_channels: int = 16
-    ae_groups: int = 32
-    ae_skip: bool = True  # our U-Net-style encoder-decoder (False: MONAI AutoencoderKL)
-    ae_skip_from: int = 2  # first encoder level feeding the decoder; len(ae_channels) - 1 = no skip
-    ae_shortcuts: bool = True  # DC-AE residual shortcuts (needs ae_skip: our network)
-    ae_lr: float = 1e-3
-    ae_ssim_weight: float = 0.2
-    ae_steps: int = 2200  # optimizer steps matter more than batch size for the AE ceiling (feasibility run)
-    ae_batch: int = 2  # source/target pairs per step (2x images)
-    ae_minutes: float = 3.5
-    # stage 2 (sessions 5-6, bench/results/diffusion_ct.md): the paper's conditional latent DDPM with the denoiser on
-    # the image grid (pixel_shuffle = 2: the 16-channel latent rearranged to 1 channel at f = 1; the diffusion stays in
-    # the latent). 12 test patients, 4,000 steps: mean PSNR 39.01 dB with residual decoding (identity 37.93; on the
-    # latent grid 35.7), texture CCC 0.47 (identity 0.19). Plus the CorrDiff-style regression U-Net
-    # (regression=True) at its own rate: a plain regression tolerates a much higher rate than the DDPM, and at this
-    # demo's 1,800 x 4 steps (session 6 probe, same data and stage 1) the mean PSNR was 36.86 dB without it, 37.36
-    # with regression_lr 1e-3, 37.65 with 3e-3 and 37.13 with 6e-3 (identity 37.33), at ~5% more time per step.
-    # More steps remain the lever (the GPU budget below).
-    unet_channels: tuple[int, ...] = (32, 64, 128)
-    unet_attention: tuple[bool, ...] = (False, False, True)
-    unet_groups: int = 32
-    head_channels: int = 32
-    regression: bool = True
-    regression_channels: tuple[int, ...] = (32, 64, 128)
-    regression_lr: float | None = 3e-3
-    pixel_shuffle: int = 2  # needs latent_channels divisible by 4^k (2D)
-    dm_steps: int = 1800  # cosine decay length; the minutes guard stops earlier on a slower machine
-    dm_batch: int = 4
-    dm_minutes: float = 5.5
-    dm_lr: float = 2e-4  # the DDPM's AdamW rate (1e-3 was worse at this budget: 36.43 vs 36.86 dB, session 6)
-    dm_ema_decay: float = 0.995
-    crop_foreground: bool = True  # body-cropped training crops (False, i.e. crops with air as inference sees: 34.4 dB ceiling vs 38.0)
-    sample_steps: int = 10
-    sampler: str = "dpmpp_2m"
-    # how the exported model decodes: x + D(z_hat) - D(E(x)) (DiffusionCT module docstring; residual_sigma 0: the full
-    # residual, 39.14 dB vs 38.92 with the 1-px low-pass in session 5's bench); "latent" (the paper's D(z_hat)) is
-    # scored beside it as the ablation
-    decode: str = "residual"
-    residual_sigma: float = 0.0
-    # training dataloader workers (persistent across epochs). 0 on CPU (the crops cost little beside the model there).
-    # On a GPU the main process's crops bound the step: session 7's H200 trained stage 2 (crop 64, batch 32) at 5.5
-    # steps/s with 0 workers, ~180 ms a step of which the crops were a large share (bench/results/gpu_h200.md)
-    workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: DataBudget
+    stage1: Stage1Budget
+    stage2: Stage2Budget
+    sampling: SamplingBudget
+
+    def __post_init__(self) -> None:
+        if self.sampling.decode not in ("residual", "latent"):
+            raise ValueError(f"sampling.decode must be 'residual' or 'latent', got {self.sampling.decode!r}")
 
 
-def budget_for(quick: bool, cuda: bool) -> DemoBudget:
-    """Quick (toy, seconds), CPU (about 10 minutes on 2 cores) or CUDA (bigger: more steps, whole slices)."""
-    if quick:
-        return DemoBudget(
-            size=32, n_patients=6, crop=16, ae_channels=(8, 16), latent_channels=4, ae_groups=4, ae_skip_from=1, ae_steps=2,
-            ae_batch=2, ae_minutes=1.0, unet_channels=(16, 32), unet_attention=(False, True), unet_groups=8, head_channels=8,
-            regression_channels=(8, 16), pixel_shuffle=1, dm_steps=2, dm_batch=2, dm_minutes=1.0, dm_ema_decay=0.5,
-            sample_steps=2,
-        )  # fmt: skip
-    if cuda:
-        return DemoBudget(
-            crop=96, ae_steps=8000, ae_batch=16, ae_minutes=4.0, unet_channels=(64, 128, 128),
-            unet_attention=(False, False, True), dm_steps=6000, dm_batch=32, dm_minutes=4.0, sample_steps=20,
-            workers=min(6, max(0, (os.cpu_count() or 1) - 2)),
-        )  # fmt: skip
-    return DemoBudget()
+def _group(cls: type, doc: Any, where: str) -> Any:
+    names = [f.name for f in fields(cls)]
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: expected a mapping with keys {names}, got {type(doc).__name__}")
+    unknown, missing = sorted(set(doc) - set(names)), [n for n in names if n not in doc]
+    if unknown or missing:
+        raise ValueError(f"{where}: unknown keys {unknown}, missing keys {missing}; valid keys: {names}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
+
+
+def load_budget(path: str | Path) -> DemoBudget:
+    """:class:`DemoBudget` from a YAML file with the groups ``data``, ``stage1``, ``stage2``, ``sampling``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"demo budget {path} does not exist")
+    doc = yaml.safe_load(path.read_text()) or {}
+    groups = {"data": DataBudget, "stage1": Stage1Budget, "stage2": Stage2Budget, "sampling": SamplingBudget}
+    if not isinstance(doc, dict) or set(doc) != set(groups):
+        raise ValueError(f"{path}: needs exactly the groups {list(groups)}, got {list(doc) if isinstance(doc, dict) else doc!r}")
+    return DemoBudget(**{g: _group(cls, doc[g], f"{path}: {g}") for g, cls in groups.items()})
+
+
+def default_budget(quick: bool, cuda: bool) -> Path:
+    """``configs/demo/quick.yaml`` with ``quick``, else ``cuda.yaml`` on a GPU, else ``cpu.yaml``."""
+    return BUDGET_DIR / f"{'quick' if quick else 'cuda' if cuda else 'cpu'}.yaml"
+
+
+def loader_workers(budget: DemoBudget) -> int:
+    """The budget's worker count, capped at the CPU count minus 2 (the main process and the accelerator feed)."""
+    return min(budget.data.workers, max(0, (os.cpu_count() or 1) - 2))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--output", required=True, help="demo folder (data, models, outputs, figure, metrics)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="toy sizes: runs in seconds (numbers meaningless)"
-    )
+    parser.add_argument("--output", required=True, help="demo folder (data, models, outputs, figure, metrics)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: runs in seconds (numbers meaningless)")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda")
+    parser.add_argument(
+        "--budget", default=None,
+        help="budget YAML (default: configs/demo/cpu.yaml, cuda.yaml on a GPU, quick.yaml with --quick)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and sampling")
     parser.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
 
 
-# ------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------- steps
 def _trainer(steps: int, minutes: float, device, root: Path, quick: bool):
     import lightning as L
 
@@ -142,59 +171,135 @@ def _trainer(steps: int, minutes: float, device, root: Path, quick: bool):
     )  # fmt: skip
 
 
-def _rois(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uniform ROI for noise SD / texture: eroded liver, else muscle / soft tissue; body mask for edges)."""
-    from scipy.ndimage import binary_erosion
+def _datamodule(manifest: Path, b: DemoBudget, batch: int, seed: int):
+    from medfusion.data.datamodule import ManifestDataModule
 
-    from medfusion.data.phantoms import LABEL_IDS
-
-    for name in ("liver", "muscle", "soft_tissue"):
-        roi = binary_erosion(label == LABEL_IDS[name], iterations=2)
-        if roi.sum() >= 16:
-            return roi, label > 0
-    return binary_erosion(label > 0, iterations=3), label > 0
+    workers = loader_workers(b)
+    return ManifestDataModule(
+        str(manifest), task="standardize", spatial_dims=2, roi_size=[b.data.crop, b.data.crop], num_samples=1,
+        batch_size=batch, cache="memory", seed=seed, crop_foreground=b.data.crop_foreground, num_workers=workers,
+        persistent_workers=workers > 0,
+    )  # fmt: skip
 
 
-def image_metrics(img: np.ndarray, ref: np.ndarray, label: np.ndarray) -> dict[str, float]:
-    """PSNR / SSIM on the clipped [-1000, 1000] HU window, PSNR in the soft-tissue window (W 400 / L 40, clipped),
-    noise SD (HU) in the uniform ROI, edge sharpness."""
-    from medfusion.eval.image import edge_sharpness, noise_sd, psnr, ssim
+def train_stage1(manifest: Path, b: DemoBudget, dev, output: Path, seed: int, quick: bool) -> tuple[Any, int]:
+    """Train and export the autoencoder (``output/models/stage1``); returns it and the steps done."""
+    from medfusion.models.diffusion_ct_autoencoder import DiffusionCTAutoencoder
+    from medfusion.models.export import export_model
 
-    lo, hi = METRIC_WINDOW
-    a, b = np.clip(img, lo, hi), np.clip(ref, lo, hi)
-    roi, body = _rois(label)
-    return {
-        "psnr": psnr(a, b, data_range=hi - lo),
-        "ssim": ssim(a, b, data_range=hi - lo),
-        "psnr_soft": psnr(
-            np.clip(img, *SOFT_TISSUE_WINDOW),
-            np.clip(ref, *SOFT_TISSUE_WINDOW),
-            data_range=SOFT_TISSUE_WINDOW[1] - SOFT_TISSUE_WINDOW[0],
-        ),
-        "noise_sd": noise_sd(img, roi),
-        "edge_sharpness": edge_sharpness(img, body),
+    s1 = b.stage1
+    ae = DiffusionCTAutoencoder(
+        spatial_dims=2, architecture="skip", channels=s1.channels, latent_channels=s1.latent_channels,
+        norm_num_groups=s1.norm_groups, skip_from_level=s1.skip_from_level, shortcuts=s1.shortcuts,
+        ssim_weight=s1.ssim_weight, kl_weight=1e-6, lr=s1.lr,
+    )  # fmt: skip
+    dm = _datamodule(manifest, b, s1.batch, seed)
+    trainer = _trainer(s1.steps, s1.minutes, dev, output, quick)
+    trainer.fit(ae, datamodule=dm)
+    ae.calibrate_latent_scale(dm.train_dataloader(), max_batches=50)
+    export_model(ae.cpu(), output / "models" / "stage1", overwrite=True)
+    return ae, int(trainer.global_step)
+
+
+def train_stage2(manifest: Path, b: DemoBudget, dev, output: Path, seed: int, quick: bool) -> tuple[Any, int]:
+    """Train and export the conditional latent DDPM on the exported stage 1 (``output/models/diffusion_ct``)."""
+    from medfusion.models.diffusion_ct import DenoiserConfig, DiffusionCT, RegressionConfig, SamplingConfig
+    from medfusion.models.export import export_model
+
+    s2, smp = b.stage2, b.sampling
+    denoiser = DenoiserConfig(
+        channels=s2.channels, attention_levels=s2.attention_levels, num_head_channels=s2.head_channels,
+        norm_num_groups=s2.norm_groups,
+    )  # fmt: skip
+    regression = RegressionConfig(channels=s2.regression_channels, lr=s2.regression_lr) if s2.regression else None
+    sampling = SamplingConfig(
+        sampler=smp.sampler, num_steps=smp.steps, decode=smp.decode, residual_sigma=smp.residual_sigma
+    )
+    model = DiffusionCT(
+        autoencoder=str(output / "models" / "stage1"), mode="conditional", denoiser=denoiser, prediction="v",
+        residual=True, regression=regression, pixel_shuffle=s2.pixel_shuffle, sampling=sampling, lr=s2.lr,
+        ema_decay=s2.ema_decay, seed=seed,
+    )  # fmt: skip
+    trainer = _trainer(s2.steps, s2.minutes, dev, output, quick)
+    trainer.fit(model, datamodule=_datamodule(manifest, b, s2.batch, seed))
+    export_model(model.cpu(), output / "models" / "diffusion_ct", overwrite=True)
+    return model, int(trainer.global_step)
+
+
+def demo_methods(model: Any, b: DemoBudget, dev, seed: int) -> dict[str, Any]:
+    """The scored rows: ``{name: fn(source HU, protocol) -> output HU}`` (each sample seeded with ``seed``)."""
+    import torch
+
+    from medfusion.apps.volume_job import apply_to_array
+
+    other = "latent" if b.sampling.decode == "residual" else "residual"
+
+    def on_array(batch_fn):
+        def fn(src: np.ndarray, protocol: str) -> np.ndarray:
+            return apply_to_array(
+                src, batch_fn, spatial_dims=2, hu_window=model.hu_window, divisible_by=model.divisible_by,
+                device=dev,
+            )  # fmt: skip
+
+        return fn
+
+    def sample(**options):
+        def batch_fn(x: torch.Tensor) -> torch.Tensor:
+            return model.restore(x, generator=gen, **options)
+
+        gen = torch.Generator()
+
+        def fn(src: np.ndarray, protocol: str) -> np.ndarray:
+            gen.manual_seed(seed)  # every case starts from the same seed
+            return on_array(batch_fn)(src, protocol)
+
+        return fn
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.autoencoder.reconstruct(x)
+
+    methods = {
+        "identity": lambda src, protocol: src,
+        "passthrough": on_array(reconstruct),
+        "diffusion_ct": sample(),
+        f"diffusion_ct_{other}": sample(decode=other),
     }
+    if b.stage2.regression:  # the regression's posterior mean (no DDPM): a reference row
+        methods["diffusion_ct_mean"] = sample(mean_only=True)
+    return methods
 
 
-def texture_ccc(images: list[np.ndarray], refs: list[np.ndarray], labels: list[np.ndarray]) -> float:
-    """Median CCC over texture features between ``images`` and the standard scans (NaN with < 2 cases)."""
-    from medfusion.eval.image import feature_ccc
-
-    if len(images) < 2:
-        return float("nan")
-    rois = [_rois(lab)[0] for lab in labels]
-    vals = [v for v in feature_ccc(images, refs, rois).values() if np.isfinite(v)]
-    return float(np.median(vals)) if vals else float("nan")
-
-
-def _load_test_entries(manifest: Path) -> list[dict[str, Any]]:
-    """Test-split entries of a manifest with absolute paths (``medfusion.data.manifest.load_manifest``)."""
+def evaluate(model: Any, manifest: Path, b: DemoBudget, dev, seed: int, output: Path, overwrite: bool) -> dict:
+    """Standardize the test split, write ``standardized/<case>_<protocol>.nii.gz`` and score every method."""
     from medfusion.data.manifest import load_manifest
+    from medfusion.data.phantoms import LABEL_IDS
+    from medfusion.eval import ct_protocol as P
+    from medfusion.io.nifti import write_nifti
 
-    out = [dict(e) for e in load_manifest(manifest).split("test")]
-    if not out:
+    entries = [dict(e) for e in load_manifest(manifest).split("test")]
+    if not entries:
         raise ValueError(f"{manifest}: no test entries")
-    return out
+    protocol = P.CTProtocol.for_label_ids(LABEL_IDS)
+    cases = P.by_protocol(P.read_case(e) for e in entries)
+    methods = demo_methods(model, b, dev, seed)
+    outputs = {name: P.run_methods(cs, methods) for name, cs in cases.items()}
+    for name, cs in cases.items():
+        for c, out in zip(cs, outputs[name]["diffusion_ct"], strict=True):
+            path = output / "standardized" / f"{c.case_id}_{c.protocol}.nii.gz"
+            write_nifti(path, out, c.affine, overwrite=overwrite)
+    # stage-1 ceiling: decode(encode(standard)) against standard, once per patient
+    patients = {c.case_id: c for cs in cases.values() for c in cs}.values()
+    passthrough = methods["passthrough"]
+    ceiling = P.mean_rows([protocol.image_metrics(passthrough(c.reference, ""), c.reference, c.label) for c in patients])
+    figure_rows = [(name, cs[0].source, outputs[name]["diffusion_ct"][0], cs[0].reference) for name, cs in cases.items()]
+    return {
+        "n_test_cases": len(patients),
+        "reference": protocol.reference_stats(next(iter(cases.values()))),
+        "stage1_ceiling": ceiling,
+        "protocols": P.score_methods(protocol, outputs, cases),
+        "figure_rows": figure_rows,
+    }
 
 
 def _mid(a: np.ndarray) -> np.ndarray:
@@ -235,205 +340,68 @@ def _figure(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray
 # ------------------------------------------------------------------------------------------- main job
 def run_demo(
     output: str | Path, *, quick: bool = False, device: str = "auto", seed: int = 0, overwrite: bool = False,
-    log=print, budget: DemoBudget | None = None,
+    log=print, budget: DemoBudget | str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the whole demo into ``output``; returns the metrics dict also written to ``metrics.json``.
 
-    ``budget`` overrides :func:`budget_for` (experiments; the CLI always uses the default for the device).
+    ``budget``: a :class:`DemoBudget` or the path of its YAML file (default :func:`default_budget`).
     """
     import lightning as L
-    import torch
 
-    from medfusion import keys
-    from medfusion.apps.volume_job import apply_to_array, resolve_device
+    from medfusion.apps.volume_job import resolve_device
     from medfusion.data.builtin import make_dataset
     from medfusion.data.ctsim import STANDARD
-    from medfusion.data.datamodule import ManifestDataModule
     from medfusion.io.atomic import write_text_atomic
-    from medfusion.io.nifti import read_nifti, write_nifti
-    from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
-    from medfusion.models.export import export_model
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; refusing to overwrite it (use --overwrite)")
     dev = resolve_device(device)
-    b = budget if budget is not None else budget_for(quick, dev.type == "cuda")
+    source = budget if isinstance(budget, (str, Path)) else default_budget(quick, dev.type == "cuda")
+    b = budget if isinstance(budget, DemoBudget) else load_budget(source)
     timings: dict[str, float] = {}
     L.seed_everything(seed, workers=True, verbose=False)
 
     t0 = time.perf_counter()
     manifests = make_dataset(
-        output / "data", n_patients=b.n_patients, dim=2, size=b.size, seed=seed, progress=not quick
+        output / "data", n_patients=b.data.patients, dim=2, size=b.data.size, seed=seed, progress=not quick
     )
     manifest = Path(manifests["standardize"])
     timings["data_s"] = time.perf_counter() - t0
-    log(f"[1/4] built-in data: {b.n_patients} patients, {b.size}x{b.size}, {timings['data_s']:.0f} s")
+    log(f"[1/4] built-in data: {b.data.patients} patients, {b.data.size}x{b.data.size}, {timings['data_s']:.0f} s")
 
-    def datamodule(batch: int) -> ManifestDataModule:
-        return ManifestDataModule(
-            str(manifest), task="standardize", spatial_dims=2, roi_size=[b.crop, b.crop], num_samples=1, batch_size=batch,
-            cache="memory", seed=seed, crop_foreground=b.crop_foreground, num_workers=b.workers,
-            persistent_workers=b.workers > 0,
-        )  # fmt: skip
-
-    # stage 1 ---------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    ae = DiffusionCTAutoencoder(
-        spatial_dims=2, channels=b.ae_channels, latent_channels=b.latent_channels, norm_num_groups=b.ae_groups,
-        skip_connections=b.ae_skip, skip_from_level=b.ae_skip_from,
-        shortcuts=b.ae_shortcuts and b.ae_skip, ssim_weight=b.ae_ssim_weight, kl_weight=1e-6, lr=b.ae_lr,
-    )  # fmt: skip
-    dm1 = datamodule(b.ae_batch)
-    tr1 = _trainer(b.ae_steps, b.ae_minutes, dev, output, quick)
-    tr1.fit(ae, datamodule=dm1)
-    ae_steps_done = int(tr1.global_step)
-    ae.calibrate_latent_scale(dm1.train_dataloader(), max_batches=50)
-    stage1_dir = output / "models" / "stage1"
-    export_model(ae.cpu(), stage1_dir, overwrite=True)
+    ae, ae_steps = train_stage1(manifest, b, dev, output, seed, quick)
     timings["stage1_s"] = time.perf_counter() - t0
-    log(f"[2/4] stage 1 (autoencoder): {ae_steps_done} steps, bs {2 * b.ae_batch}, {timings['stage1_s']:.0f} s, "
+    log(f"[2/4] stage 1 (autoencoder): {ae_steps} steps, bs {2 * b.stage1.batch}, {timings['stage1_s']:.0f} s, "
         f"latent scale {float(ae.latent_scale):.3f}")  # fmt: skip
 
-    # stage 2 ---------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    model = DiffusionCT(
-        autoencoder=str(stage1_dir), mode="conditional", channels=b.unet_channels, attention_levels=b.unet_attention,
-        num_head_channels=b.head_channels, unet_kwargs={"norm_num_groups": b.unet_groups}, prediction="v",
-        residual=True, sampler=b.sampler, num_inference_steps=b.sample_steps, lr=b.dm_lr, ema_decay=b.dm_ema_decay,
-        seed=seed, decode=b.decode, residual_sigma=b.residual_sigma, regression=b.regression,
-        regression_channels=b.regression_channels, regression_lr=b.regression_lr, pixel_shuffle=b.pixel_shuffle,
-    )  # fmt: skip
-    tr2 = _trainer(b.dm_steps, b.dm_minutes, dev, output, quick)
-    tr2.fit(model, datamodule=datamodule(b.dm_batch))
-    dm_steps_done = int(tr2.global_step)
-    model_dir = output / "models" / "diffusion_ct"
-    export_model(model.cpu(), model_dir, overwrite=True)
+    model, dm_steps = train_stage2(manifest, b, dev, output, seed, quick)
     timings["stage2_s"] = time.perf_counter() - t0
-    log(f"[3/4] stage 2 (conditional latent DDPM, v-pred, residual): {dm_steps_done} steps, bs {b.dm_batch}, "
-        f"{timings['stage2_s']:.0f} s -> {model_dir}")  # fmt: skip
+    log(f"[3/4] stage 2 (conditional latent DDPM, v-pred, residual): {dm_steps} steps, bs {b.stage2.batch}, "
+        f"{timings['stage2_s']:.0f} s -> {output / 'models' / 'diffusion_ct'}")  # fmt: skip
 
-    # standardize the held-out patients ------------------------------------------------------------------
     t0 = time.perf_counter()
-    model = model.to(dev).eval()
-    window = model.hu_window
-    gen = torch.Generator().manual_seed(seed)
-
-    def run_dct(x: torch.Tensor) -> torch.Tensor:
-        return model.standardize(x, generator=gen)
-
-    other = "latent" if b.decode == "residual" else "residual"
-
-    def run_dct_other(x: torch.Tensor) -> torch.Tensor:  # the other decoding, same seed: an ablation row
-        return model.standardize(x, generator=torch.Generator().manual_seed(seed), decode=other)
-
-    # the regression's posterior mean (no DDPM): a reference row
-    def run_dct_mean(x: torch.Tensor) -> torch.Tensor:
-        return model.standardize(x, mean_only=True)
-
-    def run_ae(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model.autoencoder.reconstruct(x)
-
-    def apply(arr: np.ndarray, fn) -> np.ndarray:
-        return apply_to_array(
-            arr, fn, spatial_dims=2, hu_window=window, divisible_by=model.divisible_by, device=dev
-        )
-
-    entries = _load_test_entries(manifest)
-    per: dict[str, dict[str, list]] = {}
-    ceiling: dict[Any, dict[str, float]] = {}
-    figure_rows = []
-    for e in entries:
-        proto = str(e.get(keys.PROTOCOL, "source"))
-        src = np.asarray(read_nifti(e["source"]).array, dtype=np.float32)
-        vol = read_nifti(e["target"])
-        ref = np.asarray(vol.array, dtype=np.float32)
-        lab = np.asarray(read_nifti(e["label"]).array)
-        gen.manual_seed(seed)
-        out = apply(src, run_dct)
-        out_other = apply(src, run_dct_other)
-        out_mean = apply(src, run_dct_mean) if b.regression else None
-        ae_out = apply(src, run_ae)
-        name = f"{e.get(keys.CASE_ID, 'case')}_{proto}"
-        write_nifti(output / "standardized" / f"{name}.nii.gz", out, vol.affine, overwrite=overwrite)
-        d = per.setdefault(
-            proto,
-            {
-                "identity": [],
-                "passthrough": [],
-                "diffusion_ct": [],
-                f"diffusion_ct_{other}": [],
-                "ref": [],
-                "label": [],
-            },
-        )
-        if e.get(keys.CASE_ID) not in ceiling:  # stage-1 ceiling: decode(encode(standard)) vs standard
-            ceiling[e.get(keys.CASE_ID)] = image_metrics(apply(ref, run_ae), ref, lab)
-        d["identity"].append(src)
-        d["passthrough"].append(ae_out)
-        d["diffusion_ct"].append(out)
-        d[f"diffusion_ct_{other}"].append(out_other)
-        if out_mean is not None:
-            d.setdefault("diffusion_ct_mean", []).append(out_mean)
-        d["ref"].append(ref)
-        d["label"].append(lab)
-        if len(d["ref"]) == 1:
-            figure_rows.append((proto, src, out, ref))
+    scores = evaluate(model.to(dev).eval(), manifest, b, dev, seed, output, overwrite)
     timings["standardize_s"] = time.perf_counter() - t0
-
-    # metrics ---------------------------------------------------------------------------------------------
-    methods = ("identity", "passthrough", "diffusion_ct", f"diffusion_ct_{other}") + (
-        ("diffusion_ct_mean",) if b.regression else ()
-    )
-    results: dict[str, Any] = {}
-    for proto, d in sorted(per.items()):
-        res = {}
-        for m in methods:
-            rows = [image_metrics(x, r, lab) for x, r, lab in zip(d[m], d["ref"], d["label"])]
-            res[m] = {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
-            res[m]["texture_ccc"] = texture_ccc(d[m], d["ref"], d["label"])
-        results[proto] = res
-    any_proto = next(iter(per.values()))
-    reference = {
-        "noise_sd": float(np.mean([_noise(r, lab) for r, lab in zip(any_proto["ref"], any_proto["label"])])),
-        "edge_sharpness": float(
-            np.mean([_edge(r, lab) for r, lab in zip(any_proto["ref"], any_proto["label"])])
-        ),
-    }
-    _figure(output / "figure.png", figure_rows)
+    _figure(output / "figure.png", scores.pop("figure_rows"))
     metrics = {
         "description": "held-out test patients of the built-in dataset vs the standard-protocol scan",
         "standard_protocol": STANDARD,
-        "n_test_cases": len({e.get(keys.CASE_ID) for e in entries}),
+        "n_test_cases": scores.pop("n_test_cases"),
         "device": str(dev),
         "quick": quick,
-        "budget": {**asdict(b), "ae_steps_done": ae_steps_done, "dm_steps_done": dm_steps_done},
+        "budget": {**asdict(b), "file": None if isinstance(budget, DemoBudget) else str(source),
+                   "workers_used": loader_workers(b), "ae_steps_done": ae_steps, "dm_steps_done": dm_steps},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "reference": reference,
-        "stage1_ceiling": {
-            k: float(np.mean([c[k] for c in ceiling.values()])) for k in next(iter(ceiling.values()))
-        },
-        "protocols": results,
-    }
-    write_text_atomic(
-        output / "metrics.json", json.dumps(metrics, indent=2, default=_json_default), overwrite=True
-    )
+        **scores,
+    }  # fmt: skip
+    text = json.dumps(metrics, indent=2, default=_json_default)
+    write_text_atomic(output / "metrics.json", text, overwrite=True)
     _print_table(metrics, log)
     log(f"[4/4] outputs: {output / 'standardized'}, {output / 'figure.png'}, {output / 'metrics.json'}")
     return metrics
-
-
-def _noise(ref: np.ndarray, lab: np.ndarray) -> float:
-    from medfusion.eval.image import noise_sd
-
-    return noise_sd(ref, _rois(lab)[0])
-
-
-def _edge(ref: np.ndarray, lab: np.ndarray) -> float:
-    from medfusion.eval.image import edge_sharpness
-
-    return edge_sharpness(ref, lab > 0)
 
 
 def _json_default(o: Any) -> Any:
@@ -468,8 +436,8 @@ def _print_table(metrics: dict[str, Any], log) -> None:
         f"noise SD {c['noise_sd']:.1f} HU, edge {c['edge_sharpness']:.2f}")  # fmt: skip
     bud = metrics["budget"]
     log(
-        f"budget: stage 1 {bud['ae_steps_done']} steps (bs {2 * bud['ae_batch']}), stage 2 {bud['dm_steps_done']} "
-        f"steps (bs {bud['dm_batch']}), device {metrics['device']}, times {metrics['timings_s']}"
+        f"budget: stage 1 {bud['ae_steps_done']} steps (bs {2 * bud['stage1']['batch']}), stage 2 "
+        f"{bud['dm_steps_done']} steps (bs {bud['stage2']['batch']}), device {metrics['device']}, times {metrics['timings_s']}"
     )
 
 
@@ -495,7 +463,10 @@ def run(args: argparse.Namespace) -> int:
 
     _quiet_third_party()
     try:
-        run_demo(args.output, quick=args.quick, device=args.device, seed=args.seed, overwrite=args.overwrite)
+        run_demo(
+            args.output, quick=args.quick, device=args.device, seed=args.seed, overwrite=args.overwrite,
+            budget=args.budget,
+        )  # fmt: skip
     except (FileExistsError, ValueError) as err:
         print(f"medfusion demo: error: {err}", file=sys.stderr)
         return 2

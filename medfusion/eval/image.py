@@ -1,10 +1,13 @@
-"""Image-quality and texture (radiomic) metrics for one image against a reference, without Lightning.
+"""Image-quality and texture (radiomic) metrics of one image against a reference, without Lightning.
 
-Used by every method's benchmark (standardization, restoration, augmentation):
+The one definition of each metric used by models (validation), apps and benchmarks:
 
-* :func:`psnr` and :func:`ssim` (fidelity to a reference scan); SSIM is scikit-image's
-  ``structural_similarity`` with the settings of Wang et al. 2004 (IEEE TIP 13(4), eq. 13: 11x11 Gaussian
-  window, sigma 1.5, K1 = 0.01, K2 = 0.03, population covariance), the same as MONAI's ``SSIMMetric`` defaults;
+* :func:`psnr` and :func:`ssim` (fidelity to a reference scan). SSIM follows Wang et al. 2004 (IEEE TIP 13(4),
+  eq. 13) with scikit-image's ``structural_similarity``: an 11 x 11 (x 11) Gaussian window of sigma 1.5 (truncated
+  at 3.5 sigma), K1 = 0.01, K2 = 0.03, population (1/N) covariances, the mean over the pixels whose window lies
+  inside the image. These are MONAI ``SSIMMetric``'s defaults; the two agree to float32 rounding (~1e-5);
+* :func:`batch_mean`: the mean of a metric over the ``(B, C)`` images of two ``(B, C, *spatial)`` tensors, as a
+  model's validation step reports it;
 * :func:`noise_sd` (SD in a uniform region), :func:`edge_profile` / :func:`edge_sharpness` (an MTF-like measure
   from the edge-spread function averaged around a known boundary, as in the circular-edge method of
   Richard et al., Med Phys 39(7), 2012);
@@ -13,14 +16,14 @@ Used by every method's benchmark (standardization, restoration, augmentation):
   :func:`ccc` / :func:`feature_ccc` (Lin's concordance correlation coefficient, Biometrics 45(1), 1989, eq. 2a),
   the reproducibility measure of CT radiomics studies (e.g. Choe et al., Radiology 2019).
 
-Inputs are numpy arrays or torch tensors (converted with ``.detach().cpu()``); images are single-channel
-``(H, W)`` or ``(H, W, D)``. Why hand-written: MONAI has PSNR/SSIM but no noise, edge, GLCM-in-ROI or CCC
+Inputs are numpy arrays or torch tensors (converted with ``.detach().cpu()``, computed in float64); images are
+single-channel ``(H, W)`` or ``(H, W, D)``. MONAI has PSNR and SSIM but no noise, edge, GLCM-in-ROI or CCC
 metrics, and pyradiomics does not install on Python 3.11; scikit-image supplies the GLCM and SSIM kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -55,10 +58,15 @@ def _mask(mask, shape: tuple[int, ...]) -> np.ndarray:
 def psnr(x, ref, data_range: float, mask=None) -> float:
     """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` in dB (``inf`` for identical images).
 
+    The intensities are used as given: clip both images to the window of interest first (e.g. HU to
+    [-1000, 1000] with ``data_range=2000``, or model outputs to [-1, 1] with ``data_range=2``), so that values
+    outside the window neither count as error nor exceed the peak.
+
     Args:
-        x, ref: images of the same shape (e.g. HU, or HU clipped to a window and ``data_range`` its width).
-        data_range: peak-to-peak range of the intensity scale (e.g. 2000 for [-1000, 1000] HU, 2 for [-1, 1]).
-        mask: optional region to average the squared error over.
+        x, ref: images of the same shape, any number of axes (numpy or torch).
+        data_range: peak-to-peak range of the intensity scale, ``high - low`` of the window (> 0).
+        mask: optional region (same shape, nonzero = inside); the MSE is the mean squared error over its pixels
+            only (the whole image when None).
     """
     x, ref = _np(x), _np(ref)
     if x.shape != ref.shape:
@@ -71,9 +79,10 @@ def psnr(x, ref, data_range: float, mask=None) -> float:
 
 
 def ssim(x, ref, data_range: float) -> float:
-    """Mean structural similarity (Wang et al. 2004, eq. 13; Gaussian window sigma 1.5) for 2D or 3D images.
+    """Mean structural similarity (Wang et al. 2004, eq. 13) of a 2D or 3D image (settings: module docstring).
 
-    A volume with fewer than 11 slices gets the mean of its axial-slice SSIMs (the 3D window would not fit).
+    ``data_range`` is the window's ``high - low`` (clip to the window first, as for :func:`psnr`). A volume with
+    fewer than 11 slices gets the mean of its axial-slice SSIMs (the 3D window would not fit).
     """
     from skimage.metrics import structural_similarity
 
@@ -88,12 +97,29 @@ def ssim(x, ref, data_range: float) -> float:
         raise ValueError(
             f"ssim needs at least 11 pixels in-plane (11x11 Gaussian window), got shape {x.shape}"
         )
-    kwargs = dict(data_range=data_range, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    kwargs = dict(
+        data_range=data_range, gaussian_weights=True, sigma=1.5, truncate=3.5, K1=0.01, K2=0.03,
+        use_sample_covariance=False,
+    )  # fmt: skip
     if x.ndim == 3 and x.shape[2] < 11:  # thin volume: mean of the axial-slice SSIMs
         return float(
             np.mean([structural_similarity(x[..., k], ref[..., k], **kwargs) for k in range(x.shape[2])])
         )
     return float(structural_similarity(x, ref, **kwargs))
+
+
+def batch_mean(metric: Callable[..., float], x, ref, data_range: float) -> float:
+    """Mean of ``metric(x[b, c], ref[b, c], data_range)`` over the images of ``(B, C, *spatial)`` tensors.
+
+    E.g. ``batch_mean(psnr, out.clamp(-1, 1), target, 2.0)`` in a validation step on [-1, 1] images.
+    """
+    if tuple(x.shape) != tuple(ref.shape):
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
+    if len(x.shape) < 4:
+        raise ValueError(f"batch_mean needs (B, C, *spatial) with 2 or 3 spatial axes, got {tuple(x.shape)}")
+    a, b = _np(x), _np(ref)
+    vals = [metric(a[i, c], b[i, c], data_range) for i in range(a.shape[0]) for c in range(a.shape[1])]
+    return float(np.mean(vals))
 
 
 def noise_sd(img, mask, *, detrend_sigma: float | None = None) -> float:

@@ -1,6 +1,6 @@
 """Registration / deformation evaluation: Dice per label, folding %, SDlogJ, displacement scale, in one call.
 
-Conventions (user_asks §0.15, one documented convention):
+Conventions (one, the same for every registration and augmentation metric):
 - fields are displacements in **voxels**, ``(B, D, *spatial)``, channel ``d`` along array axis ``d``, **pull**
   (``warped(x) = moving(x + u(x))``, moving -> fixed), as ``medfusion.fields``;
 - Dice protocol: hard label maps (already argmaxed or nearest-warped), one Dice per label value present in

@@ -1,60 +1,90 @@
-"""``medfusion demo --quick``: the main job end to end at toy size."""
+"""``medfusion demo``: the main job end to end at toy size, and its budget files."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
+import yaml
 
+from medfusion.apps import demo
 from medfusion.cli import main
+from medfusion.data.manifest import load_manifest
+from medfusion.eval.image import psnr
 from medfusion.io.nifti import read_nifti
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
+def _hu(path: Path) -> np.ndarray:
+    return np.clip(np.asarray(read_nifti(path).array, dtype=np.float64), -1000.0, 1000.0)
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "--quick", "--device", "cpu"]) == 0
+    budget = yaml.safe_load((demo.BUDGET_DIR / "quick.yaml").read_text())
+    budget["data"]["workers"] = 1  # the training loader in worker processes (as the CUDA budget runs it)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)  # the cap (CPUs - 2) would allow none on 2 cores
+    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(budget))
+    argv = ["demo", "--output", str(out), "--quick", "--device", "cpu", "--budget", str(tmp_path / "budget.yaml")]
+    assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    test_entries = json.loads((out / "data" / "manifests" / "standardize.json").read_text())["test"]
+    test_entries = [dict(e) for e in load_manifest(out / "data" / "manifests" / "standardize.json").split("test")]
     protocols = {e["protocol"] for e in test_entries}
     assert set(metrics["protocols"]) == protocols and "standard" not in protocols
-    for res in metrics["protocols"].values():
-        other = "latent" if metrics["budget"]["decode"] == "residual" else "residual"
-        mean_row = {"diffusion_ct_mean"} if metrics["budget"]["regression"] else set()
-        assert set(res) == {"identity", "passthrough", "diffusion_ct", f"diffusion_ct_{other}"} | mean_row
-        assert metrics["budget"]["regression"]  # the default budget trains the regression U-Net (session 6)
-        for m in res.values():
-            assert {"psnr", "ssim", "noise_sd", "edge_sharpness", "texture_ccc"} <= set(m)
-            assert np.isfinite(m["psnr"]) and 0 < m["noise_sd"]
+    assert metrics["budget"]["sampling"]["decode"] == "residual" and metrics["budget"]["stage2"]["regression"]
     assert metrics["budget"]["ae_steps_done"] == 2 and metrics["budget"]["dm_steps_done"] == 2
+    assert metrics["budget"]["workers_used"] == 1
+    rows = {"identity", "passthrough", "diffusion_ct", "diffusion_ct_latent", "diffusion_ct_mean"}
+
+    for proto, res in metrics["protocols"].items():
+        assert set(res) == rows
+        for m in res.values():
+            assert set(m) == {"psnr", "ssim", "psnr_soft", "noise_sd", "edge_sharpness", "texture_ccc"}
+            assert np.isfinite(m["psnr"]) and 0 < m["noise_sd"]
+        entries = [e for e in test_entries if e["protocol"] == proto]
+        # metrics are against the standard scan: recomputed from the NIfTI files on disk
+        src = [_hu(e["source"]) for e in entries]
+        std = [_hu(e["target"]) for e in entries]
+        outs = [_hu(out / "standardized" / f"{e['case_id']}_{proto}.nii.gz") for e in entries]
+        assert res["identity"]["psnr"] == pytest.approx(np.mean([psnr(s, r, 2000.0) for s, r in zip(src, std)]))
+        assert res["diffusion_ct"]["psnr"] == pytest.approx(
+            np.mean([psnr(o, r, 2000.0) for o, r in zip(outs, std)]), abs=1e-3
+        )
+        # the standardized scans are not the input
+        assert all(o.shape == s.shape and not np.allclose(o, s) for o, s in zip(outs, src))
+    assert len(sorted((out / "standardized").glob("*.nii.gz"))) == len(test_entries)
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    outputs = sorted((out / "standardized").glob("*.nii.gz"))
-    assert len(outputs) == len(test_entries)
-    src = read_nifti(out / "data" / test_entries[0]["source"].replace("../", ""))
-    std = read_nifti(
-        out / "standardized" / f"{test_entries[0]['case_id']}_{test_entries[0]['protocol']}.nii.gz"
-    )
-    assert std.array.shape == src.array.shape and np.isfinite(std.array).all()
     assert "identity" in capsys.readouterr().out
     # the exported model is usable by `medfusion standardize`
     rc = main(["standardize", "--ckpt", str(out / "models" / "diffusion_ct"), "--input",
-               str(out / "data" / test_entries[0]["source"].replace("../", "")), "--output",
-               str(tmp_path / "again.nii.gz"), "--quiet"])  # fmt: skip
+               str(test_entries[0]["source"]), "--output", str(tmp_path / "again.nii.gz"), "--quiet"])  # fmt: skip
     assert rc == 0
     # a second run into the same, non-empty folder is refused
     assert main(["demo", "--output", str(out), "--quick"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-def test_demo_trains_with_persistent_loader_workers(tmp_path, monkeypatch):
-    """The CUDA budget feeds training from worker processes (session 7: on a GPU the crops bound the step)."""
-    import dataclasses
-
-    from medfusion.apps import demo
-
-    assert demo.budget_for(quick=False, cuda=False).workers == 0
+def test_budget_files_load_and_bad_ones_are_refused(tmp_path, monkeypatch):
+    budgets = {name: demo.load_budget(demo.BUDGET_DIR / f"{name}.yaml") for name in demo.BUDGETS}
+    assert demo.default_budget(quick=False, cuda=False).name == "cpu.yaml"
+    assert demo.default_budget(quick=False, cuda=True).name == "cuda.yaml"
+    assert demo.default_budget(quick=True, cuda=True).name == "quick.yaml"
+    assert budgets["cuda"].stage2.steps > budgets["cpu"].stage2.steps > budgets["quick"].stage2.steps
+    assert budgets["cpu"].stage1.channels == (32, 64, 64)  # YAML lists become tuples
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
-    assert demo.budget_for(quick=False, cuda=True).workers == 6
-    budget = dataclasses.replace(demo.budget_for(quick=True, cuda=False), workers=1)
-    metrics = demo.run_demo(tmp_path / "demo", quick=True, device="cpu", budget=budget, log=lambda *a: None)
-    assert metrics["budget"]["workers"] == 1
-    assert metrics["budget"]["ae_steps_done"] == 2 and metrics["budget"]["dm_steps_done"] == 2
+    assert demo.loader_workers(budgets["cuda"]) == 6 and demo.loader_workers(budgets["cpu"]) == 0
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    assert demo.loader_workers(budgets["cuda"]) == 2
+    doc = yaml.safe_load((demo.BUDGET_DIR / "cpu.yaml").read_text())
+    doc["stage1"]["steps_typo"] = 3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="steps_typo.*valid keys"):
+        demo.load_budget(tmp_path / "bad.yaml")
+    doc["stage1"].pop("steps_typo")
+    doc["sampling"]["decode"] = "both"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="residual"):
+        demo.load_budget(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="does not exist"):
+        demo.load_budget(tmp_path / "missing.yaml")

@@ -45,14 +45,52 @@ def test_ssim_identity_noise_and_3d(rng):
     )
     with pytest.raises(ValueError, match="11"):
         E.ssim(thin[:8, :8, 0], thin[:8, :8, 0], 1.0)
-    # same convention as MONAI's SSIMMetric (Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03)
-    from monai.metrics import SSIMMetric
 
+
+def test_psnr_matches_monai_and_skimage(rng):
+    from monai.metrics import PSNRMetric
+    from skimage.metrics import peak_signal_noise_ratio
+
+    ref = rng.uniform(-1000, 1000, size=(40, 36))
+    x = np.clip(ref + rng.normal(0, 30, ref.shape), -1000, 1000)
+    ours = E.psnr(x, ref, 2000.0)
+    assert ours == pytest.approx(peak_signal_noise_ratio(ref, x, data_range=2000.0), abs=1e-4)
+    monai = PSNRMetric(max_val=2000.0)(torch.tensor(x)[None, None], torch.tensor(ref)[None, None])
+    assert ours == pytest.approx(float(monai.mean()), abs=1e-4)
+    # the mask restricts the MSE to its pixels
+    mask = np.zeros(ref.shape, bool)
+    mask[5:20, 3:30] = True
+    assert E.psnr(x, ref, 2000.0, mask=mask) == pytest.approx(
+        peak_signal_noise_ratio(ref[mask], x[mask], data_range=2000.0), abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("shape", [(48, 44), (24, 22, 20)])
+def test_ssim_matches_monai_and_skimage(rng, shape):
+    """Gaussian window sigma 1.5 (11 wide), K1 0.01, K2 0.03, population covariance: MONAI SSIMMetric's defaults."""
+    from monai.metrics import SSIMMetric
+    from skimage.metrics import structural_similarity
+
+    ref = ndi.gaussian_filter(rng.normal(size=shape), 2)
+    ref = (ref - ref.min()) / np.ptp(ref)
     x = ref + rng.normal(0, 0.05, ref.shape)
-    monai_val = SSIMMetric(spatial_dims=2, data_range=1.0)(
+    ours = E.ssim(x, ref, 1.0)
+    monai = SSIMMetric(spatial_dims=len(shape), data_range=1.0)(
         torch.tensor(x)[None, None], torch.tensor(ref)[None, None]
     )
-    assert E.ssim(x, ref, 1.0) == pytest.approx(float(monai_val.mean()), abs=0.02)
+    assert ours == pytest.approx(float(monai.mean()), abs=1e-4)
+    sk = structural_similarity(x, ref, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert ours == pytest.approx(sk, abs=1e-12)
+
+
+def test_batch_mean_averages_per_image(rng):
+    ref = torch.from_numpy(rng.uniform(-1, 1, size=(3, 1, 16, 16)))
+    out = ref + 0.1 * torch.from_numpy(rng.normal(size=ref.shape))
+    want = np.mean([E.psnr(out[i, 0], ref[i, 0], 2.0) for i in range(3)])
+    assert E.batch_mean(E.psnr, out, ref, 2.0) == pytest.approx(want)
+    assert E.batch_mean(E.ssim, ref, ref, 2.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        E.batch_mean(E.psnr, out[:2], ref, 2.0)
 
 
 def test_noise_sd_recovers_known_sigma(rng):
