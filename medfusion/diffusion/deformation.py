@@ -1,8 +1,8 @@
 """DRDM forward "deformation diffusion", recovery losses and the recovery sampler (Algorithm 2).
 
 Zheng et al., "Deformation-Recovery Diffusion Model (DRDM): Instance Deformation for Image Manipulation
-and Synthesis", arXiv 2407.07295 (Medical Image Analysis 2026). Facts and constants follow the official
-code (jianqingzheng/def_diff_rec, read at 1c70370; spec ``shared/reference/drdm.md``); the code is ours.
+and Synthesis", arXiv 2407.07295, 2024. Facts and constants follow the official code
+(github.com/jianqingzheng/def_diff_rec, commit 1c70370); the code is ours.
 Hand-written because no maintained library implements DRDM's deformation diffusion (MONAI and diffusers
 only diffuse intensities); warping, composition and Jacobians come from :mod:`medfusion.fields`.
 
@@ -10,7 +10,7 @@ Units: fields are displacements in **voxels** ``(B, D, *spatial)``, channel ``d`
 pull convention (``medfusion.fields``). The official code stores fractions of the grid size; multiply
 those by the grid size to compare.
 
-Forward process (spec §1.2; paper Fig. 3, ``psi_t = [psi^(0) + psi^(1) + ...]^{n_t}``):
+Forward process (paper Fig. 3, ``psi_t = [psi^(0) + psi^(1) + ...]^{n_t}``):
 
 1. Multi-scale velocity on a ``C = 64`` control grid covering ``crop_rate = 2`` times the image FOV:
    ``v = sum_i Up_{s_i -> C}((C / s_i) * sigma * eps_i)``, ``s_i = C / 2**i`` (64, 32, 16, 8), bilinear /
@@ -22,19 +22,18 @@ Forward process (spec §1.2; paper Fig. 3, ``psi_t = [psi^(0) + psi^(1) + ...]^{
 4. To image resolution: upsample the control field to ``crop_rate * N`` and keep the central ``N``.
    **Deviation (geometric consistency):** displacements are scaled by ``crop_rate * N / C`` image voxels per
    control voxel. The official code scales by ``N / C`` in fraction units (``N**2 / C**2`` voxels per control
-   voxel), which is the same at ``N = 128`` but doubles every 2D displacement at its ``N = 256`` (spec §1.2
-   pitfall, §7.1). ``legacy_scale=True`` reproduces it. We sample the control field at the cropped voxel
+   voxel), which is the same at ``N = 128`` but doubles every 2D displacement at its ``N = 256``.
+   ``legacy_scale=True`` reproduces it. We sample the control field at the cropped voxel
    centres directly, which equals upsample-then-crop without building the ``(2N)**D`` field.
 
-Training (Algorithm 1; spec §3): ``I_t = warp(I_0, Phi_t)``, ``r = D(I_t, t)`` should invert ``psi_t``:
+Training (Algorithm 1): ``I_t = warp(I_0, Phi_t)``, ``r = D(I_t, t)`` should invert ``psi_t``:
 ``c = r o (id + psi_t)`` should equal ``-psi_t``. Loss ``L_dist + L_ang + 10 L_reg`` (``recovery_losses``),
 with a **true** Jacobian penalty ``ReLU(-det(I + grad r))`` in ``L_reg`` (deviation: the official "negdetj"
-term is not a Jacobian determinant, spec §3 bug).
+term is not a Jacobian determinant).
 
 Sampling (Algorithm 2; ``recover``): start from ``phi = Phi_{T'}``, then for each recovery step
 ``r = D(warp(I_0, phi), t)``, ``phi <- compose(phi, r)``; the *original* image (and label) is re-warped
-every step, so there is one interpolation. The official sampler always runs 80 steps from t = 79
-(spec §7.4); ``recovery_schedule`` gives the paper's ``T'`` steps, a strided subset, or the legacy 80.
+every step, so there is one interpolation. The official sampler always runs 80 steps from t = 79; ``recovery_schedule`` gives the paper's ``T'`` steps, a strided subset, or the legacy 80.
 """
 
 from __future__ import annotations
@@ -142,7 +141,7 @@ class ForwardSample(NamedTuple):
 
 
 class DeformationDiffusion:
-    """The DRDM forward process (spec §1.2, steps A-D); pure torch, no parameters.
+    """The DRDM forward process (steps 1-4 of the module docstring); pure torch, no parameters.
 
     Args:
         timesteps: T (80). Training levels are ``t ~ U{0..T-1}``; the forward process accepts ``t <= T``.
@@ -267,7 +266,7 @@ def recovery_losses(
     jacobian_weight: float = 2.0,
     grad_threshold: float = 1e-4,
 ) -> RecoveryLoss:
-    """DRDM training loss (spec §3; paper Fig. 4 ``l1 L_dist + l2 L_ang + l3 L_reg``) for ``r``, ``psi`` in voxels.
+    """DRDM training loss (paper Fig. 4 ``l1 L_dist + l2 L_ang + l3 L_reg``) for ``r``, ``psi`` in voxels.
 
     ``c = r o (id + psi)`` (``r`` resampled at ``x + psi(x)``) should equal ``-psi``. Computed in fractions
     of the image size (channel d / N_d), as the official constants assume:
@@ -297,7 +296,7 @@ def recovery_schedule(
 
     ``steps=None``: the paper's ``T'`` steps ``T'-1, ..., 0``; ``steps=k < T'``: ``k`` levels evenly
     strided over the same range (first ``T'-1``, last 0); ``legacy=True``: the official 80 steps
-    ``T-1, ..., 0`` whatever ``T'`` (spec §7.4).
+    ``T-1, ..., 0`` whatever ``T'``.
     """
     if legacy:
         return list(range(timesteps - 1, -1, -1))

@@ -2,7 +2,7 @@
 Model for Image Restoration", ICCV 2023, §3.3).
 
 The official code (``Zj-BinXia/DiffIR``, ``ldm/ddpm.py`` + ``S2_arch.py``) differs from the paper text in
-ways that matter and that this module follows (reference/rddm_diffir.md §B.2):
+ways that matter and that this module follows:
 
 * T = 4, LDM "linear" schedule ``β = linspace(sqrt(0.1), sqrt(0.99), 4)²``;
 * **x0 prediction** (the paper says noise; the author confirms x0 is used, issue #26);

@@ -4,7 +4,7 @@ Pure torch math, no networks and no Lightning: schedules, the forward process, t
 parameterisation adapters and the DDIM-like few-step sampler. Written by hand because no maintained
 library implements RDDM's two-coefficient process (diffusers/MONAI schedulers are one-coefficient
 ``sqrt(a)·x0 + sqrt(1-a)·ε``); facts and numbers follow the official code (``nachifur/RDDM``, restoration
-experiment ``2_Image_Restoration_deraing_raindrop_noise1``), see ``reference/rddm_diffir.md`` §A.
+experiment ``2_Image_Restoration_deraing_raindrop_noise1``).
 
 Notation (paper time ``t = 1..T``; code index ``k = t - 1 ∈ {0..T-1}``, used everywhere below):
 

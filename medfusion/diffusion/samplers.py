@@ -16,7 +16,7 @@ with the sample at ``t`` and its data prediction. The sampler math runs in at le
 the model may still run under bf16 autocast) and the result is cast back to ``x.dtype``. Samplers do not disable
 autograd: wrap calls in ``torch.no_grad()`` unless you backpropagate through sampling (DiffIR).
 
-Implemented (notation of samplers_downstream.md §1: α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ)):
+Implemented (notation: α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ)):
 
 * ``ddpm`` — ancestral sampling (Ho et al., NeurIPS 2020, eqs. 6-7) with the posterior q(x_s | x_t, x0) of the
   *actual* next timestep s (β' = 1 - ᾱ_t/ᾱ_s), so it is exact for any subset of timesteps (MONAI's uses t-1).

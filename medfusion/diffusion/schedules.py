@@ -10,7 +10,8 @@ Beta schedules: ``linear`` (Ho et al. 2020), ``scaled_linear`` (linear in sqrt(�
 Timestep spacings (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024, Table 2):
 ``linspace``, ``leading``, ``trailing``; and ``logsnr`` (uniform in λ = log(α/σ), Lu et al., DPM-Solver, NeurIPS
 2022, §3.3 / "logSNR" steps). Why hand-written: MONAI's schedulers expose no spacing option and couple the table to a
-stateful ``step()`` with the ``t - T//N`` bug (samplers_downstream.md §1.1); diffusers is a test-only dependency.
+stateful ``step()`` whose previous timestep is ``t - T//N`` (off the table for uneven spacings); diffusers is a
+test-only dependency.
 """
 
 from __future__ import annotations

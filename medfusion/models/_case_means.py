@@ -50,7 +50,8 @@ class CaseMeans:
 
 class EvaluationHooks:
     """Lightning's validation / test hooks for a module with ``_evaluate(batch, stage)`` (per step) and
-    ``_log_epoch(stage)`` (reduce and log at the epoch's end). Put it before ``L.LightningModule`` in the bases."""
+    ``_log_epoch(stage)`` (reduce and log at the epoch's end). A plain mixin: put it before
+    :class:`~medfusion.models.base.MedfusionModule` in the bases."""
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         raise NotImplementedError

@@ -1,11 +1,12 @@
-"""DRDM: Deformation-Recovery Diffusion Model (Zheng et al., arXiv 2407.07295, Medical Image Analysis 2026).
+"""DRDM: Deformation-Recovery Diffusion Model (Zheng et al., "Deformation-Recovery Diffusion Model (DRDM): Instance
+Deformation for Image Manipulation and Synthesis", arXiv 2407.07295, 2024).
 
 Training (paper Algorithm 1): draw ``I_0`` and ``t ~ U{0..T-1}``, draw the forward fields ``Phi_t, psi_t``
 (``medfusion.diffusion.deformation``), form ``I_t = warp(I_0, Phi_t)`` and train the recovery net
-``r = D_theta(I_t, t)`` to invert ``psi_t`` with ``L_dist + L_ang + 10 L_reg`` (Fig. 4; spec drdm.md §3).
-**Deviation:** ``L_reg`` uses a true Jacobian penalty ``ReLU(-det(I + grad r))`` instead of the official
-"negdetj" term, which is not a Jacobian determinant; and the 2D forward process uses the geometrically
-consistent rescale (``legacy_scale=False``; the official 2D-256 code doubles displacements).
+``r = D_theta(I_t, t)`` to invert ``psi_t`` with ``L_dist + L_ang + 10 L_reg`` (paper Fig. 4).
+Deviations from the official code (docs/methods/drdm.md): ``L_reg`` uses a true Jacobian penalty
+``ReLU(-det(I + grad r))`` (the official "negdetj" term is not a Jacobian determinant), and the 2D forward process
+uses the geometrically consistent rescale (``legacy_scale=False``; the official 2D-256 code doubles displacements).
 
 Sampling (Algorithm 2, :meth:`DRDM.sample`): start at level ``T'`` with ``phi = Phi_{T'}``, recover with
 ``recovery_steps`` network calls (``None``: the paper's ``T'`` steps; ``k``: ``k`` strided levels;
@@ -17,16 +18,15 @@ displacement scale (mean / max |u| in % of image size) of fields generated from 
 
 Batch keys read: ``image`` (``medfusion.keys.IMAGE``, ``(B, C, *spatial)``, first channel used; any intensity
 range, the net min-max normalises its input); ``label`` (optional, ``(B, 1, *spatial)``) in ``predict_step``.
-Randomness: every training step draws its timesteps and fields from a fresh CPU ``torch.Generator`` seeded from
-(``seed``, rank, global step, micro-batch) (:mod:`medfusion.models._rng`): DDP ranks draw different fields, and a run
-resumed from a checkpoint draws the same fields as the uninterrupted run (user_asks §0.12).
+Randomness: every training step draws its timesteps and fields from the per-step CPU generator of
+:class:`~medfusion.models.base.MedfusionModule`, seeded from (``seed``, rank, global step, micro-batch): DDP ranks
+draw different fields, and a run resumed from a checkpoint draws the same fields as the uninterrupted run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -40,13 +40,13 @@ from medfusion.diffusion.deformation import (
 )
 from medfusion.fields import displacement_scale, folding_fraction
 from medfusion.fields.warp import LabelMode, PaddingMode
-from medfusion.models._rng import StepRNG, StepRNGHooks
+from medfusion.models.base import MedfusionModule
 from medfusion.nets.drdm import DRDMRecoveryNet
 
 _PADDING = ("zeros", "border", "reflection")
 
 
-class DRDM(StepRNGHooks, L.LightningModule):
+class DRDM(MedfusionModule):
     """DRDM training and sampling for 2D and 3D images.
 
     Args:
@@ -108,18 +108,7 @@ class DRDM(StepRNGHooks, L.LightningModule):
             crop_rate=crop_rate,
             legacy_scale=legacy_scale,
         )
-        self._generator: torch.Generator | None = None
-        self._train_rng = StepRNG(int(seed))
-
-    # --- randomness -------------------------------------------------------------------------------
-    def generator(self) -> torch.Generator:
-        """The training generator of the current step (seed, rank, global step, micro-batch; see ``_rng``).
-
-        Set by ``training_step``; before the first step it is the generator of step 0, batch 0.
-        """
-        if self._generator is None:
-            self._generator = self._train_rng.generator(self, 0)
-        return self._generator
+        self._train_rng.seed = int(seed)  # the per-step generators derive from this seed, not the global one
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -141,8 +130,7 @@ class DRDM(StepRNGHooks, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image = batch[keys.IMAGE]
-        self._generator = self._train_rng.generator(self, batch_idx)
-        loss = self.losses(image, generator=self.generator())
+        loss = self.losses(image, generator=self.step_generator(batch_idx))
         bs = image.shape[0]
         self.log("train/loss", loss.total, prog_bar=True, batch_size=bs)
         self.log_dict(

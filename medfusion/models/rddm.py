@@ -2,76 +2,119 @@
 
 Batch keys: ``keys.SOURCE`` = degraded input ``I_in`` and ``keys.TARGET`` = clean ``I_0``, both ``(B, C, *spatial)``
 normalised to [-1, 1]. The residual ``I_res = I_in - I_0`` and the noise are diffused with the sum-constrained
-schedule of :mod:`medfusion.diffusion.residual` (``I_t = I_0 + ᾱ_t·I_res + β̄_t·ε``); the degraded image is
-concatenated to ``I_t`` as condition (``net(I_t, t, cond=I_in)``).
+schedule of :mod:`medfusion.diffusion.residual` (the marginal ``I_t = I_0 + ᾱ_t·I_res + β̄_t·ε``); the degraded
+image is concatenated to ``I_t`` as condition (``net(I_t, t, cond=I_in)``).
 
-Networks (``layout``):
+Networks (``layout``): ``two_nets`` (the paper's restoration setting, official ``UnetRes(share_encoder=0)``): one
+U-Net predicts ``Î_res`` and a second, independent one ``ε̂`` from the same input and the same integer ``t``;
+``one_net``: one U-Net with ``NUM_HEADS·C`` output channels (not a paper layout: half the cost). Single-head
+objectives (``res``, ``noise``) always use one network. The U-Nets are :class:`medfusion.nets.unet.DiffusionUNet`
+built from :class:`~medfusion.models.options.UNetConfig` (so an export rebuilds them), or injected.
 
-* ``two_nets`` (default; the official restoration experiment, ``UnetRes(share_encoder=0)``): one U-Net predicts
-  ``Î_res`` and a second, independent one ``ε̂`` from the same input and the same integer ``t``;
-* ``one_net``: a single U-Net with ``NUM_HEADS·C`` output channels. **Not a paper layout** (a medfusion variant,
-  cheaper by half); single-head objectives (``res``, ``noise``) always use one network.
+Training (the official restoration experiment): L1 summed over heads (each the per-sample mean),
+``t ~ U{0..T-1}``, Adam, EMA of the networks every ``ema_every`` optimiser steps. Sampling (the paper's generalised DDIM step with η):
+S deterministic steps (η = 0) from ``I_T = I_in + β̄_T·z``, ``Î_res`` and ``Î_0`` clipped to ``clip``. With a
+sliding window (3D volumes larger than ``roi_size``) MONAI's ``SlidingWindowInferer`` runs *inside every sampling
+step* (both heads predicted over the whole volume, blended, then one global update) from one start noise per
+volume, so overlapping windows cannot drift apart.
 
-Training (official experiment 2): L1 summed over heads (each the per-sample-mean), ``t ~ U{0..T-1}``,
-Adam(8e-5, β=(0.9, 0.99)), gradient clipping 1.0 (``trainer.gradient_clip_val`` in the YAML), EMA 0.995 updated
-every 10 steps. Sampling: S-step deterministic sampler (η = 0) from ``I_T = I_in + β̄_T·z`` with ``Î_res``/``Î_0``
-clipped to ``clip``. 3D volumes larger than ``sw_roi_size`` run MONAI's ``SlidingWindowInferer`` *inside every
-sampling step* (both heads predicted over the whole volume, blended, then the global update), with the start noise
-drawn once per volume, so overlapping windows cannot drift apart.
-
-Networks are built from the typed init args (:class:`medfusion.nets.unet.DiffusionUNet`) so that
-``medfusion.models.export.load_model`` can rebuild a trained model from its hyper-parameters; ``res_net`` /
-``noise_net`` may be injected instead (tests, custom backbones; such a model is not rebuildable from YAML alone).
-
-Training randomness (``t`` and ``ε``) comes from a fresh generator per step on the data's device, seeded from
-(experiment seed, rank, global step, micro-batch) (:mod:`medfusion.models._rng`; the experiment seed is
-``torch.initial_seed()`` when the module is built, i.e. ``seed_everything``'s): ranks draw different noise and a run
-resumed from a checkpoint draws the same noise as the uninterrupted one (user_asks §0.12). The EMA is an
-``AveragedModel`` inside the module, so the checkpoint's ``state_dict`` holds both the raw (``nets.*``) and the EMA
-(``ema.module.*``) weights.
+:meth:`RDDM.restore` is the inference contract of :class:`medfusion.models.base.Restorer` (options ``num_steps``,
+``eta``, ``sw_batch_size``, ``overlap``); :meth:`RDDM.sample` is the same with the paper's names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.diffusion import residual as R
-from medfusion.models._rng import StepRNG, StepRNGHooks
+from medfusion.eval.image import batch_mean, psnr
+from medfusion.models.base import MedfusionModule
+from medfusion.models.options import (
+    SlidingWindow,
+    UNetConfig,
+    check_roi_size,
+    config_of,
+    regroup,
+    run_windows,
+    store_plain,
+)
 
 LAYOUTS = ("two_nets", "one_net")
 LOSS_TYPES = ("l1", "l2")
 
 
-class RDDM(StepRNGHooks, L.LightningModule):
+@dataclass
+class ResidualScheduleConfig:
+    """The sum-constrained coefficient schedule (:func:`medfusion.diffusion.residual.residual_schedule`).
+
+    Args:
+        num_train_timesteps: T (1000 upstream; the sampling step count is chosen at test time).
+        alpha_shape, beta_shape: shapes of the α and β² weights (``residual.schedule_weights``).
+        ratio: shape parameter of the weights (1 = the official linear ones).
+        sum_scale: ``β̄_T²``: 0.01 for restoration (the official default with a condition), 1 for generation.
+    """
+
+    num_train_timesteps: int = 1000
+    alpha_shape: R.WeightShape = "linear_decreasing"
+    beta_shape: R.WeightShape = "linear_increasing"
+    ratio: float = 1.0
+    sum_scale: float = 0.01
+
+    def build(self) -> R.ResidualSchedule:
+        return R.residual_schedule(
+            self.num_train_timesteps,
+            self.alpha_shape,
+            self.beta_shape,
+            sum_scale=self.sum_scale,
+            ratio=self.ratio,
+        )
+
+
+# flat init args of medfusion 0.1 -> (group, key in the group)
+_LEGACY = {
+    "channels": ("unet", "channels"),
+    "attention_levels": ("unet", "attention_levels"),
+    "num_res_blocks": ("unet", "num_res_blocks"),
+    "num_head_channels": ("unet", "num_head_channels"),
+    "num_train_timesteps": ("schedule", "num_train_timesteps"),
+    "alpha_shape": ("schedule", "alpha_shape"),
+    "beta_shape": ("schedule", "beta_shape"),
+    "schedule_ratio": ("schedule", "ratio"),
+    "sum_scale": ("schedule", "sum_scale"),
+    "sw_roi_size": ("sliding_window", "roi_size"),
+    "sw_batch_size": ("sliding_window", "batch_size"),
+    "sw_overlap": ("sliding_window", "overlap"),
+}
+
+
+class RDDM(MedfusionModule):
     """Residual denoising diffusion restorer (see the module docstring).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: image channels C (source and target).
-        objective: ``res_noise`` (SM-Res-N, official restoration default), ``res`` (SM-Res, ε derived),
+        objective: ``res_noise`` (SM-Res-N, the official restoration default), ``res`` (SM-Res, ε derived),
             ``noise`` (SM-N) or ``x0_noise``.
-        layout: ``two_nets`` (paper) or ``one_net`` (variant, see module docstring).
-        channels, attention_levels, num_res_blocks, num_head_channels, unet_kwargs: the U-Net(s).
-        num_train_timesteps: T (1000 upstream; the sampling step count is a test-time choice).
-        alpha_shape, beta_shape, schedule_ratio: schedule shapes (``residual.schedule_weights``).
-        sum_scale: ``β̄_T²``: 0.01 for restoration (official default with a condition), 1 for generation-like tasks.
-        num_sampling_steps: S, default for :meth:`sample`.
-        eta: sampler stochasticity (η enters the variance linearly; 0 = official restoration setting).
-        clip: clamp bound for ``Î_res`` and ``Î_0`` during sampling (1.0 = official [-1, 1]; None = off; widen it
-            for residuals larger than half the range, e.g. metal artefacts).
+        layout: ``two_nets`` (paper) or ``one_net`` (see the module docstring).
+        unet: widths and blocks of the U-Net(s) (ignored for an injected network).
+        schedule: the coefficient schedule.
+        num_sampling_steps: S, the default of ``num_steps`` in :meth:`sample` / :meth:`restore`.
+        eta: default sampler stochasticity (η enters the variance linearly; 0 = the official restoration setting).
+        clip: clamp bound for ``Î_res`` and ``Î_0`` during sampling (1.0 = [-1, 1] as upstream; None = off; widen
+            it for residuals larger than half the range, e.g. metal artefacts).
         loss_type: ``l1`` (official restoration) or ``l2``.
         lr, adam_betas: Adam.
         ema_decay, ema_every: EMA of the networks (None = off), updated every ``ema_every`` optimiser steps.
-        sw_roi_size, sw_batch_size, sw_overlap: sliding-window inference for volumes larger than ``sw_roi_size``.
+        sliding_window: default window size (None: whole inputs), windows per call and overlap of inference.
         val_num_samples: images sampled on validation batch 0 for PSNR; val_seed: seed of validation noise.
-        hu_window: intensity window (HU) the data were mapped to [-1, 1] with (used by ``medfusion restore``).
-        res_net, noise_net: optional injected networks with ``forward(x, t, cond)``.
+        hu_window: HU window the data were mapped to [-1, 1] with (used by ``medfusion restore``).
+        res_net, noise_net: injected networks ``forward(x, t, cond)`` (not part of exported configs).
     """
 
     def __init__(
@@ -80,16 +123,8 @@ class RDDM(StepRNGHooks, L.LightningModule):
         in_channels: int = 1,
         objective: R.Objective = "res_noise",
         layout: Literal["two_nets", "one_net"] = "two_nets",
-        channels: Sequence[int] = (32, 64, 64),
-        attention_levels: Sequence[bool] = (False, False, True),
-        num_res_blocks: int = 1,
-        num_head_channels: int = 32,
-        unet_kwargs: dict[str, Any] | None = None,
-        num_train_timesteps: int = 1000,
-        alpha_shape: R.WeightShape = "linear_decreasing",
-        beta_shape: R.WeightShape = "linear_increasing",
-        schedule_ratio: float = 1.0,
-        sum_scale: float = 0.01,
+        unet: UNetConfig = UNetConfig(),
+        schedule: ResidualScheduleConfig = ResidualScheduleConfig(),
         num_sampling_steps: int = 5,
         eta: float = 0.0,
         clip: float | None = 1.0,
@@ -98,9 +133,7 @@ class RDDM(StepRNGHooks, L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.99),
         ema_decay: float | None = 0.995,
         ema_every: int = 10,
-        sw_roi_size: Sequence[int] | None = None,
-        sw_batch_size: int = 4,
-        sw_overlap: float = 0.25,
+        sliding_window: SlidingWindow = SlidingWindow(),
         val_num_samples: int = 2,
         val_seed: int = 0,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
@@ -110,56 +143,50 @@ class RDDM(StepRNGHooks, L.LightningModule):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if objective not in R.NUM_HEADS:
-            raise ValueError(f"objective={objective!r}; choose one of {', '.join(R.NUM_HEADS)}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r}; choose one of {', '.join(LAYOUTS)}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-        if sw_roi_size is not None and len(sw_roi_size) != spatial_dims:
-            raise ValueError(f"sw_roi_size needs {spatial_dims} values, got {sw_roi_size}")
+        for name, value, valid in (
+            ("objective", objective, tuple(R.NUM_HEADS)),
+            ("layout", layout, LAYOUTS),
+            ("loss_type", loss_type, LOSS_TYPES),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name}={value!r}; choose one of {', '.join(valid)}")
+        if num_sampling_steps < 1:
+            raise ValueError(f"num_sampling_steps must be >= 1, got {num_sampling_steps}")
+        self.unet_config = config_of(UNetConfig, unet, "unet")
+        schedule_config = config_of(ResidualScheduleConfig, schedule, "schedule")
+        self.window = config_of(SlidingWindow, sliding_window, "sliding_window")
+        if self.window.roi_size is not None and len(self.window.roi_size) != spatial_dims:
+            raise ValueError(
+                f"sliding_window.roi_size needs {spatial_dims} values, got {self.window.roi_size}"
+            )
         self.save_hyperparameters(ignore=["res_net", "noise_net"])
-        self._injected = {k for k, v in (("res_net", res_net), ("noise_net", noise_net)) if v is not None}
+        store_plain(self.hparams, unet=self.unet_config, schedule=schedule_config, sliding_window=self.window)
+        self._injected = res_net is not None
         self.n_heads = R.NUM_HEADS[objective]
         self.two_nets = self.n_heads == 2 and layout == "two_nets"
-        out_first = in_channels if (self.two_nets or self.n_heads == 1) else self.n_heads * in_channels
-
-        def build(out_channels: int) -> nn.Module:
-            from medfusion.nets.unet import DiffusionUNet
-
-            return DiffusionUNet(
-                spatial_dims=spatial_dims,
-                in_channels=in_channels,
-                out_channels=out_channels,
-                cond_channels=in_channels,
-                channels=tuple(channels),
-                attention_levels=tuple(attention_levels),
-                num_res_blocks=num_res_blocks,
-                num_head_channels=num_head_channels,
-                **(unet_kwargs or {}),
-            )
-
-        nets = {"res": res_net if res_net is not None else build(out_first)}
-        if self.two_nets:
-            nets["noise"] = noise_net if noise_net is not None else build(in_channels)
-        elif noise_net is not None:
+        if noise_net is not None and not self.two_nets:
             raise ValueError(
                 f"noise_net is only used with layout='two_nets' and a two-head objective, not {objective!r}"
             )
+        out_first = in_channels if (self.two_nets or self.n_heads == 1) else self.n_heads * in_channels
+        build = self.unet_config.build
+        nets = {"res": res_net or build(spatial_dims, in_channels, out_first, cond_channels=in_channels)}
+        if self.two_nets:
+            nets["noise"] = noise_net or build(
+                spatial_dims, in_channels, in_channels, cond_channels=in_channels
+            )
         self.nets = nn.ModuleDict(nets)
-        self.schedule = R.residual_schedule(
-            num_train_timesteps, alpha_shape, beta_shape, sum_scale=sum_scale, ratio=schedule_ratio
-        )
-        self.ema: nn.Module | None = None
-        if ema_decay is not None:
-            from torch.optim.swa_utils import AveragedModel
+        self.schedule = schedule_config.build()
+        self.init_ema(ema_decay, "nets", every=ema_every)
 
-            from medfusion.models.callbacks import EMAAvgFn
-
-            self.ema = AveragedModel(self.nets, multi_avg_fn=EMAAvgFn(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
-        self._ema_step = 0  # optimiser step of the last EMA update
-        self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
+    @classmethod
+    def upgrade_config(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """medfusion 0.1 exports had flat U-Net, schedule and sliding-window arguments: regroup them."""
+        args = regroup(init_args, _LEGACY, cls.__name__)
+        unet_kwargs = args.pop("unet_kwargs", None)
+        if unet_kwargs:
+            args["unet"] = {**(args.get("unet") or {}), **unet_kwargs}
+        return args
 
     # ------------------------------------------------------------------------------------------- network
     @property
@@ -167,50 +194,31 @@ class RDDM(StepRNGHooks, L.LightningModule):
         return int(self.hparams.spatial_dims)
 
     @property
-    def hu_window(self) -> tuple[float, float]:
-        return tuple(self.hparams.hu_window)  # type: ignore[return-value]
-
-    @property
     def divisible_by(self) -> int:
-        """Spatial sizes (or ``sw_roi_size``) must be multiples of this (U-Net downsampling)."""
-        return 2 ** (len(self.hparams.channels) - 1) if "res_net" not in self._injected else 1
-
-    def _nets(self, use_ema: bool) -> nn.ModuleDict:
-        if use_ema and self.ema is not None and int(self.ema.n_averaged) > 0:
-            return self.ema.module  # type: ignore[return-value]
-        return self.nets
+        """Spatial sizes (and window sizes) must be multiples of this (U-Net downsampling)."""
+        return 1 if self._injected else self.unet_config.divisible_by
 
     def heads(self, x_t: Tensor, t: Tensor, x_in: Tensor, use_ema: bool = False) -> Tensor:
         """Network output ``(B, n_heads·C, *spatial)`` for state ``x_t`` at code indices ``t`` (B,)."""
-        nets = self._nets(use_ema)
+        nets = self.averaged(use_ema)
         out = nets["res"](x_t, t, x_in)
         if self.two_nets:
             out = torch.cat([out, nets["noise"](x_t, t, x_in)], dim=1)
         return out
 
-    def _model_fn(self, use_ema: bool, spatial: Sequence[int]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """``model(x_t, t, x_in)`` for the sampler; sliding windows inside every step when the image exceeds the ROI."""
-        roi = self.hparams.sw_roi_size
-        if roi is None or all(s <= r for s, r in zip(spatial, roi)):
-            return lambda x_t, t, x_in: self.heads(x_t, t, x_in, use_ema)
-        from monai.inferers import SlidingWindowInferer
-
-        inferer = SlidingWindowInferer(
-            roi_size=tuple(roi),
-            sw_batch_size=self.hparams.sw_batch_size,
-            overlap=self.hparams.sw_overlap,
-            mode="gaussian",
-        )
+    def _model_fn(self, use_ema: bool, window: SlidingWindow) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """``model(x_t, t, x_in)`` for the sampler, by sliding windows inside every step when ``window`` is set."""
         c = self.hparams.in_channels
 
         def model(x_t: Tensor, t: Tensor, x_in: Tensor) -> Tensor:
             t0 = int(t[0])  # one timestep for the whole batch while sampling
 
-            def window(w: Tensor) -> Tensor:
+            def heads(w: Tensor) -> Tensor:
                 tw = torch.full((w.shape[0],), t0, device=w.device, dtype=torch.long)
                 return self.heads(w[:, :c], tw, w[:, c:], use_ema)
 
-            return inferer(torch.cat([x_t, x_in], dim=1), window)
+            x = torch.cat([x_t, x_in], dim=1)
+            return run_windows(heads, x, window.roi_size, window.batch_size, window.overlap)
 
         return model
 
@@ -229,25 +237,10 @@ class RDDM(StepRNGHooks, L.LightningModule):
         per_head = [e.flatten(1).mean(1).mean() for e in err.chunk(self.n_heads, dim=1)]
         return torch.stack(per_head).sum()
 
-    def on_train_start(self) -> None:
-        if self.trainer.world_size > 1:  # different noise and timesteps on every rank
-            torch.manual_seed((int(torch.initial_seed()) + 7919 * self.global_rank) % 2**64)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        gen = self._train_rng.generator(self, batch_idx, batch[keys.TARGET].device)
-        loss = self.loss(batch, generator=gen)
+        loss = self.loss(batch, generator=self.step_generator(batch_idx, batch[keys.TARGET].device))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch[keys.SOURCE].shape[0])
         return loss
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # EMA right after the weights change (Lightning calls this once per optimiser step, also under gradient
-        # accumulation) and before any on_train_batch_end callback: ModelCheckpoint writes there, so a checkpoint of
-        # step k holds the EMA of step k and a resumed run continues the same average (user_asks §0.12)
-        step = self.global_step + 1  # global_step counts the step just taken only after this hook returns
-        if self.ema is not None and step > self._ema_step and step % self.hparams.ema_every == 0:
-            self._ema_step = step
-            self.ema.update_parameters(self.nets)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         bs = batch[keys.SOURCE].shape[0]
@@ -258,14 +251,12 @@ class RDDM(StepRNGHooks, L.LightningModule):
             out = self.sample(
                 batch[keys.SOURCE][:n], generator=torch.Generator().manual_seed(self.hparams.val_seed)
             )
-            mse = ((out - batch[keys.TARGET][:n]) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-            psnr = (10 * torch.log10(4.0 / mse)).mean()  # data range 2 ([-1, 1])
-            self.log("val/psnr", psnr, prog_bar=True, rank_zero_only=True, batch_size=n)
+            value = batch_mean(psnr, out.clamp(-1, 1), batch[keys.TARGET][:n], 2.0)
+            self.log("val/psnr", value, prog_bar=True, rank_zero_only=True, batch_size=n)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self.sample(
-            batch[keys.SOURCE], generator=torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
-        )
+        gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
+        return self.sample(batch[keys.SOURCE], generator=gen)
 
     def configure_optimizers(self):
         return torch.optim.Adam(
@@ -282,17 +273,18 @@ class RDDM(StepRNGHooks, L.LightningModule):
         eta: float | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        window: SlidingWindow | None = None,
         callback: Callable[[int, Tensor, R.ResidualPrediction], None] | None = None,
     ) -> Tensor:
-        """Restore ``x_in`` (B, C, *spatial) in [-1, 1] with S = ``num_steps`` network calls (per network).
+        """Restore ``x_in`` ``(B, C, *spatial)`` in [-1, 1] with S = ``num_steps`` network calls (per network).
 
-        ``generator`` (CPU) makes the result reproducible; EMA weights are used once averaged.
+        ``generator`` (CPU) makes the result reproducible; EMA weights are used once averaged; ``window``: the
+        sliding window (default: the ``sliding_window`` hyper-parameter).
         """
-        sched = self.schedule.to(x_in.device)
         return R.sample_rddm(
-            self._model_fn(use_ema, x_in.shape[2:]),
+            self._model_fn(use_ema, self.window if window is None else window),
             x_in,
-            sched,
+            self.schedule.to(x_in.device),
             num_steps or self.hparams.num_sampling_steps,
             objective=self.hparams.objective,
             eta=self.hparams.eta if eta is None else eta,
@@ -301,9 +293,54 @@ class RDDM(StepRNGHooks, L.LightningModule):
             callback=callback,
         )
 
-    def restore(self, images: Tensor, generator: torch.Generator | None = None, **kwargs: Any) -> Tensor:
-        """Same as :meth:`sample` (the shared entry point of ``medfusion restore``)."""
-        return self.sample(images, generator=generator, **kwargs)
+    def inference_options(self) -> dict[str, Any]:
+        return {
+            "num_steps": int(self.hparams.num_sampling_steps),
+            "eta": float(self.hparams.eta),
+            "sw_batch_size": self.window.batch_size,
+            "overlap": self.window.overlap,
+        }
+
+    def check_options(self, **options: Any) -> None:
+        valid = self.inference_options()
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"RDDM takes no option {', '.join(unknown)}; valid: {', '.join(valid)}")
+        steps = options.get("num_steps", 1)
+        if not 1 <= steps <= self.schedule.num_timesteps:
+            raise ValueError(f"num_steps must be in 1..{self.schedule.num_timesteps}, got {steps}")
+        if options.get("eta", 0.0) < 0:
+            raise ValueError(f"eta must be >= 0, got {options['eta']}")
+        SlidingWindow(None, options.get("sw_batch_size", 1), options.get("overlap", 0.0))
+
+    def describe(self, **options: Any) -> str:
+        opts = {**self.inference_options(), **options}
+        eta = f", eta {opts['eta']:g}" if opts["eta"] else ""
+        return f"RDDM restoration, {opts['num_steps']} steps{eta}"
+
+    def restore(
+        self,
+        images: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        roi_size: Sequence[int] | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """:class:`~medfusion.models.base.Restorer` contract: :meth:`sample` with the options as call arguments.
+
+        ``roi_size``: sliding-window size (None: the model's ``sliding_window.roi_size``).
+        """
+        self.check_options(**options)
+        check_roi_size(roi_size, self.spatial_dims, self.divisible_by)
+        opts = {**self.inference_options(), **options}
+        window = SlidingWindow(
+            tuple(roi_size) if roi_size is not None else self.window.roi_size,
+            opts["sw_batch_size"],
+            opts["overlap"],
+        )
+        return self.sample(
+            images, num_steps=opts["num_steps"], eta=opts["eta"], generator=generator, window=window
+        )
 
     @property
     def nfe_per_sample(self) -> int:

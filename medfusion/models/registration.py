@@ -31,19 +31,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.eval.segmentation import dice_per_case
 from medfusion.models._case_means import CaseMeans, EvaluationHooks
-from medfusion.models._rng import StepRNG, StepRNGHooks
+from medfusion.models.base import MedfusionModule
 
 SIMILARITIES = ("lncc", "mse")
 
 
-class Registration(EvaluationHooks, StepRNGHooks, L.LightningModule):
+class Registration(EvaluationHooks, MedfusionModule):
     """VoxelMorph registration for 2D and 3D image pairs.
 
     Args:
@@ -81,7 +80,7 @@ class Registration(EvaluationHooks, StepRNGHooks, L.LightningModule):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}")
+            raise ValueError(f"similarity={similarity!r}; choose one of {', '.join(SIMILARITIES)}")
         if min(smooth_weight, dice_weight, supervised_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if net is None and len(channels) % 2:
@@ -108,17 +107,11 @@ class Registration(EvaluationHooks, StepRNGHooks, L.LightningModule):
             else nn.MSELoss()
         )
         self.smooth_loss = DiffusionLoss()
-        # no training randomness of its own; the StepRNG keeps the shared seed / resume hooks working
-        self._train_rng = StepRNG()
         self._metrics = CaseMeans(self)
 
     @property
     def spatial_dims(self) -> int:
         return int(self.hparams.spatial_dims)
-
-    @property
-    def hu_window(self) -> tuple[float, float]:
-        return (float(self.hparams.hu_window[0]), float(self.hparams.hu_window[1]))
 
     @property
     def divisible_by(self) -> int:

@@ -1,10 +1,12 @@
 """Supervised segmentation: the downstream task on which augmentation (DRDM) and standardization are judged.
 
-DRDM's evaluation (Zheng et al., arXiv 2407.07295, sec. 4.3 and Table 2) trains a segmentation U-Net on a few
+DRDM's evaluation (Zheng et al., "Deformation-Recovery Diffusion Model (DRDM)", arXiv 2407.07295, 2024, sec. 4.3
+and Table 2) trains a segmentation U-Net on a few
 labelled images, with and without the generated deformations of those images (``medfusion augment`` writes them
 with their warped labels and a manifest), and compares Dice on held-out cases. This module is that network and
 protocol, for 2D and 3D: MONAI's ``UNet`` (residual units, instance norm), MONAI's ``DiceCELoss`` on softmax
-outputs (soft Dice + cross-entropy, the nnU-Net objective), AdamW with cosine decay.
+outputs (soft Dice + cross-entropy, the nnU-Net objective of Isensee et al., Nature Methods 2021), AdamW with cosine
+decay to 1 % of the rate.
 
 Validation / test: hard predictions (argmax; 3D with ``sw_roi_size`` by MONAI's sliding-window inference), Dice and
 HD95 per case and class (:mod:`medfusion.eval.segmentation`, classes absent from a case's reference skipped).
@@ -22,17 +24,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.eval.segmentation import dice_per_case, hd95_per_case
 from medfusion.models._case_means import CaseMeans, EvaluationHooks
-from medfusion.models._rng import StepRNG, StepRNGHooks
+from medfusion.models.base import MedfusionModule, cosine_schedule
 
 
-class Segmentation(EvaluationHooks, StepRNGHooks, L.LightningModule):
+class Segmentation(EvaluationHooks, MedfusionModule):
     """U-Net segmentation trained with Dice + cross-entropy, for 2D and 3D images.
 
     Args:
@@ -96,17 +97,11 @@ class Segmentation(EvaluationHooks, StepRNGHooks, L.LightningModule):
             include_background=include_background, to_onehot_y=True, softmax=True,
             lambda_dice=lambda_dice, lambda_ce=lambda_ce,
         )  # fmt: skip
-        # no training randomness of its own; the StepRNG keeps the shared seed / resume hooks working
-        self._train_rng = StepRNG()
         self._metrics = CaseMeans(self)
 
     @property
     def spatial_dims(self) -> int:
         return int(self.hparams.spatial_dims)
-
-    @property
-    def hu_window(self) -> tuple[float, float]:
-        return (float(self.hparams.hu_window[0]), float(self.hparams.hu_window[1]))
 
     @property
     def class_names(self) -> list[str]:
@@ -187,13 +182,4 @@ class Segmentation(EvaluationHooks, StepRNGHooks, L.LightningModule):
         opt = torch.optim.AdamW(
             self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        try:
-            total = self.trainer.estimated_stepping_batches
-        except (RuntimeError, AttributeError):
-            total = float("inf")
-        if not (0 < total < float("inf")):
-            return opt
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=int(total), eta_min=0.01 * self.hparams.lr
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return cosine_schedule(self, opt, final_fraction=0.01)

@@ -13,13 +13,17 @@ Hand-written because no maintained library ships DiffIR or a modulated Restormer
 path for 2D and 3D (``spatial_dims``): convolutions come from MONAI's ``Conv`` factory, (un)shuffle from
 ``monai.networks.utils.pixelshuffle``/``pixelunshuffle`` (identical to torch in 2D, exact round trip in 3D). In
 3D the down/upsample convolutions use ``2C/2^d`` and ``C·2^d/2`` channels so that every level still doubles
-or halves the width as in 2D. Layer layout follows the official deblurring architecture, so its 2D
-configuration reproduces the official parameter count (reference/rddm_diffir.md §B.3).
+or halves the width as in 2D. Layer layout follows the official deblurring architecture
+(``DiffIR/archs/S2_arch.py``), so its 2D configuration reproduces the official parameter count.
+
+:class:`DIRformerConfig` and :class:`CPENConfig` are the typed option groups of the two networks (YAML-fillable),
+shared by both training stages of :mod:`medfusion.models.diffir`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -336,3 +340,48 @@ class IPRDenoiser(nn.Module):
     def forward(self, z_t: Tensor, cond: Tensor, t: Tensor) -> Tensor:
         t = t.to(z_t.dtype).reshape(-1, 1) / self.max_period
         return self.mlp(torch.cat([cond, t.expand(z_t.shape[0], 1), z_t], dim=1))
+
+
+@dataclass
+class DIRformerConfig:
+    """Options of :class:`DIRformer` (upstream deblurring: 48, (3, 5, 6, 6), 4, (1, 2, 4, 8), 2.0, False,
+    ``with_bias``); see its Args."""
+
+    dim: int = 48
+    num_blocks: tuple[int, ...] = (3, 5, 6, 6)
+    num_refinement_blocks: int = 4
+    heads: tuple[int, ...] = (1, 2, 4, 8)
+    ffn_expansion_factor: float = 2.0
+    bias: bool = False
+    norm_type: Literal["with_bias", "bias_free"] = "with_bias"
+
+    def __post_init__(self) -> None:
+        self.num_blocks = tuple(int(n) for n in self.num_blocks)
+        self.heads = tuple(int(h) for h in self.heads)
+        if self.norm_type not in ("with_bias", "bias_free"):
+            raise ValueError(f"norm_type={self.norm_type!r}; choose one of with_bias, bias_free")
+
+    def build(self, spatial_dims: int, in_channels: int, ipr_dim: int) -> DIRformer:
+        return DIRformer(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels, dim=self.dim,
+            num_blocks=self.num_blocks, num_refinement_blocks=self.num_refinement_blocks, heads=self.heads,
+            ffn_expansion_factor=self.ffn_expansion_factor, bias=self.bias, norm_type=self.norm_type,
+            ipr_dim=ipr_dim,
+        )  # fmt: skip
+
+
+@dataclass
+class CPENConfig:
+    """Options of :class:`CPEN` (upstream: unshuffle 4, 64 features, 5 residual blocks); see its Args."""
+
+    downscale: int = 4
+    n_feats: int = 64
+    n_encoder_res: int = 5
+
+    @property
+    def ipr_dim(self) -> int:
+        """Length of the IPR vector, ``4·n_feats``."""
+        return 4 * self.n_feats
+
+    def build(self, spatial_dims: int, in_channels: int, use_target: bool) -> CPEN:
+        return CPEN(spatial_dims, in_channels, use_target, self.downscale, self.n_feats, self.n_encoder_res)

@@ -1,8 +1,8 @@
 """DRDM recovery network: a time-conditioned atrous residual U-Net with weight-shared recursion.
 
 Zheng et al., DRDM, arXiv 2407.07295, Fig. 4 (``psi_hat_t^(k) = D_theta(I_hat_t^(k), t)``, recursive
-recovery). Architecture from the official ``RecResACNet`` as described in our spec (``drdm.md`` §2); the
-code is ours. MONAI has no network with this block (conv + dilated 1/3 residual pair) and per-stage
+recovery). Architecture from the official ``RecResACNet`` (github.com/jianqingzheng/def_diff_rec); the code
+is ours. MONAI has no network with this block (conv + dilated 1/3 residual pair) and per-stage
 additive/multiplicative time injection, hence hand-written; warping and composition come from
 ``medfusion.fields``.
 
@@ -29,7 +29,7 @@ from medfusion.fields import compose, warp
 
 def drdm_time_table(steps: int = 80, dim: int = 100) -> torch.Tensor:
     """Frozen sinusoidal table (steps, dim): ``e[t, 2k] = sin(t w_k)``, ``e[t, 2k+1] = cos(t w_k)``,
-    ``w_k = 10000 ** (-4k / dim)`` (the official exponent 4k/d, not the usual 2k/d; spec §7.8)."""
+    ``w_k = 10000 ** (-4k / dim)`` (the official exponent 4k/d, not the usual 2k/d)."""
     t = torch.arange(steps, dtype=torch.float64)[:, None]
     k = torch.arange(dim // 2, dtype=torch.float64)[None]
     w = 10000.0 ** (-4.0 * k / dim)

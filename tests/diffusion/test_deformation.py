@@ -1,4 +1,4 @@
-"""DRDM forward process, losses and sampler: the faithfulness tests of shared/reference/drdm.md §8."""
+"""DRDM forward process, losses and sampler: faithfulness to the paper (arXiv 2407.07295) and the official code."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-# §8.1 schedule ---------------------------------------------------------------------------------
+# schedule ---------------------------------------------------------------------------------
 def test_schedule_exact_values():
     table = {0: (1, 0), 1: (1, 1), 2: (1, 1), 5: (5, 2), 10: (13, 3), 20: (32, 6), 30: (55, 7), 40: (80, 9)}
     table |= {48: (102, 10), 56: (124, 11), 64: (148, 12), 72: (173, 13), 79: (195, 13), 80: (198, 13)}
@@ -34,7 +34,7 @@ def test_schedule_exact_values():
     assert n_img(10_000).item() == 200
 
 
-# §8.2 multi-scale sampler ----------------------------------------------------------------------
+# multi-scale sampler ----------------------------------------------------------------------
 @pytest.mark.parametrize("nd, expected, batch", [(2, 2.56e-4, 64), (3, 2.16e-4, 4)])
 def test_multiscale_velocity_std(nd, expected, batch):
     v = multiscale_velocity(batch, nd, sigma=4e-5, generator=gen(0))
@@ -43,7 +43,7 @@ def test_multiscale_velocity_std(nd, expected, batch):
     assert abs(std - expected) / expected < 0.10
 
 
-# §8.3 forward geometry --------------------------------------------------------------------------
+# forward geometry --------------------------------------------------------------------------
 def test_forward_geometry_2d_consistent_scale():
     dd = DeformationDiffusion()
     means = []
@@ -96,7 +96,7 @@ def test_control_to_image_equals_upsample_then_crop():
     assert torch.allclose(ours, up * (2 * n / 16), atol=1e-5)
 
 
-# §8.4 composition and inverse -------------------------------------------------------------------
+# composition and inverse -------------------------------------------------------------------
 def test_psi_inverse_and_loss_sanity_values():
     dd = DeformationDiffusion()
     f = dd.fields(torch.tensor([48, 0]), (64, 64), generator=gen(4))
@@ -112,7 +112,7 @@ def test_psi_inverse_and_loss_sanity_values():
     assert abs(zero.dist.item() - 1.0) < 0.02 and zero.ang.item() == 0.0
 
 
-# §8.8 regulariser: a true Jacobian penalty ------------------------------------------------------
+# regulariser: a true Jacobian penalty ------------------------------------------------------
 def test_jacobian_penalty_sees_reflection():
     shape = (16, 16)
     x = identity_grid(shape)
@@ -122,7 +122,7 @@ def test_jacobian_penalty_sees_reflection():
     assert loss.jacobian.item() == pytest.approx(1.0, abs=1e-4)
 
 
-# §8.7 sampler mechanics -------------------------------------------------------------------------
+# sampler mechanics -------------------------------------------------------------------------
 def test_recovery_schedules():
     assert recovery_schedule(48) == list(range(47, -1, -1))
     assert recovery_schedule(48, legacy=True) == list(range(79, -1, -1))

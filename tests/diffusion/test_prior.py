@@ -1,4 +1,4 @@
-"""DiffIR IPR diffusion: faithfulness test 7 of reference/rddm_diffir.md §D."""
+"""DiffIR IPR diffusion: faithfulness to the official code (x0 prediction, posterior-mean steps, T = 4)."""
 
 from __future__ import annotations
 

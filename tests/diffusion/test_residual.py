@@ -1,4 +1,4 @@
-"""RDDM math: faithfulness tests 1-5 of reference/rddm_diffir.md §D (float64 reference values)."""
+"""RDDM math: faithfulness to the paper and the official code (float64 reference values)."""
 
 from __future__ import annotations
 

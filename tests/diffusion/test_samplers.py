@@ -1,7 +1,7 @@
 """Samplers: oracle equality with diffusers, analytic Gaussian convergence order, NaN sweep, shared contract.
 
 The "network" is the exact MMSE denoiser of Gaussian data x0 ~ N(MU, S²) per voxel
-(samplers_downstream.md §1.7 b): ε*(x, t) = σ_t (x - α_t MU) / v_t with v_t = α_t² S² + σ_t²; the probability-flow
+(Tweedie): ε*(x, t) = σ_t (x - α_t MU) / v_t with v_t = α_t² S² + σ_t²; the probability-flow
 ODE keeps z = (x_t - α_t MU)/sqrt(v_t) constant, so the exact deterministic sample is known in closed form.
 """
 
@@ -192,7 +192,7 @@ def _order(name: str, steps=(10, 20, 40, 80)) -> tuple[float, list[float]]:
 def test_ddim_is_first_order_on_gaussian_oracle():
     slope, errs = _order("ddim")
     assert 0.9 <= slope <= 1.1, (slope, errs)
-    assert errs[0] == pytest.approx(7.0e-2, rel=0.05)  # samplers_downstream.md §1.7 anchor (logSNR, NFE 10)
+    assert errs[0] == pytest.approx(7.0e-2, rel=0.05)  # measured anchor (logSNR, NFE 10)
 
 
 def test_dpmpp_2m_is_higher_order_on_gaussian_oracle():

@@ -54,7 +54,7 @@ def test_spacings_match_diffusers(spacing, n):
 
 
 def test_every_step_count_is_exact():
-    """user_asks §0.7: for N in 1..T the first step is T-1, len == N, strictly descending, nothing negative."""
+    """For N in 1..T the first step is T-1, len == N, strictly descending, nothing negative."""
     for n in range(1, 1001):
         for spacing in ("linspace", "trailing"):
             t = timesteps(n, spacing)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from medfusion import keys
 from medfusion.models.diffir import DiffIRStage1, DiffIRStage2, load_stage1_weights
+from medfusion.models.options import SlidingWindow
+from medfusion.nets.diffir import CPENConfig, DIRformerConfig
 
 TINY = dict(
-    dim=8,
-    num_blocks=(1, 1, 1, 1),
-    num_refinement_blocks=1,
-    heads=(1, 1, 2, 2),
-    cpen_downscale=2,
-    n_feats=8,
-    n_encoder_res=1,
+    dirformer=DIRformerConfig(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 2, 2)),
+    cpen=CPENConfig(downscale=2, n_feats=8, n_encoder_res=1),
     val_num_samples=1,
 )
 
@@ -76,7 +75,7 @@ def test_stage2_initialised_from_stage1(stage1_ckpt):
     with pytest.raises(FileNotFoundError):
         DiffIRStage2(stage1=str(path) + ".missing", **TINY)
     with pytest.raises(ValueError, match="match"):
-        DiffIRStage2(stage1=str(path), spatial_dims=2, **{**TINY, "dim": 16})
+        DiffIRStage2(stage1=str(path), spatial_dims=2, **{**TINY, "dirformer": DIRformerConfig(dim=16)})
     assert set(k.split(".")[0] for k in load_stage1_weights(path)) == {"cpen", "dirformer"}
 
 
@@ -131,7 +130,7 @@ def test_stage2_seeded_sampling_deterministic(spatial_dims, size):
 
 def test_stage2_sliding_window_3d():
     torch.manual_seed(0)
-    m = DiffIRStage2(spatial_dims=3, sw_roi_size=(16, 16, 16), sw_batch_size=2, **TINY).eval()
+    m = DiffIRStage2(spatial_dims=3, sliding_window=SlidingWindow((16, 16, 16), 2), **TINY).eval()
     lq = _batch(3, 24, b=1)[keys.SOURCE]
     out = m.sample(lq, generator=torch.Generator().manual_seed(0))
     assert out.shape == lq.shape and torch.isfinite(out).all()
@@ -146,8 +145,12 @@ def test_bad_args(tmp_path):
         with pytest.raises(ValueError, match=name):
             load_stage1_weights(path)
     for cls in (DiffIRStage1, DiffIRStage2):
-        with pytest.raises(ValueError, match="sw_roi_size needs 2 values"):
-            cls(spatial_dims=2, sw_roi_size=(8, 8, 8), **TINY)
+        with pytest.raises(ValueError, match="sliding_window.roi_size needs 2 values"):
+            cls(spatial_dims=2, sliding_window={"roi_size": (8, 8, 8)}, **TINY)
+        with pytest.raises(ValueError, match="cpen has no option n_feat; valid: downscale, n_feats, n_encoder_res"):
+            cls(spatial_dims=2, cpen={"n_feat": 8})
+        with pytest.raises(ValueError, match="norm_type='layer'; choose one of with_bias, bias_free"):
+            cls(dirformer={"norm_type": "layer"})
 
 
 def _fit_tiny(module, max_steps: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto") -> None:
@@ -188,18 +191,13 @@ def test_phase1_gives_every_trainable_parameter_a_gradient():
     assert all(torch.equal(v, m.dirformer.state_dict()[k]) for k, v in frozen.items())  # still idle
 
 
-def test_stage2_on_train_start_seeds_ranks_differently():
-    import types
-
-    m = DiffIRStage2(spatial_dims=2, **TINY)
-    draws = []
-    for rank in (0, 1):
-        m._trainer = types.SimpleNamespace(world_size=2, global_rank=rank)
-        torch.manual_seed(5)
-        m.on_train_start()
-        draws.append(torch.randn(4))
-    m._trainer = None
-    assert not torch.equal(draws[0], draws[1])
+def test_stage2_ema_updates_once_per_step_under_manual_optimisation():
+    """Stage 2 optimises manually (two optimisers), so Lightning calls no optimizer_step hook: the EMA is updated
+    in training_step, once per step."""
+    torch.manual_seed(0)
+    m = DiffIRStage2(spatial_dims=2, encoder_steps=1, **TINY)
+    _fit_tiny(m, max_steps=3)
+    assert int(m.ema.n_averaged) == 3
 
 
 @pytest.mark.slow
@@ -209,3 +207,74 @@ def test_stage2_phase1_trains_under_ddp(tmp_path):
     torch.manual_seed(0)
     m = DiffIRStage2(spatial_dims=2, encoder_steps=5, **TINY)
     _fit_tiny(m, max_steps=3, devices=2, strategy="ddp_spawn")
+
+
+# --------------------------------------------------------------------------------------------- inference contract
+LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
+
+
+def test_model_exported_by_medfusion_0_1_loads_and_restores_as_before():
+    """A stage-2 export with 0.1's flat arguments (dim, n_feats, sw_batch_size, ...) loads through upgrade_config;
+    its seeded output is the one 0.1 wrote (the EMA weights are used, as then)."""
+    from safetensors.torch import load_file
+
+    from medfusion.models.export import load_model
+
+    m = load_model(LEGACY / "diffir_stage2_2d")
+    expected = load_file(str(LEGACY / "diffir_stage2_2d" / "expected.safetensors"))
+    assert m.dirformer_config.dim == 4 and m.cpen_config.n_feats == 4 and m.window.batch_size == 2
+    out = m.restore(expected["source"], generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out, expected["output"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"n_feats belongs to .cpen. \(as .n_feats.\)"):
+        DiffIRStage2.upgrade_config({"n_feats": 8, "cpen": {"n_feats": 8}})
+
+
+def test_restore_takes_window_options_as_call_arguments_and_refuses_others():
+    torch.manual_seed(0)
+    m = DiffIRStage2(spatial_dims=3, sliding_window=SlidingWindow(None, 4, 0.25), **TINY).eval()
+    lq = _batch(3, 24, b=1)[keys.SOURCE]
+    assert m.inference_options() == {"sw_batch_size": 4, "overlap": 0.25}
+    whole = m.restore(lq, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(whole, m.sample(lq, generator=torch.Generator().manual_seed(0)))
+    windowed = m.restore(lq, generator=torch.Generator().manual_seed(0), roi_size=(16, 16, 16), overlap=0.5)
+    assert windowed.shape == lq.shape and not torch.equal(windowed, whole)  # one IPR per window
+    assert m.hparams.sliding_window == {"roi_size": None, "batch_size": 4, "overlap": 0.25}  # nothing mutated
+    # a window that covers the input is the whole-input result
+    covering = m.restore(lq, generator=torch.Generator().manual_seed(0), roi_size=(24, 24, 24))
+    torch.testing.assert_close(covering, whole)
+    with pytest.raises(ValueError, match="no option num_steps .*valid: sw_batch_size, overlap"):
+        m.check_options(num_steps=3)
+    with pytest.raises(ValueError, match="overlap must be in"):
+        m.restore(lq, overlap=1.5)
+    with pytest.raises(ValueError, match="roi_size needs 3 positive multiples of 8"):
+        m.restore(lq, roi_size=(12, 16, 16))
+    assert m.describe() == "DiffIR restoration, 4 prior steps"
+
+
+def test_export_round_trip_keeps_the_option_groups(tmp_path):
+    from medfusion.models.export import export_model, load_model, module_config
+
+    torch.manual_seed(0)
+    m = DiffIRStage2(spatial_dims=2, sliding_window=SlidingWindow((16, 16), 2, 0.5), **TINY).eval()
+    cfg = module_config(m)["init_args"]
+    assert cfg["cpen"] == {"downscale": 2, "n_feats": 8, "n_encoder_res": 1}
+    assert cfg["sliding_window"] == {"roi_size": [16, 16], "batch_size": 2, "overlap": 0.5}
+    loaded = load_model(export_model(m, tmp_path / "m"))
+    lq = _batch(2, 32, b=1)[keys.SOURCE]
+    torch.testing.assert_close(
+        loaded.restore(lq, generator=torch.Generator().manual_seed(1)),
+        m.restore(lq, generator=torch.Generator().manual_seed(1)),
+    )
+
+
+def test_validation_psnr_is_the_eval_psnr_of_the_clamped_output():
+    from medfusion.eval.image import batch_mean, psnr
+
+    torch.manual_seed(0)
+    m = DiffIRStage2(spatial_dims=2, **TINY).eval()
+    batch = _batch(2, 32, b=1)
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    m.validation_step(batch, 0)
+    out = m.sample(batch[keys.SOURCE], generator=torch.Generator().manual_seed(0))
+    assert logged["val/psnr"] == pytest.approx(batch_mean(psnr, out.clamp(-1, 1), batch[keys.TARGET], 2.0))

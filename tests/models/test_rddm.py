@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from medfusion import keys
 from medfusion.diffusion import residual as R
+from medfusion.models.options import SlidingWindow, UNetConfig
 from medfusion.models.rddm import RDDM
+
+TINY_UNET = UNetConfig(channels=(8, 16), attention_levels=(False, True), num_head_channels=8, norm_num_groups=8)
+LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
 
 
 class TinyNet(nn.Module):
@@ -95,7 +101,7 @@ def test_network_calls_equal_steps_with_integer_t():
 
 
 def test_3d_sliding_window_inside_every_step():
-    m = _model(3, sw_roi_size=(8, 8, 8), sw_batch_size=2).eval()
+    m = _model(3, sliding_window=SlidingWindow((8, 8, 8), 2)).eval()
     x = _batch(3, 12, b=1)[keys.SOURCE]
     out = m.sample(x, num_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape
@@ -104,7 +110,7 @@ def test_3d_sliding_window_inside_every_step():
     assert sorted({int(t[0]) for _, t in seen}) == [499, 999]  # windows at both steps
     assert len(seen) > 2  # several windows per step
     # whole-volume inference of a small volume calls the net once per step
-    m2 = _model(3, sw_roi_size=(16, 16, 16)).eval()
+    m2 = _model(3, sliding_window=SlidingWindow((16, 16, 16))).eval()
     m2.sample(x, num_steps=2, generator=torch.Generator().manual_seed(0))
     assert len(m2.nets["res"].seen) == 2
 
@@ -120,7 +126,7 @@ def test_ema_and_checkpoint_class_key():
     ckpt: dict = {}
     m.on_save_checkpoint(ckpt)
     assert ckpt["medfusion_class_path"] == "medfusion.models.rddm.RDDM"
-    assert "res_net" not in m.hparams and m.hparams.sum_scale == 0.01
+    assert "res_net" not in m.hparams and m.hparams.schedule["sum_scale"] == 0.01
 
 
 def test_bad_options_raise():
@@ -128,79 +134,21 @@ def test_bad_options_raise():
         RDDM(layout="shared", res_net=nn.Identity())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="res_noise"):
         RDDM(objective="eps", res_net=nn.Identity())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="sw_roi_size"):
-        RDDM(spatial_dims=3, sw_roi_size=(8, 8), res_net=nn.Identity(), noise_net=nn.Identity())
+    with pytest.raises(ValueError, match="sliding_window.roi_size needs 3 values"):
+        RDDM(spatial_dims=3, sliding_window=SlidingWindow((8, 8)), res_net=nn.Identity(), noise_net=nn.Identity())
+    with pytest.raises(ValueError, match="loss_type='l3'; choose one of l1, l2"):
+        RDDM(loss_type="l3", res_net=nn.Identity(), noise_net=nn.Identity())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unet has no option width; valid: channels, attention_levels"):
+        RDDM(unet={"width": 8})
+    with pytest.raises(ValueError, match="attention_levels needs one entry per level"):
+        UNetConfig(channels=(8, 16), attention_levels=(False,))
 
 
 def test_default_unet_backbone_builds():
-    pytest.importorskip("medfusion.nets.unet")
-    m = RDDM(
-        spatial_dims=2,
-        channels=(8, 16),
-        attention_levels=(False, True),
-        num_head_channels=8,
-        unet_kwargs={"norm_num_groups": 8},
-        ema_decay=None,
-    )
+    m = RDDM(spatial_dims=2, unet=TINY_UNET, ema_decay=None)
     x = torch.rand(1, 1, 16, 16) * 2 - 1
     assert m.heads(x, torch.tensor([10]), x).shape == (1, 2, 16, 16)
-
-
-def test_restore_command_end_to_end(tmp_path):
-    """``medfusion restore`` on a NIfTI with an exported RDDM: output written, no overwrite, wrong model refused."""
-    pytest.importorskip("medfusion.nets.unet")
-    import argparse
-
-    import nibabel as nib
-    import numpy as np
-
-    from medfusion.apps import restore
-    from medfusion.models.diffir import DiffIRStage1
-    from medfusion.models.export import export_model
-
-    torch.manual_seed(0)
-    m = RDDM(
-        spatial_dims=2,
-        channels=(8, 16),
-        attention_levels=(False, False),
-        num_head_channels=8,
-        unet_kwargs={"norm_num_groups": 8},
-        num_sampling_steps=2,
-    )
-    export_model(m, tmp_path / "rddm")
-    vol = np.random.default_rng(0).uniform(-900, 900, size=(16, 16, 2)).astype(np.float32)
-    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "in.nii.gz"))
-    parser = argparse.ArgumentParser()
-    restore.add_arguments(parser)
-
-    def run(*extra: str, ckpt: str = "rddm") -> int:
-        argv = [
-            "--ckpt",
-            str(tmp_path / ckpt),
-            "--input",
-            str(tmp_path / "in.nii.gz"),
-            "--output",
-            str(tmp_path / "out.nii.gz"),
-        ]
-        return restore.run(parser.parse_args([*argv, "--quiet", "--device", "cpu", *extra]))
-
-    assert run() == 0
-    out = np.asarray(nib.load(str(tmp_path / "out.nii.gz")).get_fdata())
-    assert out.shape == vol.shape and np.isfinite(out).all()
-    assert run() == 2  # refuses to overwrite
-    assert run("--overwrite", "--steps", "0") == 2  # bad argument
-    export_model(
-        DiffIRStage1(
-            dim=8,
-            num_blocks=(1, 1, 1, 1),
-            num_refinement_blocks=1,
-            heads=(1, 1, 2, 2),
-            n_feats=8,
-            n_encoder_res=0,
-        ),
-        tmp_path / "s1",
-    )
-    assert run("--overwrite", ckpt="s1") == 2  # stage 1 needs GT: not a restorer
+    assert m.divisible_by == 2
 
 
 def _fit_tiny(module, max_steps: int, accumulate: int, batch: dict) -> None:
@@ -226,20 +174,10 @@ def test_ema_updates_once_per_optimiser_step_under_gradient_accumulation():
     assert int(m.ema.n_averaged) == 3
 
 
-def test_on_train_start_seeds_ranks_differently():
-    import types
-
-    m = _model(2)
-    draws = []
-    for rank in (0, 1):
-        m._trainer = types.SimpleNamespace(world_size=2, global_rank=rank)
-        torch.manual_seed(5)
-        m.on_train_start()
-        draws.append(torch.randn(4))
-    m._trainer = None
-    assert not torch.equal(draws[0], draws[1])
-    torch.manual_seed(5)
-    assert torch.equal(draws[0], torch.randn(4))  # rank 0 keeps the experiment seed
+def test_ema_every_k_optimiser_steps():
+    m = _model(2, ema_every=2, lr=1e-3)
+    _fit_tiny(m, max_steps=5, accumulate=1, batch=_batch(2, 16))
+    assert int(m.ema.n_averaged) == 2  # after steps 2 and 4
 
 
 def test_module_with_ema_pickles_and_ema_still_averages():
@@ -256,3 +194,93 @@ def test_module_with_ema_pickles_and_ema_still_averages():
     m2.ema.update_parameters(m2.nets)
     for b, e, p in zip(before, m2.ema.module.parameters(), m2.nets.parameters()):
         torch.testing.assert_close(e, 0.995 * b + 0.005 * p)  # decay 0.995 (the default)
+
+
+# --------------------------------------------------------------------------------------------- inference contract
+def test_model_exported_by_medfusion_0_1_loads_and_restores_as_before():
+    """An export with 0.1's flat arguments (channels, unet_kwargs, sw_batch_size, ...) loads through
+    upgrade_config; its seeded output is the one 0.1 wrote (the EMA weights are used, as then)."""
+    from safetensors.torch import load_file
+
+    from medfusion.models.export import load_model
+
+    m = load_model(LEGACY / "rddm_2d")
+    expected = load_file(str(LEGACY / "rddm_2d" / "expected.safetensors"))
+    assert m.unet_config.channels == (4, 8) and m.unet_config.norm_num_groups == 4
+    assert m.inference_options() == {"num_steps": 3, "eta": 0.0, "sw_batch_size": 2, "overlap": 0.5}
+    out = m.restore(expected["source"], generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out, expected["output"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"sw_overlap belongs to 'sliding_window' \(as 'overlap'\)"):
+        RDDM.upgrade_config({"sw_overlap": 0.5, "sliding_window": {"overlap": 0.5}})
+
+
+def test_restore_takes_its_options_as_call_arguments():
+    m = _model(3, sliding_window=SlidingWindow(None, 3, 0.25)).eval()
+    x = _batch(3, 12, b=1)[keys.SOURCE]
+    assert m.inference_options() == {"num_steps": 5, "eta": 0.0, "sw_batch_size": 3, "overlap": 0.25}
+    out = m.restore(x, generator=torch.Generator().manual_seed(0), num_steps=2, eta=0.5)
+    ref = m.sample(x, num_steps=2, eta=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, ref)
+    m.nets["res"].seen.clear()
+    m.restore(x, generator=torch.Generator().manual_seed(0), roi_size=(8, 8, 8), num_steps=2, sw_batch_size=1)
+    assert {s for s, _ in m.nets["res"].seen} == {(1, 1, 8, 8, 8)}  # one window per call, of the given size
+    assert m.hparams.sliding_window == {"roi_size": None, "batch_size": 3, "overlap": 0.25}  # nothing mutated
+    assert m.describe(num_steps=2, eta=0.5) == "RDDM restoration, 2 steps, eta 0.5"
+    assert m.describe() == "RDDM restoration, 5 steps"
+
+
+def test_restore_refuses_bad_options_before_sampling():
+    m = _model(2).eval()
+    x = _batch(2, 16)[keys.SOURCE]
+    for options, message in (
+        ({"strength": 0.3}, "RDDM takes no option strength; valid: num_steps, eta, sw_batch_size, overlap"),
+        ({"num_steps": 0}, "num_steps must be in 1..1000"),
+        ({"eta": -1.0}, "eta must be >= 0"),
+        ({"sw_batch_size": 0}, "batch_size must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            m.restore(x, **options)
+    assert m.nets["res"].seen == []
+    with pytest.raises(ValueError, match="roi_size needs 2 positive multiples of 1"):
+        m.restore(x, roi_size=(8, 8, 8))
+
+
+def test_sliding_windows_with_overlap_stay_close_to_whole_volume_inference():
+    """A deterministic model (eta = 0, seeded start noise) whose networks see only a 3x3 neighbourhood: windows of
+    half the volume with overlap differ from whole-volume inference only near window borders (zero padding), by a
+    small amount."""
+    m = _model(3).eval()
+    x = _batch(3, 16, b=1)[keys.SOURCE]
+    whole = m.restore(x, generator=torch.Generator().manual_seed(0), num_steps=2)
+    windows = m.restore(x, generator=torch.Generator().manual_seed(0), num_steps=2, roi_size=(8, 8, 8), overlap=0.5)
+    covering = m.restore(x, generator=torch.Generator().manual_seed(0), num_steps=2, roi_size=(16, 16, 16))
+    assert torch.equal(covering, whole)
+    err = (windows - whole).abs()
+    assert err.mean() < 0.05 and err.max() < 0.5
+
+
+def test_export_round_trip_keeps_the_option_groups(tmp_path):
+    from medfusion.models.export import export_model, load_model, module_config
+
+    torch.manual_seed(0)
+    m = RDDM(unet=TINY_UNET, sliding_window=SlidingWindow((16, 16), 2, 0.5), num_sampling_steps=2).eval()
+    cfg = module_config(m)["init_args"]
+    assert cfg["unet"]["channels"] == [8, 16] and cfg["sliding_window"]["roi_size"] == [16, 16]
+    loaded = load_model(export_model(m, tmp_path / "m"))
+    x = _batch(2, 16)[keys.SOURCE]
+    torch.testing.assert_close(
+        loaded.restore(x, generator=torch.Generator().manual_seed(1)),
+        m.restore(x, generator=torch.Generator().manual_seed(1)),
+    )
+
+
+def test_validation_psnr_is_the_eval_psnr_of_the_clamped_output():
+    from medfusion.eval.image import batch_mean, psnr
+
+    m = _model(2, val_num_samples=2).eval()
+    batch = _batch(2, 16)
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    m.validation_step(batch, 0)
+    out = m.sample(batch[keys.SOURCE], generator=torch.Generator().manual_seed(0))
+    assert logged["val/psnr"] == pytest.approx(batch_mean(psnr, out.clamp(-1, 1), batch[keys.TARGET], 2.0))

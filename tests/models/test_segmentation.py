@@ -110,6 +110,23 @@ def test_3d_sliding_window_prediction_matches_the_whole_volume_shape():
     assert pred.shape == (1, 1, 16, 16, 16) and int(pred.max()) < 3
 
 
+def test_learning_rate_decays_by_cosine_to_one_percent():
+    import types
+
+    m = Segmentation(num_classes=3, channels=(4, 8), strides=(2,), lr=1e-3)
+    m._trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    conf = m.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    m._trainer = None
+    assert rates[0] == pytest.approx(1e-3) and rates[5] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         Segmentation(num_classes=1)

@@ -106,3 +106,16 @@ def test_bad_inputs_raise():
         DIRformer(norm_type="layer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="in_channels"):
         DIRformer(in_channels=2, out_channels=1)
+
+
+def test_option_groups_build_the_networks_they_describe():
+    from medfusion.nets.diffir import CPENConfig, DIRformerConfig
+
+    net = DIRformerConfig(dim=8, num_blocks=[1, 1, 1, 1], heads=[1, 1, 2, 2]).build(2, 1, ipr_dim=32)
+    direct = DIRformer(2, 1, 1, dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2), ipr_dim=32)
+    assert [p.shape for p in net.parameters()] == [p.shape for p in direct.parameters()]
+    cfg = CPENConfig(downscale=2, n_feats=8, n_encoder_res=1)
+    cpen = cfg.build(3, 1, use_target=False)
+    assert cfg.ipr_dim == 32 and cpen(torch.zeros(1, 1, 8, 8, 8)).shape == (1, 32)
+    with pytest.raises(ValueError, match="norm_type='layer'; choose one of with_bias, bias_free"):
+        DIRformerConfig(norm_type="layer")  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""DRDM recovery network contract (spec drdm.md §8.5)."""
+"""DRDM recovery network contract: forward(x, t) -> field of the right shape, recursion, time table."""
 
 from __future__ import annotations
 
