@@ -73,9 +73,11 @@ class EMAAvgFn:
 class MedfusionModule(L.LightningModule):
     """Base LightningModule of every medfusion method (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        """``seed``: base seed of the per-step training generators (None = the experiment's ``seed_everything``
+        seed, i.e. ``torch.initial_seed()`` when the module is built)."""
         super().__init__()
-        self._train_rng = StepRNG()  # base seed = the experiment's seed_everything seed
+        self._train_rng = StepRNG(seed)
         self.ema: AveragedModel | None = None
         self._ema_sources: tuple[str, ...] = ()
         self._ema_every = 1
@@ -125,14 +127,17 @@ class MedfusionModule(L.LightningModule):
             return self.ema.module
         return self._ema_source()
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is None:
-            return
-        step = self.global_step + 1  # global_step counts the step just taken only after this hook returns
-        if step > self._ema_step and step % self._ema_every == 0:
+    def update_ema(self, step: int) -> None:
+        """Fold the current weights into the average after optimiser step ``step`` (1-based), every ``every`` steps
+        and once per step. The base calls it from ``optimizer_step``; modules that optimise manually (Lightning then
+        calls no ``optimizer_step`` hook) call it after their own ``opt.step()`` with ``self.global_step``."""
+        if self.ema is not None and step > self._ema_step and step % self._ema_every == 0:
             self._ema_step = step
             self.ema.update_parameters(self._ema_source())
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self.global_step + 1)  # global_step counts the step just taken only after this hook
 
     # ------------------------------------------------------------------------------------------- Lightning hooks
     def on_fit_start(self) -> None:

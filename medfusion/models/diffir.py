@@ -345,8 +345,7 @@ class DiffIRStage2(MedfusionModule):
         opt.zero_grad()
         self.manual_backward(total)
         opt.step()
-        if self.ema is not None:  # manual optimisation: Lightning calls no optimizer_step hook
-            self.ema.update_parameters(self.averaged(use_ema=False))
+        self.update_ema(self.global_step)  # manual optimisation: Lightning calls no optimizer_step hook
         bs = batch[keys.SOURCE].shape[0]
         self.log("train/loss", losses["total"], prog_bar=True, batch_size=bs)
         self.log("train/l_diff", losses["l_diff"], batch_size=bs)

@@ -86,7 +86,7 @@ class DRDM(MedfusionModule):
         val_num_samples: int = 2,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed=seed)  # the per-step generators derive from this seed, not the global one
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         for name, value in (("loss_padding", loss_padding), ("sampler_padding", sampler_padding)):
@@ -108,7 +108,6 @@ class DRDM(MedfusionModule):
             crop_rate=crop_rate,
             legacy_scale=legacy_scale,
         )
-        self._train_rng.seed = int(seed)  # the per-step generators derive from this seed, not the global one
 
     # --- training ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor) -> Tensor:

@@ -198,3 +198,43 @@ def test_hu_window_mismatch_between_model_and_data_stops_fit_and_a_match_trains(
     trainer = pl.Trainer(**kwargs)
     trainer.fit(Windowed((-1024.0, 2048.0)), datamodule=_Data((-1024.0, 2048.0)))
     assert trainer.global_step == 1
+
+
+def test_step_noise_differs_across_ranks_steps_and_micro_batches():
+    import types
+
+    from medfusion.models._rng import StepRNG, step_seed
+
+    rng = StepRNG(0)
+
+    def draw(rank: int, step: int, batch_idx: int) -> torch.Tensor:
+        trainer = types.SimpleNamespace(accumulate_grad_batches=4)
+        module = types.SimpleNamespace(global_rank=rank, global_step=step, _trainer=trainer)
+        return torch.randn(8, generator=rng.generator(module, batch_idx))
+
+    ref = draw(0, 5, 2)
+    torch.testing.assert_close(draw(0, 5, 2), ref)  # a position in training gives one stream
+    torch.testing.assert_close(draw(0, 5, 6), ref)  # the micro-batch index within the step is what counts
+    for other in (draw(1, 5, 2), draw(0, 6, 2), draw(0, 5, 3), draw(0, 6, 3)):  # rank, step, micro-batch
+        assert not torch.allclose(other, ref)
+    assert StepRNG(1).seed == 1 and step_seed(1, 0, 0, 0) != step_seed(0, 0, 0, 0)
+    torch.manual_seed(42)
+    assert StepRNG().seed == 42  # default: the experiment's seed_everything seed
+
+
+def test_checkpoint_without_rng_entry_loads_with_a_warning_and_keeps_its_seed(tmp_path):
+    from medfusion.models._rng import RNG_KEY
+
+    trainer = _fit(Tiny(), 1)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    del ckpt[RNG_KEY]
+    torch.save(ckpt, path)
+    resumed = Tiny()
+    resumed._train_rng.seed = 77
+    with pytest.warns(UserWarning, match=RNG_KEY):
+        resumed.on_load_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    assert resumed._train_rng.seed == 77
+    _fit(resumed, 2, ckpt_path=str(path))  # and training goes on
+    assert len(resumed.noise) == 1
