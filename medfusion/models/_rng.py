@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-
 RNG_KEY = "medfusion_rng"
 """Checkpoint key: ``{"scheme": SCHEME, "seed": int}``."""
 SCHEME = "seed-rank-step-batch/v1"

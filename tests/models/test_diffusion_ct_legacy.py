@@ -30,7 +30,7 @@ def test_stage1_exports_load_and_reconstruct_as_recorded(expected):
     x = expected["input"]
     kl = load_model(DATA / "stage1_kl")
     assert kl.hparams.architecture == "kl" and kl.adversarial is None
-    torch.testing.assert_close(kl.reconstruct(x), expected["stage1_kl"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(kl.reconstruct(x), expected["stage1_kl"], rtol=0, atol=1e-5)  # float sums differ with the thread count
     skip = load_model(DATA / "stage1_skip")
     assert skip.hparams.architecture == "skip" and skip.hparams.skip_from_level == 1 and skip.hparams.shortcuts
 
