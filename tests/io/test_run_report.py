@@ -1,0 +1,37 @@
+"""Run reports: one row per input, atomic rewrite, resumed runs keep earlier rows as 'already done'."""
+
+from __future__ import annotations
+
+import pytest
+
+from medfusion.io.run_report import ReportRow, RunReport, read_report, report_path
+
+
+def test_rows_round_trip_and_a_resumed_run_marks_finished_inputs_already_done(tmp_path):
+    path = report_path(tmp_path, "convert")
+    assert path.name == "convert_report.csv"
+    first = RunReport(path)
+    first.add(ReportRow("a.dcm", "converted", series_uid="1.2.3", output="out/a.nii.gz", seconds=0.5))
+    first.add(ReportRow("b.dcm", "failed", reason="missing slice"))
+    rows = {r.input: r for r in read_report(path)}
+    assert rows["a.dcm"].series_uid == "1.2.3" and rows["a.dcm"].seconds == 0.5 and rows["a.dcm"].time
+    assert rows["b.dcm"].status == "failed" and rows["b.dcm"].reason == "missing slice"
+
+    resumed = RunReport(path)  # reads the earlier report
+    resumed.add(ReportRow("a.dcm", "already done"))
+    resumed.add(ReportRow("b.dcm", "converted", output="out/b.nii.gz"))
+    rows = {r.input: r for r in read_report(path)}
+    assert len(rows) == 2  # every input exactly once
+    assert rows["a.dcm"].status == "already done" and rows["a.dcm"].output == "out/a.nii.gz"
+    assert rows["b.dcm"].status == "converted" and rows["b.dcm"].reason == ""
+    assert resumed.counts()["already done"] == 1 and resumed.counts()["converted"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_bad_status_and_foreign_files_raise_naming_them(tmp_path):
+    with pytest.raises(ValueError, match="already done"):
+        ReportRow("a", "ok")  # type: ignore[arg-type]
+    bad = tmp_path / "x.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="x.csv"):
+        RunReport(bad)
