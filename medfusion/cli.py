@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -96,13 +97,10 @@ def lightning_main(args: list[str], *, from_command_line: bool = False) -> int:
     to another stage's checkpoint in ``model.init_args`` that does not exist stops the run with one line naming
     the key and the path, before anything is built.
     """
-    import warnings
-
     cli_cls = _medfusion_cli_class()
     config = _config_path(args)
     with warnings.catch_warnings():
-        # MONAI's deprecation notices for arguments we do not pass, raised while our modules build its networks
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        quiet_third_party()
         try:
             cli_cls(
                 subclass_mode_model=True,
@@ -110,12 +108,26 @@ def lightning_main(args: list[str], *, from_command_line: bool = False) -> int:
                 save_config_kwargs={"overwrite": True},
                 args=None if from_command_line else args,
                 auto_configure_optimizers=False,
+                seed_everything_default=0,  # reproducible unless the config sets its own seed
                 checkpoint_dir=checkpoint_dir(config),
             )
         except MissingStageError as err:
             print(f"medfusion {args[0]}: error: {err}", file=sys.stderr)
             return 2
     return 0
+
+
+def quiet_third_party() -> None:
+    """Silence notices that third-party packages print because of how we call them, not because of the user's data:
+    MONAI's deprecation notices for arguments we do not pass, MONAI's nvImageCodec probe (a GPU JPEG decoder we do
+    not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not installed (our configs
+    log to CSV) and its internal pytree deprecation. Call it inside ``warnings.catch_warnings()``."""
+    import logging
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+    for message in (r".*NvImgCodecPydicomReader.*", r".*tensorboardX.*", r".*isinstance\(treespec, LeafSpec\).*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 class MissingStageError(Exception):
