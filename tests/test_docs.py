@@ -1,0 +1,77 @@
+"""The documentation: the CLI reference is generated from the parsers and up to date, the site builds offline with
+warnings as errors, and every ``medfusion ...`` command shown in the README and the guides parses (its command
+exists, its flags are the command's, the configs it names exist)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_cli_reference_is_generated_from_the_parsers():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from gen_cli import render
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "docs" / "cli.md").read_text() == render(), "run: python docs/gen_cli.py"
+
+
+def test_site_builds_offline_with_warnings_as_errors(tmp_path):
+    exe = shutil.which("mkdocs") or str(Path(sys.executable).parent / "mkdocs")
+    assert Path(exe).exists(), "mkdocs is a test dependency (pyproject [test])"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run(
+        [exe, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "site" / "reference" / "index.html").read_text().count("restore") > 0
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """``medfusion ...`` lines of fenced code blocks (comments and continuation lines stripped)."""
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.splitlines():
+                line = line.split(" #")[0].strip()
+                if line.startswith("medfusion "):
+                    found.append((f"{page.relative_to(ROOT)}: {line}", shlex.split(line)[1:]))
+    return found
+
+
+COMMANDS = _commands()
+
+
+@pytest.mark.parametrize("where, argv", COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_documented_command_parses(where, argv):
+    from medfusion import cli
+
+    name, rest = argv[0], argv[1:]
+    if name in ("--help", "-h"):
+        return
+    if name in cli.LIGHTNING_COMMANDS:
+        config = cli._config_path(rest)
+        assert config is not None and (ROOT / config).is_file(), f"{where}: config {config} does not exist"
+        return
+    assert name in cli.COMMANDS, f"{where}: unknown command {name!r}"
+    module = importlib.import_module(cli.COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"medfusion {name}")
+    module.add_arguments(parser)
+    try:
+        parser.parse_args(rest)
+    except SystemExit as err:
+        pytest.fail(f"{where}: the parser refuses it (exit {err.code})")
