@@ -75,3 +75,43 @@ def test_documented_command_parses(where, argv):
         parser.parse_args(rest)
     except SystemExit as err:
         pytest.fail(f"{where}: the parser refuses it (exit {err.code})")
+
+
+METHOD_PAGES = {
+    "DiffusionCT": "diffusion_ct", "DiffusionCTAutoencoder": "diffusion_ct", "RDDM": "rddm", "DiffIRStage1": "diffir",
+    "DiffIRStage2": "diffir", "DRDM": "drdm", "Segmentation": "segmentation", "Registration": "registration",
+    "SupervisedRestorer": "supervised",
+}  # fmt: skip
+
+
+def _lightning_modules() -> dict[str, type]:
+    import inspect
+    import pkgutil
+
+    import lightning as L
+
+    import medfusion.models as pkg
+    from medfusion.models.base import MedfusionModule
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"medfusion.models.{info.name}")
+        for name, cls in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(cls, L.LightningModule) and cls.__module__ == mod.__name__ and cls is not MedfusionModule:
+                found[name] = cls
+    return found
+
+
+def test_every_constructor_option_is_on_its_method_page():
+    """Each option of each LightningModule is named on docs/methods/<method>.md, where its reason is stated."""
+    import inspect
+
+    modules = _lightning_modules()
+    assert set(modules) <= set(METHOD_PAGES), f"give these a method page: {sorted(set(modules) - set(METHOD_PAGES))}"
+    missing = []
+    for name, cls in modules.items():
+        text = (ROOT / "docs" / "methods" / f"{METHOD_PAGES[name]}.md").read_text()
+        for param in inspect.signature(cls.__init__).parameters:
+            if param != "self" and not re.search(rf"`[^`]*\b{param}\b[^`]*`", text):
+                missing.append(f"{name}.{param}")
+    assert not missing, f"options not named on their method page: {missing}"
