@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("medfusion.apps.restore", "restore (denoise / super-resolve) scans with RDDM or DiffIR"),
     "augment": ("medfusion.apps.augment", "write DRDM-deformed image/label/field triplets from a manifest"),
     "export": ("medfusion.apps.export", "Lightning .ckpt -> pickle-free model folder (safetensors + YAML)"),
+    "evaluate": (
+        "medfusion.apps.evaluate",
+        "score models and baselines on a manifest split: intervals, per-case table, report",
+    ),
 }
 EXIT_CODE_TABLE = (  # medfusion.exit_codes, repeated here so that --help imports nothing
     (0, "every input done (or already done, with --resume)"),
