@@ -13,7 +13,10 @@ ROI, edge sharpness of the body outline, median texture-feature CCC across test 
   (``D(z_hat)``) and with residual decoding (``x + D(z_hat) - D(E(x))``);
 * sampler steps vs quality for the conditional model (DDPM 1000, DDIM 50, DPM-Solver++ 10 / 20).
 
-Every model trains for a fixed number of optimiser steps (``--ae-steps``, ``--dm-steps``, ``--unet-steps``), so the
+With ``--eval-manifest M --eval-split validation|test`` the exported models and the baselines are also scored by
+``medfusion evaluate`` (patient-bootstrap intervals, paired differences; ``OUT/evaluation/``) on another cohort,
+e.g. a fresh one from ``medfusion make-data --seed 1``; a test-split run appends its line to
+``bench/results/test_log.jsonl``. Every model trains for a fixed number of optimiser steps (``--ae-steps``, ``--dm-steps``, ``--unet-steps``), so the
 figures do not depend on machine load; the wall time is written beside them. Usage::
 
     python bench/diffusion_ct.py --out /tmp/bench_dct --results bench/results/diffusion_ct_bench.md
@@ -81,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-ddpm1000", action="store_true")
     p.add_argument("--sweep-protocol", default="sharp_low_dose", help="protocol of the sampler-steps sweep")
     p.add_argument("--seed-repeats", type=int, default=3, help="sampler seeds of the seed-variability table")
+    p.add_argument("--eval-manifest", default=None,
+                   help="also score the exported models with `medfusion evaluate` on this standardize manifest "
+                   "(e.g. a fresh cohort: medfusion make-data --seed 1); writes OUT/evaluation/")  # fmt: skip
+    p.add_argument("--eval-split", default="validation", choices=["validation", "test"],
+                   help="split of --eval-manifest; test appends a line to bench/results/test_log.jsonl")  # fmt: skip
     args = p.parse_args(argv)
     if "conditional" not in args.modes:
         p.error("--modes must include conditional (the sampler sweep and passthrough rows use it)")
@@ -375,6 +383,28 @@ def evaluate(args, manifest: Path, train_manifest: Path, models, sup, dev) -> di
     }  # fmt: skip
 
 
+def evaluate_with_tool(args, out: Path) -> dict[str, Any]:
+    """Score the exported models and the baselines with :func:`medfusion.apps.evaluate.evaluate` on
+    ``--eval-manifest`` / ``--eval-split`` (patient-bootstrap intervals, ``OUT/evaluation/``); a test-split run is
+    logged to ``bench/results/test_log.jsonl`` with this command line."""
+    import shlex
+
+    from medfusion.apps.evaluate import evaluate as evaluate_models
+
+    models = [f"{out / f'stage2_{m}'}@decode=residual" for m in args.modes]  # the headline rows' decoding
+    if args.regression:
+        models.append(f"{out / 'stage2_conditional'}@mean_only=true,decode=residual")
+    supervised = Path(args.unet_from or out) / "supervised"
+    log = Path(__file__).resolve().parent / "results" / "test_log.jsonl"
+    return evaluate_models(
+        args.eval_manifest, out / "evaluation", task="standardize", split=args.eval_split, models=models,
+        baselines=["identity", "gaussian", "linear-filter", f"supervised:{supervised}", f"noise-matched:{supervised}"],
+        seed=0,
+        device="cuda" if torch.cuda.is_available() else "cpu", test_logs=[log] if args.eval_split == "test" else [],
+        command=shlex.join(["python", "bench/diffusion_ct.py", *(sys.argv[1:])]), overwrite=True,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- report
 def report(args, ev: dict[str, Any], budget: dict[str, str], dev, minutes: float, n_pool: int | None) -> str:
     from medfusion.data.builtin import FORMAT_VERSION
@@ -442,6 +472,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(text + "\n")
+    if args.eval_manifest:
+        summary = evaluate_with_tool(args, out)
+        print(f"medfusion evaluate ({args.eval_split} split of {args.eval_manifest}): {out / 'evaluation' / 'report.md'}")
+        for name, m in summary["methods"].items():
+            d = m["vs_identity"]["psnr_body"]
+            print(f"  {name}: PSNR body vs identity {d['mean']:+.2f} dB [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
 
 
 if __name__ == "__main__":

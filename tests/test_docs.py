@@ -46,6 +46,7 @@ def _commands() -> list[tuple[str, list[str]]]:
     found = []
     for page in PAGES:
         for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", page.read_text(), flags=re.S):
+            block = re.sub(r"\\\n\s*", " ", block)  # join continuation lines
             for line in block.splitlines():
                 line = line.split(" #")[0].strip()
                 if line.startswith("medfusion "):

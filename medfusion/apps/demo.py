@@ -7,19 +7,20 @@ source's latent to the standard scan's. The demo:
 
 1. writes the built-in phantom dataset (``medfusion.data.builtin.make_dataset``; 2D);
 2. trains stage 1 (autoencoder on every protocol) and stage 2 (conditional latent DDPM, stage 1 frozen) with a
-   Lightning ``Trainer`` within a budget (:class:`DemoBudget`, a YAML file: ``configs/demo/cpu.yaml``, about 10
-   minutes on 2 CPU cores; ``cuda.yaml`` on a GPU; ``quick.yaml`` for ``--quick``; or ``--budget PATH``); the
-   exported model decodes with residual decoding ``x + D(z_hat) - D(E(x))`` (``sampling.decode``);
-3. standardizes the held-out test patients (every non-standard protocol) and writes NIfTI outputs;
-4. scores them against the standard scan of the same anatomy with the CT evaluation protocol
-   (:mod:`medfusion.eval.ct_protocol`: PSNR / SSIM on the [-1000, 1000] HU window, soft-tissue PSNR, noise SD in
-   an eroded liver ROI, edge sharpness of the body outline, texture-feature CCC across patients) for identity
-   (the raw input), the stage-1 passthrough ``decode(encode(source))`` (how much of a gain the autoencoder alone
-   gives), DiffusionCT, DiffusionCT with the other decoding (``diffusion_ct_latent``: the paper's ``D(z_hat)``)
-   and, with the regression U-Net, its posterior mean without the DDPM (``diffusion_ct_mean``: best PSNR, not a
-   sample);
-5. writes ``metrics.json``, ``figure.png`` (source / standardized / reference / difference per protocol) and
-   prints a table.
+   Lightning ``Trainer`` for a fixed number of steps (:class:`DemoBudget`, a YAML file: ``configs/demo/cpu.yaml``
+   sized to finish in about 10 minutes at the slowest CPU step rate measured, ``cuda.yaml`` on a GPU,
+   ``quick.yaml`` for ``--quick``, or ``--budget PATH``), so that the result does not depend on the machine's
+   speed. Each stage's ``minutes`` is only a safety stop: when it fires, the demo says so and marks the run
+   ``short`` in ``metrics.json``;
+3. chooses the output it shows on the validation patients: the DDPM sample or, with the regression U-Net, its
+   posterior mean (``mean_only``), whichever comes closer to the standard scan (PSNR over the body), and says
+   which and why; it standardizes the held-out test patients with it (NIfTI outputs under ``standardized/``);
+4. scores identity (the raw input), the stage-1 passthrough ``decode(encode(source))``, the sample with either
+   decoding (``diffusion_ct``, ``diffusion_ct_latent``: the paper's ``D(z_hat)``) and the posterior mean
+   (``diffusion_ct_mean``) on the test patients with :func:`medfusion.eval.report.evaluate` (``evaluation/``:
+   means with 95% patient-bootstrap intervals, paired differences against the raw input, ``cases.csv``, figures);
+5. writes ``metrics.json`` and ``figure.png`` (source / shown output / reference / difference per protocol, axial
+   slices in radiological orientation) and prints the intervals.
 
 ``--quick`` runs the same pipeline at toy size (a few seconds; used by the tests): its numbers mean nothing.
 """
@@ -270,67 +271,111 @@ def demo_methods(model: Any, b: DemoBudget, dev, seed: int) -> dict[str, Any]:
     return methods
 
 
-def evaluate(model: Any, manifest: Path, b: DemoBudget, dev, seed: int, output: Path, overwrite: bool) -> dict:
-    """Standardize the test split, write ``standardized/<case>_<protocol>.nii.gz`` and score every method."""
+def _as_methods(fns: dict[str, Any]) -> list[Any]:
+    """``{name: fn(source HU, protocol)}`` as :class:`medfusion.eval.report.Method` objects."""
+    from medfusion.eval.report import Method
+
+    return [Method(n, lambda case, sample, fn=fn: fn(case.source, case.protocol)) for n, fn in fns.items()]
+
+
+def choose_output(methods: dict[str, Any], manifest: Path) -> dict[str, Any]:
+    """Which output the demo shows, chosen on the validation patients: the DDPM sample (``diffusion_ct``) or the
+    regression's posterior mean (``diffusion_ct_mean``), whichever has the higher mean PSNR over the body."""
     from medfusion.data.manifest import load_manifest
     from medfusion.data.phantoms import LABEL_IDS
     from medfusion.eval import ct_protocol as P
+
+    candidates = [n for n in ("diffusion_ct", "diffusion_ct_mean") if n in methods]
+    cases = [P.read_case(e) for e in load_manifest(manifest).split("validation")]
+    if len(candidates) == 1 or not cases:
+        why = "the only output of this model" if cases else "no validation patients to choose with"
+        return {"method": candidates[0], "why": why, "validation_psnr_body": {}}
+    protocol = P.CTProtocol.for_label_ids(LABEL_IDS)
+    scores = {n: float(np.mean([protocol.image_metrics(methods[n](c.source, c.protocol), c.reference, c.label)
+                                ["psnr_body"] for c in cases])) for n in ["identity", *candidates]}  # fmt: skip
+    best = max(candidates, key=lambda n: scores[n])
+    label = {"diffusion_ct": "the DDPM sample", "diffusion_ct_mean": "the regression's posterior mean"}
+    others = "; ".join(f"{label[n]} {scores[n]:.2f} dB" for n in candidates if n != best)
+    why = (f"{label[best]}: on the {len(cases)} validation cases it scored {scores[best]:.2f} dB PSNR over the body "
+           f"({others}; the raw input {scores['identity']:.2f} dB)")  # fmt: skip
+    return {"method": best, "why": why, "validation_psnr_body": scores}
+
+
+def evaluate(model: Any, manifest: Path, b: DemoBudget, dev, seed: int, output: Path, overwrite: bool) -> dict:
+    """Choose the shown output on validation, standardize the test split with it (``standardized/``), and score
+    every method with :func:`medfusion.eval.report.evaluate` (``evaluation/``: intervals, cases, figures)."""
+    from medfusion.data.manifest import load_manifest
+    from medfusion.data.phantoms import LABEL_IDS
+    from medfusion.eval import ct_protocol as P
+    from medfusion.eval.report import evaluate as evaluate_cases
     from medfusion.io.nifti import write_nifti
 
     entries = [dict(e) for e in load_manifest(manifest).split("test")]
     if not entries:
         raise ValueError(f"{manifest}: no test entries")
     protocol = P.CTProtocol.for_label_ids(LABEL_IDS)
-    cases = P.by_protocol(P.read_case(e) for e in entries)
-    methods = demo_methods(model, b, dev, seed)
-    outputs = {name: P.run_methods(cs, methods) for name, cs in cases.items()}
-    for name, cs in cases.items():
-        for c, out in zip(cs, outputs[name]["diffusion_ct"], strict=True):
-            path = output / "standardized" / f"{c.case_id}_{c.protocol}.nii.gz"
-            write_nifti(path, out, c.affine, overwrite=overwrite)
-    # stage-1 ceiling: decode(encode(standard)) against standard, once per patient
-    patients = {c.case_id: c for cs in cases.values() for c in cs}.values()
-    passthrough = methods["passthrough"]
+    cases = [P.read_case(e) for e in entries]
+    fns = demo_methods(model, b, dev, seed)
+    shown = choose_output(fns, manifest)
+    outputs: dict[tuple[str, str], np.ndarray] = {}
+
+    def save(case: Any, sample: int, fn=fns[shown["method"]]) -> np.ndarray:
+        out = fn(case.source, case.protocol)
+        name = f"{case.case_id}_{case.protocol}.nii.gz"
+        write_nifti(output / "standardized" / name, out, case.affine, overwrite=overwrite)
+        outputs[(case.case_id, case.protocol)] = out
+        return out
+
+    methods = [m if m.name != shown["method"] else m._replace(run=save) for m in _as_methods(fns)]
+    summary = evaluate_cases(cases, methods, protocol, output / "evaluation", seed=seed,
+                             header={"task": "standardize", "split": "test"}, overwrite=True)  # fmt: skip
+    per = {p: {m: {k: v["per_protocol"][p]["metrics"][k]["mean"] for k in P.CASE_METRICS}
+               | {"texture_ccc": (v["per_protocol"][p]["texture_ccc"] or {}).get("mean", float("nan"))}
+               for m, v in summary["methods"].items()} for p in summary["protocols"]}  # fmt: skip
+    patients = {c.case_id: c for c in cases}.values()
+    passthrough = fns["passthrough"]
     ceiling = P.mean_rows([protocol.image_metrics(passthrough(c.reference, ""), c.reference, c.label) for c in patients])
-    figure_rows = [(name, cs[0].source, outputs[name]["diffusion_ct"][0], cs[0].reference) for name, cs in cases.items()]
+    first = {p: next(c for c in cases if c.protocol == p) for p in summary["protocols"]}
+    figure_rows = [(p, c.source, outputs[(c.case_id, p)], c.reference, c.affine) for p, c in first.items()]
     return {
         "n_test_cases": len(patients),
-        "reference": protocol.reference_stats(next(iter(cases.values()))),
+        "shown": shown,
+        "reference": {k: v["mean"] for k, v in summary["reference"].items()},
         "stage1_ceiling": ceiling,
-        "protocols": P.score_methods(protocol, outputs, cases),
+        "protocols": per,
+        "intervals": {m: {"psnr_body": v["metrics"]["psnr_body"], "vs_identity": v["vs_identity"]["psnr_body"],
+                          "noise_sd": v["metrics"]["noise_sd"], "texture_ccc": v["texture_ccc"]}
+                      for m, v in summary["methods"].items()},  # fmt: skip
         "figure_rows": figure_rows,
     }
 
 
-def _mid(a: np.ndarray) -> np.ndarray:
-    """A 2D image, or the middle slice along the last axis of a volume."""
-    return a if a.ndim == 2 else a[..., a.shape[-1] // 2]
-
-
-def _figure(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+def _figure(path: Path, rows: list[tuple], shown: str) -> None:
+    """Source / shown output / reference / difference per protocol: axial slices, anterior up, the patient's right
+    on the image's left (:func:`medfusion.eval.figures.axial_view`). The difference map leaves out (grey) the
+    pixels whose reference lies outside the display window (bone, air): their differences are not soft tissue."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from medfusion.eval.figures import axial_view
     from medfusion.io.atomic import atomic_path
 
+    lo, hi = DISPLAY_WINDOW
     fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)), squeeze=False)
-    for r, (proto, src, out, ref) in enumerate(rows):
-        panels = [
-            (_mid(src), f"{proto}: source"),
-            (_mid(out), "DiffusionCT"),
-            (_mid(ref), "standard (reference)"),
-        ]
-        for c, (img, title) in enumerate(panels):
-            axes[r, c].imshow(
-                img.T, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], origin="lower"
-            )
+    diff_cmap = matplotlib.colormaps["coolwarm"].with_extremes(bad="0.5")
+    for r, (proto, src, out, ref, affine) in enumerate(rows):
+        views = [axial_view(a, affine) for a in (src, out, ref)]
+        for c, title in enumerate([f"{proto}: source", f"output: {shown}", "standard (reference)"]):
+            axes[r, c].imshow(views[c], cmap="gray", vmin=lo, vmax=hi)
             axes[r, c].set_title(title, fontsize=8)
-        axes[r, 3].imshow((_mid(out) - _mid(ref)).T, cmap="coolwarm", vmin=-200, vmax=200, origin="lower")
-        axes[r, 3].set_title("standardized - reference (±200 HU)", fontsize=8)
+        diff = np.ma.masked_where((views[2] < lo) | (views[2] > hi), views[1] - views[2])
+        axes[r, 3].imshow(diff, cmap=diff_cmap, vmin=-200, vmax=200)
+        axes[r, 3].set_title("output - reference, ±200 HU\n(grey: reference outside the window)", fontsize=7)
         for a in axes[r]:
             a.axis("off")
+    fig.suptitle(f"window [{lo:g}, {hi:g}] HU; anterior up, patient's right on the left", fontsize=9)
     fig.tight_layout()
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
@@ -373,19 +418,21 @@ def run_demo(
     t0 = time.perf_counter()
     ae, ae_steps = train_stage1(manifest, b, dev, output, seed, quick)
     timings["stage1_s"] = time.perf_counter() - t0
-    log(f"[2/4] stage 1 (autoencoder): {ae_steps} steps, bs {2 * b.stage1.batch}, {timings['stage1_s']:.0f} s, "
-        f"latent scale {float(ae.latent_scale):.3f}")  # fmt: skip
+    log(f"[2/4] stage 1 (autoencoder): {ae_steps} of {b.stage1.steps} steps, bs {2 * b.stage1.batch}, "
+        f"{timings['stage1_s']:.0f} s, latent scale {float(ae.latent_scale):.3f}")  # fmt: skip
+    short = _guard_note("stage 1", ae_steps, b.stage1.steps, b.stage1.minutes, log)
 
     t0 = time.perf_counter()
     model, dm_steps = train_stage2(manifest, b, dev, output, seed, quick)
     timings["stage2_s"] = time.perf_counter() - t0
-    log(f"[3/4] stage 2 (conditional latent DDPM, v-pred, residual): {dm_steps} steps, bs {b.stage2.batch}, "
-        f"{timings['stage2_s']:.0f} s -> {output / 'models' / 'diffusion_ct'}")  # fmt: skip
+    log(f"[3/4] stage 2 (conditional latent DDPM, v-pred, residual): {dm_steps} of {b.stage2.steps} steps, "
+        f"bs {b.stage2.batch}, {timings['stage2_s']:.0f} s -> {output / 'models' / 'diffusion_ct'}")  # fmt: skip
+    short += _guard_note("stage 2", dm_steps, b.stage2.steps, b.stage2.minutes, log)
 
     t0 = time.perf_counter()
     scores = evaluate(model.to(dev).eval(), manifest, b, dev, seed, output, overwrite)
     timings["standardize_s"] = time.perf_counter() - t0
-    _figure(output / "figure.png", scores.pop("figure_rows"))
+    _figure(output / "figure.png", scores.pop("figure_rows"), scores["shown"]["method"])
     metrics = {
         "description": "held-out test patients of the built-in dataset vs the standard-protocol scan",
         "standard_protocol": STANDARD,
@@ -393,15 +440,29 @@ def run_demo(
         "device": str(dev),
         "quick": quick,
         "budget": {**asdict(b), "file": None if isinstance(budget, DemoBudget) else str(source),
-                   "workers_used": loader_workers(b), "ae_steps_done": ae_steps, "dm_steps_done": dm_steps},
+                   "workers_used": loader_workers(b), "ae_steps_done": ae_steps, "dm_steps_done": dm_steps,
+                   "short": bool(short), "guard_fired": short},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         **scores,
     }  # fmt: skip
     text = json.dumps(metrics, indent=2, default=_json_default)
     write_text_atomic(output / "metrics.json", text, overwrite=True)
     _print_table(metrics, log)
-    log(f"[4/4] outputs: {output / 'standardized'}, {output / 'figure.png'}, {output / 'metrics.json'}")
+    log(f"[4/4] outputs: {output / 'standardized'} ({scores['shown']['method']}), {output / 'figure.png'}, "
+        f"{output / 'metrics.json'}, {output / 'evaluation' / 'report.md'}")  # fmt: skip
+    if short:
+        log(f"SHORT RUN: the minute guard stopped {' and '.join(short)} before the step budget; this machine is "
+            "slower than the budget assumes, and these numbers are not the demo's")  # fmt: skip
     return metrics
+
+
+def _guard_note(stage: str, done: int, steps: int, minutes: float, log) -> list[str]:
+    """``[stage]`` and a printed warning when the minute guard (a safety stop) ended training before ``steps``."""
+    if done >= steps:
+        return []
+    log(f"WARNING: safety stop fired: {stage} stopped by its {minutes:g}-minute guard at {done} of {steps} steps; "
+        "the run is marked short in metrics.json")  # fmt: skip
+    return [stage]
 
 
 def _json_default(o: Any) -> Any:
@@ -412,28 +473,42 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def _ci(e: dict[str, Any], digits: int) -> str:
+    lo, hi = e["ci"]
+    if e["mean"] is None or not math.isfinite(e["mean"]):
+        return "n/a"
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and math.isfinite(lo) and math.isfinite(hi) else ""
+    return f"{e['mean']:.{digits}f}{ci}"
+
+
 def _print_table(metrics: dict[str, Any], log) -> None:
+    """Per method, all test protocols pooled: means with 95% patient-bootstrap intervals; then PSNR per protocol."""
     from rich.console import Console
     from rich.table import Table
 
     ref = metrics["reference"]
+    console = Console(width=max(Console().width, 110))  # never truncate method names on 80-column pipes
     table = Table(
-        title=f"DiffusionCT demo: held-out patients vs standard scan (reference noise SD {ref['noise_sd']:.1f} HU, "
-        f"edge sharpness {ref['edge_sharpness']:.2f})"
+        title=f"DiffusionCT demo: {metrics['n_test_cases']} held-out patients vs the standard scan, all protocols; "
+        f"[95% patient-bootstrap interval] (standard scan: noise SD {ref['noise_sd']:.1f} HU)"
     )
-    for col in ("protocol", "method", "PSNR dB", "SSIM", "noise SD HU", "edge", "texture CCC"):
+    for col in ("method", "PSNR body dB", "vs raw input dB", "noise SD HU", "texture CCC"):
         table.add_column(col)
+    for m, v in metrics["intervals"].items():
+        table.add_row(m, _ci(v["psnr_body"], 2), _ci(v["vs_identity"], 2), _ci(v["noise_sd"], 1),
+                      _ci(v["texture_ccc"], 3))  # fmt: skip
+    console.print(table)
+    per = Table(title="PSNR over the body (dB) per protocol (means; intervals in evaluation/report.md)")
+    methods = list(metrics["intervals"])
+    for col in ("protocol", *methods):
+        per.add_column(col)
     for proto, res in metrics["protocols"].items():
-        for m, v in res.items():
-            table.add_row(
-                proto, m, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}", f"{v['noise_sd']:.1f}", f"{v['edge_sharpness']:.2f}",
-                f"{v['texture_ccc']:.3f}",
-            )  # fmt: skip
-    console = Console()
-    Console(width=max(console.width, 110)).print(table)  # never truncate method names on 80-column pipes
+        per.add_row(proto, *(f"{res[m]['psnr_body']:.2f}" for m in methods))
+    console.print(per)
+    log(f"shown output ({metrics['shown']['method']}), chosen on validation: {metrics['shown']['why']}")
     c = metrics["stage1_ceiling"]
-    log(f"stage-1 ceiling decode(encode(standard)) vs standard: PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.4f}, "
-        f"noise SD {c['noise_sd']:.1f} HU, edge {c['edge_sharpness']:.2f}")  # fmt: skip
+    log(f"stage-1 ceiling decode(encode(standard)) vs standard: PSNR body {c['psnr_body']:.2f} dB, "
+        f"SSIM {c['ssim']:.4f}, noise SD {c['noise_sd']:.1f} HU")  # fmt: skip
     bud = metrics["budget"]
     log(
         f"budget: stage 1 {bud['ae_steps_done']} steps (bs {2 * bud['stage1']['batch']}), stage 2 "

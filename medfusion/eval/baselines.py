@@ -8,7 +8,13 @@ A learned standardizer (DiffusionCT, Selim et al., arXiv 2310.05237) should beat
   ``H(f) = sum_i S_i(f) conj(X_i(f)) / sum_i |X_i(f)|^2`` over the training pairs (X source, S standard scan,
   2D Fourier transforms of slices clipped to the HU window). It is the best linear shift-invariant map in the
   MSE sense, the fitted counterpart of filtering-based CT kernel conversion (one transfer function per kernel
-  pair, usually derived from measured MTFs).
+  pair, usually derived from measured MTFs);
+* :class:`NoiseTexture`: the noise power spectrum (NPS) of the standard protocol, measured in uniform regions of
+  training scans (:func:`noise_power_spectrum`: mean-subtracted square patches, ``NPS = |DFT|^2 / N``, the ROI
+  method of ICRU Report 87, 2012, and Boedeker et al., Phys Med Biol 52(14), 2007), and noise drawn with that
+  spectrum (:meth:`NoiseTexture.sample`: white Gaussian noise shaped by ``sqrt(NPS)`` in the Fourier domain).
+  Added to a supervised restorer's output it gives a baseline that has the standard scan's noise texture by
+  construction, the fair opponent of a generative model's texture claims.
 
 Both take HU arrays and return float32 HU of the same shape; pure numpy / scipy.
 """
@@ -97,3 +103,60 @@ class LinearFilterBaseline:
         if protocol not in self.filters:
             raise ValueError(f"no linear filter for protocol {protocol!r}; fitted: {sorted(self.filters)}")
         return apply_linear_filter(np.asarray(src, dtype=np.float32), self.filters[protocol])
+
+
+def noise_power_spectrum(images: Sequence[np.ndarray], rois: Sequence[np.ndarray], patch: int = 16) -> np.ndarray:
+    """2D noise power spectrum ``(patch, patch)`` (HU^2, unshifted DFT order) of uniform regions of ``images``.
+
+    Every ``patch x patch`` square (stride ``patch // 2``) lying wholly inside an ROI of an axial slice is
+    mean-subtracted and contributes ``|DFT|^2 / patch^2``; the NPS is their mean, so its mean over frequencies is
+    the noise variance (Parseval). Images are ``(H, W)`` or ``(H, W, D)`` (slices along the last axis).
+    """
+    acc, n = np.zeros((patch, patch)), 0
+    for img, roi in zip(images, rois, strict=True):
+        img, roi = np.asarray(img, dtype=np.float64), np.asarray(roi, dtype=bool)
+        if img.shape != roi.shape:
+            raise ValueError(f"image shape {img.shape} differs from its ROI's {roi.shape}")
+        slices = [(img, roi)] if img.ndim == 2 else [(img[..., k], roi[..., k]) for k in range(img.shape[-1])]
+        for x, m in slices:
+            step = max(1, patch // 2)
+            for i in range(0, x.shape[0] - patch + 1, step):
+                for j in range(0, x.shape[1] - patch + 1, step):
+                    if m[i : i + patch, j : j + patch].all():
+                        p = x[i : i + patch, j : j + patch]
+                        acc += np.abs(np.fft.fft2(p - p.mean())) ** 2 / patch**2
+                        n += 1
+    if n == 0:
+        raise ValueError(f"no {patch} x {patch} patch lies inside any ROI; use a smaller patch or larger ROIs")
+    return acc / n
+
+
+@dataclass
+class NoiseTexture:
+    """Noise with a measured NPS (module docstring); ``nps`` as :func:`noise_power_spectrum` returns it."""
+
+    nps: np.ndarray
+
+    @classmethod
+    def fit(cls, images: Sequence[np.ndarray], rois: Sequence[np.ndarray], patch: int = 16) -> NoiseTexture:
+        """The NPS of the (standard-protocol) ``images`` in their uniform ``rois``."""
+        return cls(noise_power_spectrum(images, rois, patch))
+
+    def _nps_on(self, shape: tuple[int, int]) -> np.ndarray:
+        """The NPS resampled (linear, in cycles/pixel) onto the DFT grid of an ``shape`` slice."""
+        from scipy.interpolate import RegularGridInterpolator
+
+        p = self.nps.shape[0]
+        f = np.fft.fftshift(np.fft.fftfreq(p))
+        grid = RegularGridInterpolator((f, f), np.fft.fftshift(self.nps), bounds_error=False, fill_value=None)
+        fy, fx = np.meshgrid(np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1]), indexing="ij")
+        return np.maximum(grid(np.stack([fy, fx], axis=-1)), 0.0)
+
+    def sample(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """Noise (HU, float32) of ``shape`` ``(H, W)`` or ``(H, W, D)`` whose axial slices have the NPS."""
+        if len(shape) not in (2, 3):
+            raise ValueError(f"shape must be (H, W) or (H, W, D), got {shape}")
+        amp = np.sqrt(self._nps_on((shape[0], shape[1])))
+        white = rng.standard_normal(shape)
+        spec = np.fft.fft2(white, axes=(0, 1)) * (amp if len(shape) == 2 else amp[..., None])
+        return np.real(np.fft.ifft2(spec, axes=(0, 1))).astype(np.float32)

@@ -5,9 +5,12 @@ arXiv 2310.05237) is judged by how close a standardized scan comes to the scan o
 standard protocol, and by whether radiomic texture features become reproducible across protocols. Per case and
 method, :class:`CTProtocol` computes against the standard scan (all intensities HU):
 
-* ``psnr`` / ``ssim`` on the [-1000, 1000] HU window (both images clipped to it, data range 2000);
+* ``psnr`` / ``ssim`` on the [-1000, 1000] HU window (both images clipped to it, data range 2000), over the whole
+  frame;
+* ``psnr_body``: the same PSNR over the body only (every nonzero label): the air around the patient, clipped to
+  -1000 HU in both images, agrees exactly and would otherwise inflate the dB by about ``10 log10(frame / body)``;
 * ``psnr_soft``: PSNR on the soft-tissue window W 400 / L 40 ([-160, 240] HU, data range 400), where kernel and
-  dose differences are read;
+  dose differences are read; ``psnr_soft_body``: the same over the body only;
 * ``noise_sd``: SD (HU) in a uniform ROI (:meth:`CTProtocol.uniform_roi`: the first organ of ``roi_labels`` with
   at least ``min_pixels`` pixels after ``erosion`` iterations of binary erosion, else the body eroded 3 times);
 * ``edge_sharpness``: peak slope of the edge-spread function across the body outline (1/pixel);
@@ -37,6 +40,8 @@ METRIC_WINDOW = (-1000.0, 1000.0)
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # W 400 / L 40 HU
 UNIFORM_ROI_ORGANS = ("liver", "muscle", "soft_tissue")  # first one large enough is the uniform ROI
 METRICS = ("psnr", "psnr_soft", "ssim", "noise_sd", "edge_sharpness", "texture_ccc")
+CASE_METRICS = ("psnr", "psnr_body", "psnr_soft", "psnr_soft_body", "ssim", "noise_sd", "edge_sharpness")
+"""What :meth:`CTProtocol.image_metrics` returns per case (``texture_ccc`` is computed across cases)."""
 
 Method = Callable[[np.ndarray, str], np.ndarray]  # (source HU, protocol name) -> output HU
 
@@ -117,16 +122,20 @@ class CTProtocol:
         return np.asarray(label) > 0
 
     def image_metrics(self, img: np.ndarray, ref: np.ndarray, label: np.ndarray) -> dict[str, float]:
-        """``psnr``, ``ssim``, ``psnr_soft``, ``noise_sd``, ``edge_sharpness`` of ``img`` against ``ref`` (HU)."""
+        """The :data:`CASE_METRICS` of ``img`` against ``ref`` (HU), in that order (module docstring)."""
         lo, hi = self.metric_window
         a, b = np.clip(img, lo, hi), np.clip(ref, lo, hi)
         slo, shi = self.soft_window
+        sa, sb = np.clip(img, slo, shi), np.clip(ref, slo, shi)
+        body = self.body(label)
         return {
             "psnr": psnr(a, b, data_range=hi - lo),
+            "psnr_body": psnr(a, b, data_range=hi - lo, mask=body),
+            "psnr_soft": psnr(sa, sb, data_range=shi - slo),
+            "psnr_soft_body": psnr(sa, sb, data_range=shi - slo, mask=body),
             "ssim": ssim(a, b, data_range=hi - lo),
-            "psnr_soft": psnr(np.clip(img, slo, shi), np.clip(ref, slo, shi), data_range=shi - slo),
             "noise_sd": noise_sd(img, self.uniform_roi(label)),
-            "edge_sharpness": edge_sharpness(img, self.body(label)),
+            "edge_sharpness": edge_sharpness(img, body),
         }
 
     def texture_ccc(self, images: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence) -> float:

@@ -12,6 +12,7 @@ import yaml
 from medfusion.apps import demo
 from medfusion.cli import main
 from medfusion.data.manifest import load_manifest
+from medfusion.eval.ct_protocol import CASE_METRICS
 from medfusion.eval.image import psnr
 from medfusion.io.nifti import read_nifti
 
@@ -35,12 +36,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
     assert metrics["budget"]["sampling"]["decode"] == "residual" and metrics["budget"]["stage2"]["regression"]
     assert metrics["budget"]["ae_steps_done"] == 2 and metrics["budget"]["dm_steps_done"] == 2
     assert metrics["budget"]["workers_used"] == 1
+    assert metrics["budget"]["short"] is False and metrics["budget"]["guard_fired"] == []
+    shown = metrics["shown"]["method"]
+    assert shown in ("diffusion_ct", "diffusion_ct_mean") and "validation" in metrics["shown"]["why"]
+    scores = metrics["shown"]["validation_psnr_body"]
+    assert scores[shown] == max(scores[n] for n in ("diffusion_ct", "diffusion_ct_mean"))
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    for m, v in metrics["intervals"].items():  # printed intervals are the evaluation's
+        assert v["psnr_body"] == summary["methods"][m]["metrics"]["psnr_body"]
+        assert v["psnr_body"]["ci"][0] <= v["psnr_body"]["mean"] <= v["psnr_body"]["ci"][1]
+    assert metrics["intervals"]["identity"]["vs_identity"]["mean"] == 0.0
     rows = {"identity", "passthrough", "diffusion_ct", "diffusion_ct_latent", "diffusion_ct_mean"}
 
     for proto, res in metrics["protocols"].items():
         assert set(res) == rows
         for m in res.values():
-            assert set(m) == {"psnr", "ssim", "psnr_soft", "noise_sd", "edge_sharpness", "texture_ccc"}
+            assert set(m) == {*CASE_METRICS, "texture_ccc"}
             assert np.isfinite(m["psnr"]) and 0 < m["noise_sd"]
         entries = [e for e in test_entries if e["protocol"] == proto]
         # metrics are against the standard scan: recomputed from the NIfTI files on disk
@@ -48,14 +59,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
         std = [_hu(e["target"]) for e in entries]
         outs = [_hu(out / "standardized" / f"{e['case_id']}_{proto}.nii.gz") for e in entries]
         assert res["identity"]["psnr"] == pytest.approx(np.mean([psnr(s, r, 2000.0) for s, r in zip(src, std)]))
-        assert res["diffusion_ct"]["psnr"] == pytest.approx(
+        assert res[shown]["psnr"] == pytest.approx(
             np.mean([psnr(o, r, 2000.0) for o, r in zip(outs, std)]), abs=1e-3
         )
         # the standardized scans are not the input
         assert all(o.shape == s.shape and not np.allclose(o, s) for o, s in zip(outs, src))
     assert len(sorted((out / "standardized").glob("*.nii.gz"))) == len(test_entries)
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "identity" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "identity" in printed and "chosen on validation" in printed and "95% patient-bootstrap" in printed
+    assert "SHORT RUN" not in printed
     # the exported model is usable by `medfusion standardize`
     rc = main(["standardize", "--ckpt", str(out / "models" / "diffusion_ct"), "--input",
                str(test_entries[0]["source"]), "--output", str(tmp_path / "again.nii.gz"), "--quiet"])  # fmt: skip
@@ -88,3 +101,10 @@ def test_budget_files_load_and_bad_ones_are_refused(tmp_path, monkeypatch):
         demo.load_budget(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="does not exist"):
         demo.load_budget(tmp_path / "missing.yaml")
+
+
+def test_guard_note_marks_a_short_stage():
+    lines: list[str] = []
+    assert demo._guard_note("stage 1", 10, 10, 3.0, lines.append) == [] and not lines
+    assert demo._guard_note("stage 2", 7, 10, 3.0, lines.append) == ["stage 2"]
+    assert "safety stop fired" in lines[0] and "7 of 10 steps" in lines[0]

@@ -64,3 +64,26 @@ def test_gaussian_sigma_tuned_on_validation_pairs():
     out = base(noisy[0][0], "low_dose")
     assert out.dtype == np.float32 and np.mean((out - clean[0]) ** 2) < np.mean((noisy[0][0] - clean[0]) ** 2)
     np.testing.assert_allclose(base(noisy[0][0], "unknown"), noisy[0][0].astype(np.float32))
+
+
+def test_noise_power_spectrum_of_white_and_correlated_noise():
+    from medfusion.eval.baselines import NoiseTexture, noise_power_spectrum
+
+    rng = np.random.default_rng(0)
+    imgs = [40.0 + rng.normal(0, 10.0, (64, 64)) for _ in range(4)]
+    rois = [np.ones((64, 64), bool)] * 4
+    nps = noise_power_spectrum(imgs, rois, patch=16)
+    assert nps.mean() == pytest.approx(100.0 * 15 / 16, rel=0.1)  # variance (patch means removed: 1 - 1/N)
+    assert nps[1:, 1:].std() / nps[1:, 1:].mean() < 0.4  # white: flat
+    # smoothed noise: low frequencies carry the power, and sampled noise reproduces SD and spectrum
+    smooth = [ndi.gaussian_filter(rng.normal(0, 30.0, (64, 64)), 1.5) for _ in range(8)]
+    tex = NoiseTexture.fit(smooth, [np.ones((64, 64), bool)] * 8)
+    assert tex.nps[0, 1] > 5 * tex.nps[8, 8]
+    draw = tex.sample((128, 128), np.random.default_rng(1))
+    assert draw.std() == pytest.approx(np.mean([s.std() for s in smooth]), rel=0.15)
+    again = noise_power_spectrum([draw], [np.ones((128, 128), bool)])
+    assert again[0, 1] > 5 * again[8, 8]
+    np.testing.assert_array_equal(draw, tex.sample((128, 128), np.random.default_rng(1)))  # seeded
+    assert tex.sample((32, 32, 3), np.random.default_rng(0)).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="patch"):
+        noise_power_spectrum(imgs[:1], [np.zeros((64, 64), bool)])

@@ -30,6 +30,12 @@ def test_image_metrics_use_the_stated_windows_and_roi(rng):
     assert m["psnr"] == pytest.approx(psnr(a, b, 2000.0))
     assert m["ssim"] == pytest.approx(ssim(a, b, 2000.0))
     assert m["psnr_soft"] == pytest.approx(psnr(np.clip(c.source, -160, 240), np.clip(c.reference, -160, 240), 400.0))
+    body = c.label > 0
+    assert m["psnr_body"] == pytest.approx(psnr(a[body], b[body], 2000.0))
+    sa, sb = np.clip(c.source, -160, 240), np.clip(c.reference, -160, 240)
+    assert m["psnr_soft_body"] == pytest.approx(psnr(sa[body], sb[body], 400.0))
+    assert m["psnr_body"] < m["psnr"]  # the air outside the body agrees exactly and inflates the frame's PSNR
+    assert tuple(m) == P.CASE_METRICS
     roi = proto.uniform_roi(c.label)
     assert roi.sum() >= 16 and np.all(c.label[roi] == LIVER)  # the eroded liver, not the soft tissue
     assert m["noise_sd"] == pytest.approx(noise_sd(c.source, roi))
