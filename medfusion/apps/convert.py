@@ -1,7 +1,9 @@
 """``medfusion convert INPUT OUTPUT``: a DICOM tree -> one NIfTI + JSON sidecar per series.
 
 The command line of :func:`medfusion.io.convert.convert_tree` (discovery, per-series failures, resume, atomic
-writes); it prints one line per series and ends with an exit status of :mod:`medfusion.exit_codes`.
+writes); it prints one line per series, keeps ``OUTPUT/convert_report.csv`` (one row per input file: status,
+reason, series UID, output, seconds; brought up to date by a rerun) and ends with an exit status of
+:mod:`medfusion.exit_codes`. An OUTPUT that cannot be written is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             include_localizers=args.include_localizers,
             merge_acquisitions=args.merge_acquisitions,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad arguments, missing INPUT, OUTPUT not writable
         print(f"medfusion convert: {exc}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     print_summary(report)

@@ -1,7 +1,10 @@
 """``medfusion manifest DIR``: a Decathlon-style datalist from the output of ``medfusion convert``.
 
-The command line of :func:`medfusion.data.manifest.build_manifest_from_converted` (series paired by a sidecar
-field, split by patient) and :func:`medfusion.data.manifest.write_manifest`. Exit status
+The command line of :func:`medfusion.data.from_converted.build_manifest_from_converted` (protocols told apart by
+their acquisition, series paired within each study, split by patient) and
+:func:`medfusion.data.manifest.write_manifest`. It prints the standard protocol, the target taken for each study
+and every series left out of the pairs with the reason; a JSON manifest also records them (``targets``,
+``excluded``; MONAI ignores these keys). Exit status
 (:mod:`medfusion.exit_codes`): 0 written; 2 when the manifest cannot be built or written (bad input, an
 existing manifest without ``--overwrite``): nothing is written then.
 """
@@ -9,6 +12,7 @@ existing manifest without ``--overwrite``): nothing is written then.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,9 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="folder written by `medfusion convert` (NIfTI + JSON sidecars)")
     parser.add_argument("--task", required=True, choices=sorted(TASK_KEYS), help="task whose keys to write")
     parser.add_argument(
-        "--group-by", default="ConvolutionKernel", help="sidecar field that defines protocols"
+        "--group-by",
+        default="acquisition",
+        help="what defines a protocol: 'acquisition' (kernel, slice thickness, kV, exposure, tube current, "
+        "series description; the default) or comma-separated sidecar fields, e.g. ConvolutionKernel",
     )
-    parser.add_argument("--standard", default=None, help="the standard protocol value (default: most common)")
+    parser.add_argument(
+        "--standard",
+        default=None,
+        help="the standard protocol: its label or text found in one label, e.g. B30f (default: most common)",
+    )
     parser.add_argument(
         "--split", nargs=3, type=float, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST")
     )
@@ -41,8 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _relative_extra(extra: dict, folder: Path) -> dict:
+    """The build record with paths relative to the manifest's folder (as the entries are written)."""
+
+    def rel(path: str) -> str:
+        return Path(os.path.relpath(path, folder)).as_posix()
+
+    return {
+        "standard": extra.get("standard"),
+        "group_by": extra.get("group_by"),
+        "targets": [{**t, "target": rel(t["target"])} for t in extra.get("targets", [])],
+        "excluded": [{**e, "series": rel(e["series"])} for e in extra.get("excluded", [])],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    """Build and write the manifest; print its path and split sizes. Returns an exit status."""
+    """Build and write the manifest; print its path, split sizes, targets and excluded series. Returns an exit
+    status."""
     from medfusion.data.manifest import ManifestError, build_manifest_from_converted, write_manifest
 
     try:
@@ -55,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         output = Path(args.output) if args.output else Path(args.directory) / "manifest.json"
+        record = _relative_extra(manifest.extra, output.parent.absolute())
         write_manifest(
             output,
             manifest.splits,
@@ -63,10 +90,17 @@ def run(args: argparse.Namespace) -> int:
             description=manifest.description,
             overwrite=args.overwrite,
             allow_outside=args.allow_outside,
+            extra=record if output.suffix.lower() == ".json" else None,
         )
-    except (ManifestError, FileExistsError) as e:
+    except (ManifestError, FileExistsError, ValueError) as e:
         print(f"medfusion manifest: {e}", file=sys.stderr)
         return EXIT_NOTHING_DONE
+    if record["standard"] is not None:
+        print(f"standard protocol: {record['standard']}")
+    for t in record["targets"]:
+        print(f"target    {t['case_id']}: {t['target']}")
+    for e in record["excluded"]:
+        print(f"excluded  {e['series']} ({e['protocol']}): {e['reason']}")
     sizes = ", ".join(f"{s}: {len(v)}" for s, v in manifest.splits.items())
-    print(f"wrote {output} ({sizes})")
+    print(f"wrote {output} ({sizes}; {len(record['excluded'])} series in no pair)")
     return EXIT_OK

@@ -8,8 +8,9 @@ For every patient (:mod:`medfusion.data.phantoms`), :func:`make_dataset` writes 
 * ``standard_repeat.nii.gz``: a second standard scan with another noise seed (test-retest reference for CCC);
 
 with a RAS+ affine from the spacing (2D data as 2D NIfTI), optionally ``DIR/dicom/<case_id>/<protocol>/`` DICOM
-series with protocol headers, and one Decathlon-style manifest per task in ``DIR/manifests/`` (they declare
-``"root": ".."``, so their paths, e.g. ``case_000/standard.nii.gz``, are relative to ``DIR``):
+series with protocol headers, and one Decathlon-style manifest per task in ``DIR/manifests/`` (paths relative to
+the manifest, e.g. ``../case_000/standard.nii.gz``, as MONAI's ``load_decathlon_datalist`` reads them;
+``"data_root": ".."`` keeps them inside ``DIR``):
 ``standardize`` (each non-standard scan -> standard), ``restore`` (low dose -> standard), ``segment``
 (standard scan + labels), ``register`` (pairs of patients within a split) and ``image`` (standard scans only).
 Splits are by patient.
@@ -242,13 +243,13 @@ def _manifests(
             "name": f"medfusion-builtin-{task}",
             "task": task,
             "description": descriptions[task],
-            "root": "..",  # paths are relative to the dataset folder, one level up
+            "data_root": "..",  # paths are relative to this file (as MONAI reads them) and stay inside DIR
         }
         doc.update({f"num{s.capitalize()}": len(v) for s, v in entries[task].items()})
         for split, items in entries[task].items():
             doc[split] = [
                 {
-                    k: (Path(os.path.relpath(v, root)).as_posix() if k in PATH_KEYS else v)
+                    k: (Path(os.path.relpath(v, folder)).as_posix() if k in PATH_KEYS else v)
                     for k, v in e.items()
                 }
                 for e in items

@@ -20,9 +20,13 @@ missing file, path escaping the manifest's folder (absolute paths and ``..`` esc
 ``allow_outside=True``), empty split, unknown task, missing keys for the task, and the same case or file in two
 splits (patient-level leakage between training and evaluation).
 
-``build_manifest_from_converted`` turns the output of ``medfusion convert`` (NIfTI + JSON sidecars) into a
-manifest, pairing series of the same patient and study by a sidecar field (e.g. the reconstruction kernel) and
-splitting by patient; ``medfusion manifest DIR`` (:mod:`medfusion.apps.manifest`) is its command line.
+A manifest kept in a sub-folder of its data (``DIR/manifests/``) declares ``"data_root": ".."``: its paths stay
+relative to the manifest (``../case_000/standard.nii.gz``, as MONAI resolves them) and may reach up to that
+folder. Manifests of earlier versions declared ``"root": ".."`` with paths relative to that root; they still load.
+
+``build_manifest_from_converted`` (:mod:`medfusion.data.from_converted`) turns the output of ``medfusion convert``
+(NIfTI + JSON sidecars) into a manifest, telling protocols apart by their acquisition and splitting by patient;
+``medfusion manifest DIR`` (:mod:`medfusion.apps.manifest`) is its command line.
 
 Why hand-written: MONAI's ``load_decathlon_datalist`` resolves paths but does no validation (missing files,
 escapes, leakage across splits, task keys) and has no CSV or writer; nothing in MONAI builds pairs from DICOM
@@ -35,8 +39,6 @@ import csv
 import io
 import json
 import os
-import random
-from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +128,9 @@ def _check_task(task: str | None, where: str) -> None:
         raise ManifestError(f"{where}: unknown task {task!r}; valid tasks: {', '.join(TASK_KEYS)}")
 
 
-def _resolve(value: object, root: Path, allow_outside: bool, where: str) -> str:
-    """Resolve one manifest path against ``root``; refuse absolute paths and escapes unless allowed."""
+def _resolve(value: object, root: Path, allow_outside: bool, where: str, base: Path | None = None) -> str:
+    """Resolve one manifest path against ``base`` (default ``root``); refuse absolute paths and escapes from
+    ``root`` unless allowed."""
     if not isinstance(value, str) or not value.strip():
         raise ManifestError(f"{where}: expected a non-empty path string, got {value!r}")
     p = Path(value)
@@ -138,10 +141,11 @@ def _resolve(value: object, root: Path, allow_outside: bool, where: str) -> str:
                 f"folder {root}; pass allow_outside=True to accept it)"
             )
         return os.path.normpath(p)
-    full = Path(os.path.normpath(root / p))
+    full = Path(os.path.normpath((base or root) / p))
     if not allow_outside and not (full == root or root in full.parents):
         raise ManifestError(
-            f"{where}: path {value!r} escapes the manifest's folder {root} (pass allow_outside=True to accept it)"
+            f"{where}: path {value!r} escapes the manifest's data folder {root} (pass allow_outside=True to "
+            "accept it)"
         )
     return str(full)
 
@@ -154,8 +158,10 @@ def _validate(
     source: str,
     check_files: bool,
     allow_outside: bool,
+    base: Path | None = None,
 ) -> dict[str, list[dict]]:
-    """Resolve paths and run every check; return the cleaned splits (canonical names, absolute paths)."""
+    """Resolve paths (against ``base``, default ``root``; they must stay inside ``root``) and run every check;
+    return the cleaned splits (canonical names, absolute paths)."""
     _check_task(task, source)
     if not splits:
         raise ManifestError(f"{source}: no splits found; expected some of {', '.join(SPLITS)}")
@@ -185,7 +191,7 @@ def _validate(
             entry: dict = {}
             for key, value in item.items():
                 if key in PATH_KEYS:
-                    full = _resolve(value, root, allow_outside, f"{where} key {key!r}")
+                    full = _resolve(value, root, allow_outside, f"{where} key {key!r}", base)
                     if check_files and not os.path.exists(full):
                         raise ManifestError(
                             f"{where} key {key!r}: file not found: {value!r} (resolved to {full})"
@@ -243,22 +249,32 @@ def _read_json(path: Path) -> tuple[dict[str, list[dict]], dict]:
     return splits, header
 
 
-def _data_root(path: Path, declared: object) -> Path:
-    """The folder that manifest paths are relative to: the manifest's folder, or its declared ``"root"``.
+def _data_root(path: Path, header: Mapping) -> tuple[Path, Path]:
+    """``(data root, base)``: the folder manifest paths must stay inside, and the folder they are relative to.
 
-    A JSON manifest may declare ``"root": ".."`` (relative to the manifest's own folder; MONAI's
-    ``load_decathlon_datalist`` calls this ``base_dir``) so that manifests can live in a ``manifests/``
-    sub-folder of the dataset; paths must then stay inside that root.
+    Paths are relative to the manifest's own folder, as MONAI's ``load_decathlon_datalist`` reads them (its
+    ``base_dir`` defaults to the datalist's folder). A manifest kept in a sub-folder of its dataset (e.g.
+    ``DIR/manifests/``) declares ``"data_root": ".."``: its paths (``../case_000/standard.nii.gz``) may then reach
+    up to that folder and no further; MONAI ignores the key and resolves the same files. Manifests of earlier
+    medfusion versions declared ``"root": ".."`` with paths relative to that root (which MONAI does not know);
+    they are still read that way.
     """
     folder = Path(os.path.normpath(path.parent.absolute()))
-    if declared is None:
-        return folder
-    if not isinstance(declared, str) or not declared or Path(declared).is_absolute():
-        raise ManifestError(f"{path}: 'root' must be a relative folder path (e.g. '..'), got {declared!r}")
-    root = Path(os.path.normpath(folder / declared))
+    legacy, declared = header.get("root"), header.get("data_root")
+    if legacy is not None and declared is not None:
+        raise ManifestError(f"{path}: declares both 'root' (old format) and 'data_root'; keep 'data_root'")
+    key = "root" if legacy is not None else "data_root"
+    value = legacy if legacy is not None else declared
+    if value is None:
+        return folder, folder
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        raise ManifestError(f"{path}: {key!r} must be a relative folder path (e.g. '..'), got {value!r}")
+    root = Path(os.path.normpath(folder / value))
     if not root.is_dir():
-        raise ManifestError(f"{path}: declared root {declared!r} ({root}) is not a folder")
-    return root
+        raise ManifestError(f"{path}: declared {key} {value!r} ({root}) is not a folder")
+    if key == "data_root" and not (root == folder or root in folder.parents):
+        raise ManifestError(f"{path}: data_root {value!r} must be the manifest's folder or one above it")
+    return root, (root if key == "root" else folder)
 
 
 def load_manifest(
@@ -303,11 +319,17 @@ def load_manifest(
                 f"{source}: manifest declares task {declared!r} but task {task!r} was requested"
             )
     task = task or declared
-    root = _data_root(path, header.get("root"))
+    root, base = _data_root(path, header)
     cleaned = _validate(
-        splits, root=root, task=task, source=source, check_files=check_files, allow_outside=allow_outside
+        splits,
+        root=root,
+        task=task,
+        source=source,
+        check_files=check_files,
+        allow_outside=allow_outside,
+        base=base,
     )
-    extra = {k: v for k, v in header.items() if k not in ("task", "name", "description", "root")}
+    extra = {k: v for k, v in header.items() if k not in ("task", "name", "description", "root", "data_root")}
     return Manifest(
         splits=cleaned,
         root=root,
@@ -329,24 +351,27 @@ def write_manifest(
     overwrite: bool = False,
     check_files: bool = True,
     allow_outside: bool = False,
-    root: str | None = None,
+    data_root: str | None = None,
+    extra: Mapping | None = None,
 ) -> Path:
     """Write ``splits`` as a JSON or CSV manifest (by suffix) with paths relative to the manifest's folder.
 
-    Paths may be absolute or relative to the current directory; every path must lie inside the manifest's
-    folder (so the dataset folder stays relocatable) unless ``allow_outside``, which writes ``../`` paths (the
-    manifest must then be loaded with ``allow_outside=True``). The data is validated exactly as
-    ``load_manifest`` would, then written atomically (``medfusion.io.atomic``); an existing file is kept unless
-    ``overwrite``.
+    Paths may be absolute or relative to the current directory. They are written relative to the manifest's
+    folder, as MONAI's ``load_decathlon_datalist`` resolves them, and must lie inside it (so the dataset folder
+    stays relocatable) or, with ``data_root`` (e.g. ``".."`` for a manifest in ``DIR/manifests/``, JSON only),
+    inside that folder; ``allow_outside`` writes any ``../`` path (the manifest must then be loaded with
+    ``allow_outside=True``). ``extra`` adds informational top-level keys to a JSON manifest (MONAI ignores
+    them). The data is validated exactly as ``load_manifest`` would, then written atomically
+    (``medfusion.io.atomic``); an existing file is kept unless ``overwrite``.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".csv"):
         raise ManifestError(f"{path}: unknown manifest format {suffix!r}; valid: .json, .csv")
-    if root is not None and suffix != ".json":
-        raise ManifestError(f"{path}: a declared 'root' needs a JSON manifest")
-    declared_root = root
-    root = Path(os.path.normpath(path.parent.absolute() / (root or ".")))
+    if (data_root is not None or extra) and suffix != ".json":
+        raise ManifestError(f"{path}: a declared 'data_root' or extra keys need a JSON manifest")
+    folder = Path(os.path.normpath(path.parent.absolute()))
+    root = Path(os.path.normpath(folder / (data_root or ".")))
     absolute = {
         split: [{k: (str(Path(v).absolute()) if k in PATH_KEYS else v) for k, v in e.items()} for e in items]
         for split, items in splits.items()
@@ -360,25 +385,27 @@ def write_manifest(
             row = {}
             for k, v in entry.items():
                 if k in PATH_KEYS:
-                    rel = os.path.relpath(v, root)
-                    if rel.split(os.sep)[0] == ".." and not allow_outside:
+                    inside = Path(v) == root or root in Path(v).parents
+                    if not inside and not allow_outside:
                         raise ManifestError(
-                            f"{path}: {split}: {k} {v!r} lies outside the manifest's folder {root}; "
-                            "write the manifest into the data folder (or a parent of it), or pass "
-                            "allow_outside=True (--allow-outside) and load it with allow_outside=True"
+                            f"{path}: {split}: {k} {v!r} lies outside the manifest's data folder {root}; "
+                            "write the manifest into the data folder (or pass data_root='..' for a sub-folder "
+                            "of it), or pass allow_outside=True (--allow-outside) and load it with "
+                            "allow_outside=True"
                         )
-                    v = Path(rel).as_posix()
+                    v = Path(os.path.relpath(v, folder)).as_posix()
                 row[k] = v
             relative.setdefault(split, []).append(row)
     if suffix == ".json":
         doc: dict = {"task": task}
-        if declared_root is not None:
-            doc["root"] = declared_root
+        if data_root is not None:
+            doc["data_root"] = data_root
         if name is not None:
             doc["name"] = name
         if description is not None:
             doc["description"] = description
         doc.update({f"num{s.capitalize()}": len(v) for s, v in relative.items()})
+        doc.update({k: v for k, v in (extra or {}).items() if k not in doc and k not in SPLIT_ALIASES})
         doc.update(relative)
         text = json.dumps(doc, indent=2) + "\n"
     else:
@@ -399,143 +426,18 @@ def write_manifest(
 # --- manifests from `medfusion convert` output -------------------------------------------------------------
 
 
-def _nifti_for(sidecar: Path) -> Path | None:
-    stem = sidecar.name[: -len(".json")]
-    for suffix in NIFTI_SUFFIXES:
-        candidate = sidecar.with_name(stem + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _series_number(meta: Mapping) -> float:
-    try:
-        return float(meta.get("SeriesNumber"))
-    except (TypeError, ValueError):
-        return float("inf")
-
-
-def _split_patients(patients: list[str], fractions: Sequence[float], seed: int) -> dict[str, str]:
-    """Assign each patient to a split: shuffled with ``seed``, sizes by largest remainder, >= 1 per used split."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(
-            f"split must be three non-negative fractions (training, validation, test), got {fractions}"
-        )
-    total = sum(fractions)
-    fracs = [f / total for f in fractions]
-    order = sorted(patients)
-    random.Random(seed).shuffle(order)
-    n = len(order)
-    counts = [int(f * n) for f in fracs]
-    for i in sorted(range(3), key=lambda i: fracs[i] * n - counts[i], reverse=True)[: n - sum(counts)]:
-        counts[i] += 1
-    # every requested split gets at least one patient when there are enough patients
-    for i in range(3):
-        if fracs[i] > 0 and counts[i] == 0:
-            donor = max(range(3), key=lambda j: counts[j])
-            if counts[donor] > 1:
-                counts[donor] -= 1
-                counts[i] += 1
-    assignment: dict[str, str] = {}
-    start = 0
-    for split, count in zip(SPLITS, counts):
-        for pid in order[start : start + count]:
-            assignment[pid] = split
-        start += count
-    return assignment
-
-
 def build_manifest_from_converted(
     directory: str | os.PathLike,
     *,
     task: str,
-    group_by: str = "ConvolutionKernel",
+    group_by: str | Sequence[str] = "acquisition",
     standard: str | None = None,
     split: Sequence[float] = (0.7, 0.15, 0.15),
     seed: int = 0,
 ) -> Manifest:
-    """Build a manifest from the NIfTI + JSON sidecars written by ``medfusion convert``.
+    """A manifest from the NIfTI + JSON sidecars written by ``medfusion convert``; see
+    :func:`medfusion.data.from_converted.build_manifest_from_converted` (kept here so that the manifest API is
+    one import)."""
+    from medfusion.data.from_converted import build_manifest_from_converted as build
 
-    Every ``X.json`` with a sibling ``X.nii.gz``/``X.nii`` is one series. For ``task="image"`` each series is an
-    entry ``{image, protocol, case_id}``. For ``standardize``/``restore`` series of the same patient and study are
-    grouped by the sidecar field ``group_by`` (e.g. the reconstruction kernel); the *standard* group is
-    ``standard`` or, if None, the most common value. Each non-standard series becomes an entry
-    ``{source: series, target: the study's standard series (lowest SeriesNumber), protocol: its group value,
-    case_id: PatientID}``; studies without a standard series are skipped. Patients are split
-    (training, validation, test) by ``split`` fractions with ``seed``, so no patient is in two splits.
-
-    Raises:
-        ManifestError: no series found, unknown/unsupported task, or no pair could be built.
-    """
-    source = str(directory)
-    directory = Path(os.path.normpath(Path(directory).absolute()))
-    _check_task(task, source)
-    supported = ("image", "standardize", "restore")
-    if task not in supported:
-        raise ManifestError(
-            f"{source}: task {task!r} cannot be built from DICOM sidecars (needs labels or a registration "
-            f"design); supported here: {', '.join(supported)}"
-        )
-    series: list[tuple[Path, dict]] = []
-    for sidecar in sorted(directory.rglob("*.json")):
-        nifti = _nifti_for(sidecar)
-        if nifti is None:
-            continue
-        try:
-            meta = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{sidecar}: sidecar is not valid JSON: {e}") from e
-        if isinstance(meta, dict):
-            series.append((nifti, meta))
-    if not series:
-        raise ManifestError(f"{source}: no NIfTI + JSON sidecar pairs found (run `medfusion convert` first)")
-
-    def group(meta: Mapping) -> str:
-        value = meta.get(group_by)
-        return "" if value is None else str(value)
-
-    def patient(meta: Mapping, nifti: Path) -> str:
-        return str(meta.get("PatientID") or nifti.parent.name)
-
-    entries: list[tuple[str, dict]] = []  # (patient, entry)
-    if task == "image":
-        for nifti, meta in series:
-            pid = patient(meta, nifti)
-            entries.append((pid, {K.IMAGE: str(nifti), K.PROTOCOL: group(meta), K.CASE_ID: pid}))
-    else:
-        counts = Counter(group(m) for _, m in series)
-        if standard is None:
-            standard = counts.most_common(1)[0][0]
-        elif standard not in counts:
-            raise ManifestError(
-                f"{source}: standard {group_by} {standard!r} not found; values present: {sorted(counts)}"
-            )
-        studies: dict[tuple[str, str], list[tuple[Path, dict]]] = defaultdict(list)
-        for nifti, meta in series:
-            studies[(patient(meta, nifti), str(meta.get("StudyInstanceUID", "")))].append((nifti, meta))
-        for (pid, _study), members in sorted(studies.items()):
-            refs = sorted((m for m in members if group(m[1]) == standard), key=lambda m: _series_number(m[1]))
-            if not refs:
-                continue
-            target = refs[0][0]
-            for nifti, meta in sorted(members, key=lambda m: _series_number(m[1])):
-                if group(meta) == standard:
-                    continue
-                entry = {K.SOURCE: str(nifti), K.TARGET: str(target), K.PROTOCOL: group(meta), K.CASE_ID: pid}
-                entries.append((pid, entry))
-        if not entries:
-            raise ManifestError(
-                f"{source}: no study has both a standard ({group_by}={standard!r}) and a non-standard series; "
-                f"{group_by} values present: {dict(counts)}"
-            )
-    assignment = _split_patients(sorted({pid for pid, _ in entries}), split, seed)
-    splits: dict[str, list[dict]] = {}
-    for pid, entry in entries:
-        splits.setdefault(assignment[pid], []).append(entry)
-    splits = {s: splits[s] for s in SPLITS if s in splits}
-    root = directory
-    cleaned = _validate(splits, root=root, task=task, source=source, check_files=True, allow_outside=True)
-    desc = f"built by `medfusion manifest` from {len(series)} series grouped by {group_by}"
-    if task != "image":
-        desc += f"; standard = {standard!r}"
-    return Manifest(splits=cleaned, root=root, task=task, name=directory.name, description=desc)
+    return build(directory, task=task, group_by=group_by, standard=standard, split=split, seed=seed)

@@ -3,7 +3,11 @@
 What users of dcm2niix / heudiconv expect of a batch job and no library bundles: every series is discovered and
 reported (never silently one of several), a bad series fails alone with its reason while the rest converts,
 files are written atomically (temporary name, then rename; the sidecar is written last and marks an output as
-complete), a rerun skips complete outputs, and nothing is ever written inside INPUT.
+complete), a rerun skips complete outputs, and nothing is ever written inside INPUT. ``OUTPUT/convert_report.csv``
+(:class:`ReportWriter`, :mod:`medfusion.io.run_report`) records every input file once: converted, skipped,
+failed or already done, with the reason, series UID, output and seconds; it is rewritten atomically after each
+series. Each series is converted under a claim (:mod:`medfusion.io.claim`), so two ``convert`` processes on one
+OUTPUT never write the same series, and a killed run's temporaries are removed when the series is taken up again.
 :attr:`ConvertReport.exit_code` follows :mod:`medfusion.exit_codes`: 0 all done, 1 some series failed, 2 nothing
 converted, 3 every series done but a 4D series had its partial last volume dropped (dcm2niix reports such
 series the same way). Failures take precedence over incomplete volumes, so a wrapper that tolerates 3 never
@@ -21,11 +25,14 @@ The command line is :mod:`medfusion.apps.convert`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,8 +44,10 @@ import numpy as np
 
 from medfusion.exit_codes import EXIT_NOTHING_DONE, batch_exit_code
 from medfusion.io.atomic import write_text_atomic
+from medfusion.io.claim import claim, claim_path, locked_folder
 from medfusion.io.dicom import SIDECAR_KEYS, DicomSeries, discover_series, read_series
 from medfusion.io.nifti import sidecar_path, write_nifti
+from medfusion.io.run_report import ReportRow, RunReport, report_path
 from medfusion.io.volume import voxel_spacing
 
 Status = Literal["converted", "skipped", "failed"]
@@ -67,6 +76,12 @@ class SeriesOutcome:
     sources: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
     incomplete: str | None = None  # "incomplete: dropped last volume with k of n slices"
+    seconds: float = 0.0  # time spent on the series in this run
+
+    @property
+    def already_done(self) -> bool:
+        """Skipped because a complete output exists (a resumed run)."""
+        return self.status == "skipped" and self.output is not None
 
 
 @dataclass
@@ -154,10 +169,17 @@ def output_names(series: list[DicomSeries]) -> list[str]:
 # -------------------------------------------------------------------------------------- one series
 
 
-def _storage_dtype(array: np.ndarray) -> np.dtype | None:
-    """int16 for float data holding int16-range integers (CT HU), as dcm2niix stores it; else unchanged."""
+def _storage_dtype(array: np.ndarray, integer_valued: bool = False) -> np.dtype | None:
+    """int16 for float data holding int16-range integers (CT HU), as dcm2niix stores it; int32 (or float64)
+    for 64-bit integers, which NIfTI readers rarely accept; else unchanged. ``integer_valued`` (known from the
+    header: integer pixels, slopes and intercepts) skips the voxel-by-voxel integer check."""
+    if np.issubdtype(array.dtype, np.integer) and array.dtype.itemsize == 8:
+        info = np.iinfo(np.int32)
+        fits = not array.size or (array.min() >= info.min and array.max() <= info.max)
+        return np.dtype(np.int32) if fits else np.dtype(np.float64)
     if np.issubdtype(array.dtype, np.floating) and array.size:
-        if array.min() >= -32768 and array.max() <= 32767 and np.array_equal(array, np.rint(array)):
+        in_range = array.min() >= -32768 and array.max() <= 32767
+        if in_range and (integer_valued or np.array_equal(array, np.rint(array))):
             return np.dtype(np.int16)
     return None
 
@@ -167,8 +189,53 @@ def is_complete(nifti: Path) -> bool:
     return nifti.is_file() and sidecar_path(nifti).is_file()
 
 
-def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) -> SeriesOutcome:
-    """Read one series and write ``nifti`` + its sidecar (atomic). Never raises for bad input data."""
+def convert_series(
+    series: DicomSeries, nifti: Path, overwrite: bool = False, claim_dir: Path | None = None
+) -> SeriesOutcome:
+    """Read one series and write ``nifti`` + its sidecar (atomic). Never raises for bad input data.
+
+    The work is done under a claim on ``nifti`` (:mod:`medfusion.io.claim`, claim file in ``claim_dir``, default
+    ``nifti``'s folder): a series that another process is converting at the same moment (two ``convert`` jobs
+    on one OUTPUT) is skipped with that reason.
+    """
+    start = time.perf_counter()
+    if is_complete(nifti) and not overwrite and not claim_path(nifti, claim_dir).exists():
+        return _convert_claimed(series, nifti, overwrite)  # final state, no claim to clear: nothing touched
+    try:
+        with claim(nifti, claim_dir) as held:
+            if held:
+                if nifti.parent.is_dir():
+                    remove_stale_temporaries(nifti)
+                outcome = _convert_claimed(series, nifti, overwrite)
+            else:
+                outcome = SeriesOutcome(
+                    "skipped",
+                    f"being converted by another process (it holds {nifti.name}'s claim); rerun to check",
+                    series_uid=series.series_uid,
+                    description=series.description,
+                    sources=tuple(series.files),
+                )
+    except OSError as exc:  # the claim file cannot be made: OUTPUT not writable
+        outcome = SeriesOutcome(
+            "failed",
+            f"cannot write {nifti.parent}: {exc}",
+            series_uid=series.series_uid,
+            description=series.description,
+            sources=tuple(series.files),
+        )
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def remove_stale_temporaries(output: Path) -> None:
+    """Remove the temporaries a killed writer left for ``output`` and its sidecar (``.<name>.*.part*``); call
+    only while holding ``output``'s claim, so that no live writer owns them."""
+    for name in (output.name, sidecar_path(output).name):
+        for stale in output.parent.glob(f".{glob.escape(name)}.*.part*"):
+            stale.unlink(missing_ok=True)
+
+
+def _convert_claimed(series: DicomSeries, nifti: Path, overwrite: bool) -> SeriesOutcome:
     common = {
         "series_uid": series.series_uid,
         "description": series.description,
@@ -191,7 +258,7 @@ def convert_series(series: DicomSeries, nifti: Path, overwrite: bool = False) ->
             volume.array,
             volume.affine,
             overwrite=True,
-            dtype=_storage_dtype(volume.array),
+            dtype=_storage_dtype(volume.array, bool(volume.meta.get("integer_valued"))),
             time_step=step,
         )
         sidecar = {key: volume.meta.get(key) for key in SIDECAR_KEYS}
@@ -263,6 +330,7 @@ def convert_tree(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_output_location(input_dir, output_dir)
+    check_writable(output_dir)
     found = discover_series(
         input_dir,
         include_derived=include_derived,
@@ -270,6 +338,7 @@ def convert_tree(
         merge_acquisitions=merge_acquisitions,
     )
     report = ConvertReport(input_dir, output_dir)
+    log = ReportWriter(input_dir, output_dir)
     for item in found.skipped:
         report.outcomes.append(
             SeriesOutcome(
@@ -280,6 +349,7 @@ def convert_tree(
                 sources=item.paths,
             )
         )
+    log.add(report.outcomes)
     names = output_names(found.series)
     targets = [output_dir / f"{name}.nii.gz" for name in names]
     bar = _progress_bar(progress)
@@ -287,7 +357,8 @@ def convert_tree(
         task = bar.add_task("converting", total=len(targets))
         if workers == 1 or len(targets) <= 1:
             for series, target in zip(found.series, targets):
-                report.outcomes.append(convert_series(series, target, overwrite))
+                report.outcomes.append(convert_series(series, target, overwrite, output_dir))
+                log.add(report.outcomes[-1:])
                 bar.advance(task)
         else:
             import multiprocessing
@@ -295,7 +366,8 @@ def convert_tree(
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 futures = {
-                    pool.submit(convert_series, s, t, overwrite): s for s, t in zip(found.series, targets)
+                    pool.submit(convert_series, s, t, overwrite, output_dir): s
+                    for s, t in zip(found.series, targets)
                 }
                 try:
                     for future in as_completed(futures):
@@ -312,11 +384,87 @@ def convert_tree(
                                     sources=tuple(series.files),
                                 )
                             )
+                        log.add(report.outcomes[-1:])
                         bar.advance(task)
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
     return report
+
+
+def check_writable(output_dir: Path) -> None:
+    """Create ``output_dir`` if needed; ``PermissionError`` naming it when files cannot be made in it."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"OUTPUT {output_dir} cannot be created: {exc.strerror}") from exc
+    try:  # a real probe: permission bits say nothing about a read-only mount or a full quota
+        fd, probe = tempfile.mkstemp(prefix=".medfusion-probe.", suffix=".part", dir=output_dir)
+    except OSError as exc:
+        raise PermissionError(f"OUTPUT {output_dir} is not writable: {exc.strerror}") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+_PRIORITY = {"failed": 3, "converted": 2, "already done": 1, "skipped": 0}
+
+
+class ReportWriter:
+    """``OUTPUT/convert_report.csv`` (:mod:`medfusion.io.run_report`): one row per input file, relative to INPUT.
+
+    A file in several series parts gets one row (the worst status: failed, converted, already done, skipped;
+    the outputs joined by ``;``). Rows are merged into the report on disk under a lock on OUTPUT after each
+    series, so a killed run leaves a report of what it finished and two runs on one OUTPUT keep both's rows.
+    """
+
+    def __init__(self, input_dir: Path, output_dir: Path) -> None:
+        self.input_dir, self.output_dir = input_dir, output_dir
+        self.path = report_path(output_dir, "convert")
+        self.rows: dict[str, ReportRow] = {}
+
+    def _row(self, outcome: SeriesOutcome, source: Path) -> ReportRow:
+        status = "already done" if outcome.already_done else outcome.status
+        output = _relative(outcome.output, self.output_dir) if outcome.output is not None else ""
+        if status == "failed":
+            output = ""
+        return ReportRow(
+            input=_relative(Path(source), self.input_dir),
+            status=status,
+            reason=outcome.reason,
+            series_uid=outcome.series_uid or "",
+            output=output,
+            seconds=round(outcome.seconds, 4),
+        )
+
+    def _merge(self, row: ReportRow) -> None:
+        old = self.rows.get(row.input)
+        if old is None:
+            self.rows[row.input] = row
+            return
+        keep, other = (row, old) if _PRIORITY[row.status] > _PRIORITY[old.status] else (old, row)
+        outputs = [o for o in dict.fromkeys((keep.output, other.output)) if o]
+        reasons = list(dict.fromkeys((keep.reason, other.reason)))
+        keep.output, keep.reason = "; ".join(outputs), "; ".join(r for r in reasons if r)
+        keep.seconds = round(keep.seconds + other.seconds, 4)
+        self.rows[row.input] = keep
+
+    def add(self, outcomes: list[SeriesOutcome]) -> None:
+        """Record the files of ``outcomes`` and bring the report on disk up to date."""
+        touched = []
+        for outcome in outcomes:
+            for source in outcome.sources:
+                row = self._row(outcome, source)
+                self._merge(row)
+                touched.append(row.input)
+        if not touched:
+            return
+        with locked_folder(
+            self.output_dir
+        ):  # writers of the report take this lock: their leftovers are stale
+            for stale in self.output_dir.glob(f".{self.path.name}.*.part*"):
+                stale.unlink(missing_ok=True)
+            on_disk = RunReport(self.path)
+            on_disk.extend(ReportRow(**vars(self.rows[key])) for key in dict.fromkeys(touched))
 
 
 class _NoProgress:

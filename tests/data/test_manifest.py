@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -214,7 +215,10 @@ def test_build_manifest_from_converted_pairs_by_kernel_and_splits_by_patient(tmp
         assert (
             e["target"].endswith("002_B30f.nii.gz") and Path(e["source"]).parent == Path(e["target"]).parent
         )
-        assert e["protocol"] in ("B60f", "B70f") and e["case_id"] == Path(e["source"]).parent.name
+        assert (
+            e["protocol"] in ("B60f | 120kV", "B70f | 120kV")
+            and e["case_id"] == Path(e["source"]).parent.name
+        )
     patients = {s: {e["case_id"] for e in items} for s, items in m.splits.items()}
     assert set(patients) == {"training", "validation", "test"}
     assert sum(len(v) for v in patients.values()) == 5  # each patient in exactly one split
@@ -269,37 +273,160 @@ def test_shipped_example_manifests_are_valid(name: str) -> None:
     assert all(str(path.parent) in e[TASK_KEYS[task][0]] for items in m.splits.values() for e in items)
 
 
-def test_declared_root_lets_manifests_live_in_a_subfolder(tmp_path):
-    """A manifest in DIR/manifests/ declaring ``"root": ".."`` resolves paths against DIR, and still refuses escapes."""
-    import json
-
-    from medfusion.data.manifest import ManifestError, load_manifest, write_manifest
-
+def test_data_root_lets_manifests_live_in_a_subfolder(tmp_path):
+    """A manifest in DIR/manifests/ declaring ``"data_root": ".."`` has paths relative to itself (``../case_0/a``,
+    as MONAI reads them) that may reach up to DIR and no further; the old ``"root": ".."`` format still loads."""
     data = tmp_path / "ds"
-    (data / "case_0").mkdir(parents=True)
-    (data / "case_1").mkdir(parents=True)
     for c in ("case_0", "case_1"):
-        (data / c / "a.nii.gz").write_bytes(b"x")
-        (data / c / "b.nii.gz").write_bytes(b"x")
+        _touch(data, f"{c}/a.nii.gz", f"{c}/b.nii.gz")
     splits = {
-        "training": [
-            {"source": str(data / "case_0/a.nii.gz"), "target": str(data / "case_0/b.nii.gz"), "case_id": "0"}
-        ],
-        "test": [
-            {"source": str(data / "case_1/a.nii.gz"), "target": str(data / "case_1/b.nii.gz"), "case_id": "1"}
-        ],
+        split: [{"source": str(data / c / "a.nii.gz"), "target": str(data / c / "b.nii.gz"), "case_id": c}]
+        for split, c in (("training", "case_0"), ("test", "case_1"))
     }
-    path = write_manifest(data / "manifests" / "m.json", splits, task="standardize", root="..")
+    path = write_manifest(data / "manifests" / "m.json", splits, task="standardize", data_root="..")
     doc = json.loads(path.read_text())
-    assert doc["root"] == ".." and doc["training"][0]["source"] == "case_0/a.nii.gz"
+    assert (
+        doc["data_root"] == ".."
+        and "root" not in doc
+        and doc["training"][0]["source"] == "../case_0/a.nii.gz"
+    )
     m = load_manifest(path)
     assert m.root == data and m.split("training")[0]["source"] == str(data / "case_0/a.nii.gz")
-    doc["training"][0]["source"] = "../outside.nii.gz"
+    doc["training"][0]["source"] = "../../outside.nii.gz"
     (tmp_path / "outside.nii.gz").write_bytes(b"x")
     path.write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="escapes"):
         load_manifest(path)
-    doc["root"] = "/abs"
+    doc["data_root"] = "/abs"
     path.write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="relative folder"):
         load_manifest(path)
+    with pytest.raises(ManifestError, match="outside the manifest's data folder"):
+        write_manifest(data / "manifests" / "n.json", splits, task="standardize")  # no data_root
+    # the old format: paths relative to the declared root
+    old = {
+        "task": "standardize",
+        "root": "..",
+        "training": [{"source": "case_0/a.nii.gz", "target": "case_0/b.nii.gz"}],
+    }
+    legacy = _json(data / "manifests", old, "old.json")
+    assert load_manifest(legacy).split("training")[0]["target"] == str(data / "case_0/b.nii.gz")
+
+
+def _monai_paths(path: Path) -> list[dict]:
+    from monai.data import load_decathlon_datalist
+
+    doc = json.loads(path.read_text())
+    splits = [s for s in ("training", "validation", "test") if s in doc]
+    return [e for s in splits for e in load_decathlon_datalist(str(path), data_list_key=s)]
+
+
+def _check_with_monai(path: Path, check_files: bool = True) -> int:
+    """MONAI's own loader resolves every path of ``path`` to what medfusion's does (and the files exist)."""
+    m = load_manifest(path, check_files=check_files)
+    ours = [e for s in ("training", "validation", "test") for e in m.split(s)]
+    theirs = _monai_paths(path)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        for key in m.path_keys:
+            if check_files:
+                assert os.path.normpath(b[key]) == a[key] and Path(b[key]).exists(), b[key]
+            else:  # MONAI joins a non-image key to the datalist's folder only when that file exists
+                assert os.path.normpath(os.path.join(path.parent.absolute(), b[key])) == a[key]
+    return len(theirs)
+
+
+def test_every_manifest_we_write_loads_with_monai(tmp_path):
+    pytest.importorskip("monai")
+    from medfusion.cli import main
+    from medfusion.data.builtin import make_dataset
+
+    built = make_dataset(tmp_path / "builtin", n_patients=3, size=16, seed=0, progress=False)
+    assert sum(_check_with_monai(p) for p in built.values()) > 0
+    root = _fake_converted(tmp_path / "conv")
+    assert main(["manifest", str(root), "--task", "standardize", "--standard", "B30f"]) == 0
+    assert _check_with_monai(root / "manifest.json") == 10
+    sub = root / "manifests" / "std.json"
+    write_manifest(sub, load_manifest(root / "manifest.json").splits, task="standardize", data_root="..")
+    assert _check_with_monai(sub) == 10
+    shipped = Path(__file__).resolve().parents[2] / "data_manifests"
+    for path in sorted(shipped.glob("*.json")):  # their data is not shipped: same paths, no file check
+        assert _check_with_monai(path, check_files=False) > 0
+
+
+def _acquisition_export(root: Path) -> Path:
+    """10 patients x 7 protocols: 3 kernels at full dose, the standard kernel at 2 lower doses and 2 thicknesses,
+    and one sharp protocol that shares its kernel name with another (different description)."""
+    protocols = [
+        (2, "B30f", 1.0, 200, "Abdomen 1.0 B30f"),  # the standard
+        (3, "B30f", 1.0, 50, "Abdomen 1.0 B30f 25%"),
+        (4, "B30f", 1.0, 100, "Abdomen 1.0 B30f 50%"),
+        (5, "B30f", 3.0, 200, "Abdomen 3.0 B30f"),
+        (6, "B30f", 5.0, 200, "Abdomen 5.0 B30f"),
+        (7, "B60f", 1.0, 200, "Abdomen 1.0 B60f"),
+        (8, "B60f", 1.0, 200, "Lung 1.0 B60f"),
+    ]
+    for p in range(10):
+        for number, kernel, thickness, mas, description in protocols:
+            stem = root / f"P{p:02d}" / f"{number:03d}_{kernel}"
+            _touch(root, stem.relative_to(root).as_posix() + ".nii.gz")
+            meta = {
+                "PatientID": f"P{p:02d}",
+                "StudyInstanceUID": f"1.2.{p}",
+                "SeriesNumber": number,
+                "ConvolutionKernel": kernel,
+                "SliceThickness": thickness,
+                "KVP": 120,
+                "Exposure": mas,
+                "SeriesDescription": description,
+            }
+            stem.with_suffix(".json").write_text(json.dumps(meta))
+        if p == 9:  # a repeat of the standard in one study
+            _touch(root, "P09/009_B30f.nii.gz")
+            (root / "P09/009_B30f.json").write_text(
+                json.dumps(
+                    {
+                        **meta,
+                        **dict(
+                            zip(
+                                (
+                                    "SeriesNumber",
+                                    "ConvolutionKernel",
+                                    "SliceThickness",
+                                    "Exposure",
+                                    "SeriesDescription",
+                                ),
+                                (9, "B30f", 1.0, 200, "Abdomen 1.0 B30f"),
+                            )
+                        ),
+                    }
+                )
+            )
+    return root
+
+
+def test_protocols_told_apart_by_acquisition_and_nothing_dropped(tmp_path, capsys):
+    from medfusion.cli import main
+
+    root = _acquisition_export(tmp_path / "conv")
+    m = build_manifest_from_converted(root, task="standardize", standard="200mAs | Abdomen 1.0 B30f")
+    entries = [e for items in m.splits.values() for e in items]
+    assert len(entries) == 10 * 6  # every non-standard series of every patient is a pair
+    assert len({e["protocol"] for e in entries}) == 6  # dose, thickness and same-kernel variants stay apart
+    assert m.extra["standard"] == "B30f | 1mm | 120kV | 200mAs | Abdomen 1.0 B30f"
+    assert [t["target"].endswith("002_B30f.nii.gz") for t in m.extra["targets"]] == [True] * 10
+    (excluded,) = m.extra["excluded"]  # the repeat: listed with its reason, not silently dropped
+    assert excluded["series"].endswith("P09/009_B30f.nii.gz") and "002_B30f" in excluded["reason"]
+    every = {str(p) for p in root.rglob("*.nii.gz")}
+    used = {e[k] for e in entries for k in ("source", "target")} | {x["series"] for x in m.extra["excluded"]}
+    assert used == every
+    with pytest.raises(ManifestError, match="matches several protocols"):
+        build_manifest_from_converted(root, task="standardize", standard="B30f")
+    by_kernel = build_manifest_from_converted(root, task="standardize", group_by="ConvolutionKernel")
+    assert len(by_kernel.extra["excluded"]) == 10 * 4 + 1  # kernel-only grouping: the variants are listed
+    assert main(["manifest", str(root), "--task", "standardize"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("target    P") == 10 and "excluded  P09/009_B30f.nii.gz" in text
+    doc = json.loads((root / "manifest.json").read_text())
+    assert doc["targets"][0]["target"] == "P00/002_B30f.nii.gz" and len(doc["excluded"]) == 1
+    assert load_manifest(root / "manifest.json").extra["standard"] == doc["standard"]

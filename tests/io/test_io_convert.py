@@ -12,10 +12,12 @@ from io_helpers import convert_command, ct_small_series, dicom_test_file, obliqu
 
 from medfusion.io.convert import convert_tree
 from medfusion.io.dicom import read_series, write_dicom_series
+from medfusion.io.run_report import read_report
 
 
 def _snapshot(root):
-    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+    """mtimes of every file but the run report (a rerun brings the report up to date)."""
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.name != "convert_report.csv"}
 
 
 @pytest.fixture
@@ -104,17 +106,21 @@ def test_refuses_output_inside_input(tree, capsys):
 def test_interrupted_run_leaves_no_partial_file(tree, tmp_path, monkeypatch):
     calls = []
 
-    def killed_save(img, filename):
+    def killed_save(filename, data, *args, **kwargs):
         calls.append(filename)
         with open(filename, "wb") as handle:
             handle.write(b"half a nifti")
         raise KeyboardInterrupt  # Ctrl-C in the middle of the first write
 
-    monkeypatch.setattr(nib, "save", killed_save)
+    import medfusion.io.nifti as nifti
+
+    monkeypatch.setattr(nifti, "write_gzip", killed_save)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert_tree(tree, out, progress=False)
-    assert calls and [p for p in out.rglob("*") if p.is_file()] == []
+    # nothing but the run report (of the files done before the interrupt); no temporary, no claim left
+    assert calls and [p.name for p in out.rglob("*") if p.is_file()] == ["convert_report.csv"]
+    assert "converted" not in {r.status for r in read_report(out / "convert_report.csv")}
     monkeypatch.undo()
     assert convert_tree(tree, out, progress=False).exit_code == 1  # the rerun converts everything it can
 

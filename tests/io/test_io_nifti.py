@@ -56,10 +56,36 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nib, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        write_nifti(tmp_path / "a.nii.gz", np.zeros((2, 2, 2)), np.eye(4))
+    import medfusion.io.nifti as nifti
+
+    monkeypatch.setattr(nib, "save", broken_save)  # .nii
+    monkeypatch.setattr(nifti, "write_gzip", lambda path, data: broken_save(None, path))  # .nii.gz
+    for name in ("a.nii.gz", "a.nii"):
+        with pytest.raises(KeyboardInterrupt):
+            write_nifti(tmp_path / name, np.zeros((2, 2, 2)), np.eye(4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_gzip_is_standard_and_independent_of_threads(tmp_path):
+    """write_gzip: one gzip member that gzip / nibabel read back, the same bytes for any number of threads."""
+    import gzip
+
+    from medfusion.io.nifti import write_gzip
+
+    data = np.random.default_rng(0).integers(0, 40, (1 << 22) * 2 + 12345, dtype=np.uint8).tobytes()
+    outputs = []
+    for threads in (1, 2, 3):
+        write_gzip(tmp_path / f"{threads}.gz", data, threads=threads)
+        outputs.append((tmp_path / f"{threads}.gz").read_bytes())
+        assert gzip.decompress(outputs[-1]) == data
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0][:3] == b"\x1f\x8b\x08"
+    write_gzip(tmp_path / "empty.gz", b"")
+    assert gzip.decompress((tmp_path / "empty.gz").read_bytes()) == b""
+    # a .nii.gz holds exactly the bytes nibabel writes for the .nii
+    array = np.asfortranarray(np.arange(60, dtype=np.int16).reshape(3, 4, 5))
+    write_nifti(tmp_path / "v.nii.gz", array, np.diag([0.5, 0.6, 2.0, 1.0]))
+    write_nifti(tmp_path / "v.nii", array, np.diag([0.5, 0.6, 2.0, 1.0]))
+    assert gzip.decompress((tmp_path / "v.nii.gz").read_bytes()) == (tmp_path / "v.nii").read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["axial", "oblique"])

@@ -23,6 +23,7 @@ from medfusion.io.dicom.header import (
     _image_type,
     _non_image_reason,
     _read_header,
+    _unsupported_reason,
     header_meta,
 )
 
@@ -131,6 +132,28 @@ def _split_frames(
     return final, ("split: " + "; ".join(reasons)) if reasons else None
 
 
+def _drop_copies(
+    entries: list[tuple[Path, Any, list[FrameInfo]]],
+    uid: str,
+    description: str | None,
+    skipped: list[SkippedItem],
+) -> list[tuple[Path, Any, list[FrameInfo]]]:
+    """Keep one file per SOPInstanceUID (the first by path): further files with the same UID are copies of the
+    same object (another transfer syntax, a re-export) and would otherwise show up as duplicate slices."""
+    first: dict[str, Path] = {}
+    for path, ds, _ in sorted(entries, key=lambda e: str(e[0])):
+        first.setdefault(str(ds.get("SOPInstanceUID", "") or ""), path)
+    kept = []
+    for entry in entries:
+        sop = str(entry[1].get("SOPInstanceUID", "") or "")
+        if sop and first[sop] != entry[0]:
+            reason = f"another copy of the object in {first[sop]} (same SOPInstanceUID {sop})"
+            skipped.append(SkippedItem((entry[0],), reason, uid, description))
+            continue
+        kept.append(entry)
+    return kept
+
+
 def discover_series(
     root: str | os.PathLike,
     *,
@@ -158,7 +181,7 @@ def discover_series(
         if ds is None:
             result.skipped.append(SkippedItem((path,), reason or "not DICOM"))
             continue
-        reason = _non_image_reason(ds)
+        reason = _non_image_reason(ds) or _unsupported_reason(ds)
         if reason is None:
             try:
                 frames = _frames_from_header(ds, path)
@@ -175,10 +198,19 @@ def discover_series(
     for uid in sorted(by_uid):
         entries = by_uid[uid]
         description = str(entries[0][1].get("SeriesDescription", "") or "") or None
+        entries = _drop_copies(entries, uid, description, result.skipped)
         kept = []
         for skip_word, include, why in (
-            ("LOCALIZER", include_localizers, "localizer (ImageType LOCALIZER); pass include_localizers"),
-            ("DERIVED", include_derived, "derived images (ImageType DERIVED); pass --include-derived"),
+            (
+                "LOCALIZER",
+                include_localizers,
+                "localizer (ImageType LOCALIZER); pass --include-localizers (include_localizers=True) to convert it",
+            ),
+            (
+                "DERIVED",
+                include_derived,
+                "derived images (ImageType DERIVED); pass --include-derived (include_derived=True) to convert them",
+            ),
         ):
             if include:
                 continue

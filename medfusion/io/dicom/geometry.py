@@ -274,24 +274,36 @@ def _check_uniform(frames: list[FrameInfo], label: str) -> None:
 
 def _spacing_problem(ordered: list[FrameInfo], proj: np.ndarray, diffs: np.ndarray, bad: np.ndarray) -> str:
     """Describe irregular steps ``diffs[bad]``: missing slices (named by position) when every bad step is a
-    whole multiple of the smallest one, else varying spacing."""
+    whole multiple of the smallest one (at most 1000 slices apart), else varying spacing with the positions."""
     base = float(diffs.min())
     ratios = diffs[bad] / base
-    if np.all(np.abs(ratios - np.rint(ratios)) < 0.1) and np.all(ratios > 1.5):
-        gaps = [
-            f"{int(round(r)) - 1} missing at "
-            + ", ".join(f"{proj[i] + m * base:.2f}" for m in range(1, int(round(r))))
-            + f" mm (between {ordered[i].path.name} at {proj[i]:.2f} mm and "
-            f"{ordered[i + 1].path.name} at {proj[i + 1]:.2f} mm)"
-            for i, r in zip(bad, ratios)
-        ]
-        return f"missing slice(s) (spacing {base:.3f} mm; positions along the slice normal): " + "; ".join(
-            gaps
+    if np.all(np.abs(ratios - np.rint(ratios)) < 0.1) and np.all(ratios > 1.5) and np.all(ratios < 1000):
+        gaps = []
+        for i, r in zip(bad[:5], ratios[:5]):
+            n = int(round(r)) - 1
+            shown = ", ".join(f"{proj[i] + m * base:.2f}" for m in range(1, min(n, 8) + 1))
+            gaps.append(
+                f"{n} missing at {shown}{', ...' if n > 8 else ''} mm (between {ordered[i].path.name} at "
+                f"{proj[i]:.2f} mm and {ordered[i + 1].path.name} at {proj[i + 1]:.2f} mm)"
+            )
+        more = f"; {len(bad) - 5} more gaps" if len(bad) > 5 else ""
+        return (
+            f"missing slice(s) (spacing {base:.3f} mm; ImagePositionPatient along the slice normal): "
+            + "; ".join(gaps)
+            + more
         )
     return (
-        f"slice spacing varies from {diffs.min():.3f} to {diffs.max():.3f} mm "
-        "; medfusion does not resample irregular stacks"
+        f"slice spacing varies from {diffs.min():.3g} to {diffs.max():.3g} mm (ImagePositionPatient along the slice "
+        f"normal: {_positions(ordered, proj)}); medfusion does not resample irregular stacks"
     )
+
+
+def _positions(ordered: list[FrameInfo], proj: np.ndarray, limit: int = 8) -> str:
+    """``file at x mm, ...`` for up to ``limit`` frames (first and last ones)."""
+    items = [f"{f.path.name} at {p:.2f}" for f, p in zip(ordered, proj)]
+    if len(items) > limit:
+        items = items[: limit // 2] + ["..."] + items[-limit // 2 :]
+    return ", ".join(items)
 
 
 def _regular_step(ordered: list[FrameInfo], proj: np.ndarray, label: str) -> float:
@@ -360,10 +372,26 @@ def _stack_geometry(frames: Sequence[FrameInfo], label: str) -> SeriesGeometry:
     iop = first.orientation
     missing_position = any(f.position is None for f in frames)
     if iop is None or missing_position:
+        placed = [f for f in frames if f.position is not None]
+        if len({f.path for f in frames}) > 1 and placed and iop is not None:
+            lost = sorted({f.path for f in frames if f.position is None})
+            multi = (
+                " (a multi-frame object: NumberOfFrames > 1 and no per-frame positions)"
+                if any(f.frame for f in frames)
+                else ""
+            )
+            raise _fail(
+                label,
+                f"{len(frames) - len(placed)} frame(s) in {', '.join(p.name for p in lost[:3])}{multi} have no "
+                "ImagePositionPatient of their own and cannot be placed among the other slices",
+                lost,
+            )
         if len(frames) > 1 and len({f.path for f in frames}) > 1:
             raise _fail(
                 label,
-                "slices without ImagePositionPatient / ImageOrientationPatient cannot be sorted",
+                f"{len({f.path for f in frames})} separate images without ImagePositionPatient / "
+                "ImageOrientationPatient (e.g. secondary captures, ultrasound): no geometry says how to stack "
+                "them into one volume, and medfusion does not guess an order (read_series(file) reads one as a 2D image)",
                 [f.path for f in frames],
             )
         iop = iop or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -10,7 +10,9 @@ other non-image objects), so discovery can skip them with a reason.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,6 +148,55 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
+def _field_floats(ds: Any, keyword: str, n: int, *, positive: bool = False) -> tuple[float, ...] | None:
+    """``n`` finite numbers from field ``keyword`` (None when it is absent or empty); ``ValueError`` naming the
+    field when it is present but holds something else (text, NaN, the wrong count, zero or negative spacing)."""
+    try:
+        raw = ds.get(keyword)
+    except Exception as exc:  # noqa: BLE001 - pydicom fails converting a corrupt raw value
+        raise ValueError(f"{keyword} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if raw is None or raw == "" or (hasattr(raw, "__len__") and not isinstance(raw, str) and len(raw) == 0):
+        return None
+    values = _floats([raw] if isinstance(raw, (str, bytes)) or not hasattr(raw, "__iter__") else raw, n)
+    if values is None:
+        raise ValueError(f"{keyword} {_show(raw)} is not {n} finite numbers")
+    if positive and min(values) <= 0:
+        raise ValueError(f"{keyword} {_show(raw)} must be positive")
+    return values
+
+
+def _field_float(ds: Any, keyword: str, default: float, *, nonzero: bool = False) -> float:
+    """One finite number from field ``keyword`` (``default`` when absent); ``ValueError`` naming the field."""
+    values = _field_floats(ds, keyword, 1)
+    if values is None:
+        return default
+    if nonzero and values[0] == 0:
+        raise ValueError(f"{keyword} is 0: every pixel would map to the same value")
+    return values[0]
+
+
+def _show(value: Any) -> str:
+    text = (
+        "\\".join(str(v) for v in value)
+        if isinstance(value, (list, tuple)) or hasattr(value, "append")
+        else str(value)
+    )
+    return repr(text[:40])
+
+
+def _check_orientation(iop: tuple[float, ...] | None) -> None:
+    """ImageOrientationPatient must hold two unit-length, orthogonal direction cosines (PS3.3 C.7.6.2.1.1)."""
+    if iop is None:
+        return
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    norms = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if min(norms) < 0.5 or max(norms) > 1.5 or abs(float(np.dot(row, col))) > 0.01 * norms[0] * norms[1]:
+        raise ValueError(
+            f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors "
+            f"(lengths {norms[0]:.3g}, {norms[1]:.3g}, dot product {float(np.dot(row, col)):.3g})"
+        )
+
+
 def _opt_int(value: Any) -> int | None:
     try:
         return None if value in (None, "") else int(value)
@@ -191,21 +242,27 @@ def _group_value(item: Any, shared: Any, sequence: str, keyword: str) -> Any:
 
 def _file_frame(ds: Any, path: Path) -> FrameInfo:
     """The header's file-level values as one frame (``frame=None``); per-frame values refine it."""
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    slope = _field_float(ds, "RescaleSlope", 1.0, nonzero=True)
     if ds.get("Modality") == "RTDOSE" and ds.get("DoseGridScaling") is not None:
-        slope = float(ds.DoseGridScaling)
-    thick = ds.get("SliceThickness")
+        slope = _field_float(ds, "DoseGridScaling", 1.0, nonzero=True)
+    thick = _opt_float(ds.get("SliceThickness"))
+    orientation = _field_floats(ds, "ImageOrientationPatient", 6)
+    _check_orientation(orientation)
+    spacing_key = "PixelSpacing" if "PixelSpacing" in ds else "ImagerPixelSpacing"
+    rows, columns = _opt_int(ds.get("Rows")), _opt_int(ds.get("Columns"))
+    if not rows or not columns or rows < 1 or columns < 1:
+        raise ValueError(f"Rows {ds.get('Rows')!r} / Columns {ds.get('Columns')!r} must be positive integers")
     return FrameInfo(
         path=path,
         frame=None,
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        pixel_spacing=_floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2),
-        slice_thickness=float(thick) if thick not in (None, "") else None,
+        rows=rows,
+        columns=columns,
+        position=_field_floats(ds, "ImagePositionPatient", 3),
+        orientation=orientation,
+        pixel_spacing=_field_floats(ds, spacing_key, 2, positive=True),
+        slice_thickness=thick if thick is not None and thick > 0 else None,
         slope=slope,
-        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        intercept=_field_float(ds, "RescaleIntercept", 0.0),
         acquisition_number=_opt_int(ds.get("AcquisitionNumber")),
         echo_number=_opt_int(ds.get("EchoNumbers")),
         temporal_index=_opt_int(ds.get("TemporalPositionIdentifier")),
@@ -247,7 +304,8 @@ def _enhanced_frame(item: Any, shared: Any, index: int, base: FrameInfo) -> Fram
 
 def _legacy_frames(ds: Any, base: FrameInfo) -> list[FrameInfo]:
     """Frames of a single-frame or legacy multi-frame object. Frame positions of a multi-frame object are
-    ``IPP + GridFrameOffsetVector[f] * normal`` (RT dose, PS3.3 C.8.8.3.2), else unknown (None)."""
+    ``IPP + GridFrameOffsetVector[f] * normal`` (RT dose, PS3.3 C.8.8.3.2); without that vector only the
+    object's one ImagePositionPatient is known, kept on frame 0 (the origin), the others None."""
     n_frames = _opt_int(ds.get("NumberOfFrames")) or 1
     if n_frames == 1:
         return [base]
@@ -259,6 +317,8 @@ def _legacy_frames(ds: Any, base: FrameInfo) -> list[FrameInfo]:
         if offsets is not None and ipp is not None and iop is not None and len(offsets) == n_frames:
             normal = np.cross(iop[:3], iop[3:])
             position = tuple(float(v) for v in np.asarray(ipp) + float(offsets[index]) * normal)
+        elif index == 0:
+            position = ipp
         frames.append(replace(base, frame=index, position=position))
     return frames
 
@@ -272,6 +332,37 @@ def _frames_from_header(ds: Any, path: Path) -> list[FrameInfo]:
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_seq[0] if shared_seq else None
     return [_enhanced_frame(item, shared, index, base) for index, item in enumerate(per_frame)]
+
+
+# Datasets parsed by discovery, kept for read_series so that each file is parsed once (pixel data deferred,
+# PS3.5 values read on first access); bounded, and keyed by path, mtime and size so that a changed file is re-read.
+_DEFER_SIZE = 4096
+PARSED_CACHE_SIZE = 1024
+_PARSED: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+
+
+def _file_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (str(Path(path).absolute()), stat.st_mtime_ns, stat.st_size)
+
+
+def _remember(path: Path, ds: Any) -> None:
+    key = _file_key(path)
+    if key is None or PARSED_CACHE_SIZE <= 0:
+        return
+    _PARSED[key] = ds
+    while len(_PARSED) > PARSED_CACHE_SIZE:
+        _PARSED.popitem(last=False)
+
+
+def take_parsed(path: Path) -> Any | None:
+    """The dataset discovery parsed from ``path`` (removed from the cache), or None if it is not there or the
+    file changed since."""
+    key = _file_key(path)
+    return _PARSED.pop(key, None) if key is not None else None
 
 
 def _read_header(path: Path) -> tuple[Any | None, str | None]:
@@ -289,7 +380,13 @@ def _read_header(path: Path) -> tuple[Any | None, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            try:  # the whole file, large values (pixel data) deferred: read_series can use it as it is
+                ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+                _remember(path, ds)
+            except InvalidDicomError:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. truncated after the pixel data: the header may still do
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         # files written without the 128-byte preamble: accept only if they parse to a real header
         try:
@@ -320,6 +417,19 @@ def _non_image_reason(ds: Any) -> str | None:
         return f"non-image object (no pixel matrix; Modality {modality or '?'}, {sop_name})"
     if "SeriesInstanceUID" not in ds:
         return "image without SeriesInstanceUID"
+    return None
+
+
+def _unsupported_reason(ds: Any) -> str | None:
+    """Why an image cannot become a greyscale volume (None if it can): colour pixels, including palette colour
+    whose stored values are indices into a colour table (PS3.3 C.7.6.3.1.2)."""
+    samples = _opt_int(ds.get("SamplesPerPixel")) or 1
+    photometric = str(ds.get("PhotometricInterpretation", "") or "?").strip()
+    if samples != 1 or photometric == "PALETTE COLOR":
+        return (
+            f"colour image (SamplesPerPixel {samples}, PhotometricInterpretation {photometric}); "
+            "medfusion converts greyscale images only"
+        )
     return None
 
 

@@ -26,6 +26,7 @@ from medfusion.io.dicom.header import (
     _non_image_reason,
     _read_header,
     header_meta,
+    take_parsed,
 )
 from medfusion.io.volume import Volume
 
@@ -86,9 +87,15 @@ def _resolve(series_or_files: Any) -> tuple[list[FrameInfo], dict, str]:
 def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
     """Full dataset + decoded pixel array (frames first for multi-frame objects)."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
+    ds = take_parsed(path)  # parsed once by discovery, pixel data deferred until now
     try:
-        ds = pydicom.dcmread(path)
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path)
+            except InvalidDicomError:  # no preamble: discovery accepted its header (UIDs present); read it so
+                ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # noqa: BLE001
         raise _fail(
             label, f"{path.name}: unreadable or corrupt file ({type(exc).__name__}: {exc})", [path]
@@ -102,14 +109,54 @@ def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
             [path],
         )
     try:
+        problem = _pixel_header_problem(ds, syntax)
+    except Exception as exc:  # noqa: BLE001 - bad values, or deferred pixel data that cannot be read
+        problem = (
+            f"unreadable pixel description (Rows, Columns, NumberOfFrames, BitsAllocated, BitsStored): {exc}"
+        )
+    if problem:
+        raise _fail(label, f"{path.name}: {problem}", [path])
+    try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - missing plugin, corrupt stream, truncated data
         raise _fail(
             label,
-            f"cannot decode pixel data of {path.name}, transfer syntax {syntax_text}: {type(exc).__name__}: {exc}",
+            f"cannot decode pixel data of {path.name}, transfer syntax {syntax_text}: {type(exc).__name__}: {exc} "
+            f"(header: {_pixel_fields(ds)})",
             [path],
         ) from exc
     return np.asarray(pixels), ds
+
+
+def _pixel_fields(ds: Any) -> str:
+    """The header fields that describe the pixel data, for error messages."""
+    keys = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "PixelRepresentation")
+    return ", ".join(f"{k} {ds.get(k)}" for k in keys if k in ds)
+
+
+def _pixel_header_problem(ds: Any, syntax: Any) -> str | None:
+    """What in the pixel description (PS3.3 C.7.6.3) contradicts itself or the stored bytes, naming the fields;
+    None if nothing. Encapsulated (compressed) pixel data is left to the decoder."""
+    allocated, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    if allocated not in (8, 16, 32, 64) and not (allocated == 1 and ds.get("Modality") == "SEG"):
+        return f"BitsAllocated {allocated!r} is not 8, 16, 32 or 64"
+    if stored is not None and not 1 <= int(stored) <= int(allocated):
+        return f"BitsStored {stored!r} is not between 1 and BitsAllocated {allocated}"
+    if "PixelData" not in ds:
+        return "no PixelData element"
+    if syntax is None or not getattr(syntax, "is_encapsulated", False):
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        expected = rows * columns * frames * int(ds.get("SamplesPerPixel", 1) or 1) * int(allocated) // 8
+        have = len(ds.PixelData)
+        if have < expected:
+            return (
+                f"PixelData holds {have} bytes, but Rows x Columns x NumberOfFrames x BitsAllocated/8 = "
+                f"{rows} x {columns} x {frames} x {int(allocated) // 8} = {expected} bytes: the pixel data is "
+                f"truncated, one of these fields is wrong, or the data is compressed although TransferSyntaxUID "
+                f"{syntax or '(absent)'} says it is not"
+            )
+    return None
 
 
 def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str | os.PathLike]) -> Volume:
@@ -141,6 +188,7 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
         if frame.path not in decoded:
             decoded[frame.path], _ = _decode(frame.path, label)
         pixels = decoded[frame.path]
+        pixel_type = pixels.dtype
         if frame.frame is not None:
             if pixels.ndim < 3 or frame.frame >= pixels.shape[0]:
                 raise _fail(
@@ -154,9 +202,12 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
                 [frame.path],
             )
         if out is None:
+            # Fortran order: each slice (a row-major DICOM frame, transposed) is one contiguous block, and the
+            # array is already in NIfTI's on-disk voxel order
             out = np.empty(
                 (frame.columns, frame.rows, n_slices, n // n_slices),
                 dtype=np.float32 if rescale else pixels.dtype,
+                order="F",
             )
         index = (slice(None), slice(None), k % n_slices, k // n_slices)  # frames are time-major
         if rescale:
@@ -172,6 +223,12 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
     meta["time_values"] = list(geometry.time_values) if geometry.time_key else None
     meta["incomplete"] = geometry.incomplete
     meta["time_step"] = geometry.time_step
+    # stored integers times integer slopes plus integer intercepts are integers (exact in float32 below 2**24):
+    # lets writers store int16 without checking every voxel
+    meta["integer_valued"] = bool(
+        np.issubdtype(np.dtype(pixel_type), np.integer)
+        and all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in ordered)
+    )
     for note in geometry.warnings:
         warnings.warn(f"{label}: {note}", stacklevel=2)
     return Volume(array=array, affine=geometry.affine, meta=meta)
