@@ -16,7 +16,9 @@ pull convention (``warped(x) = original(x + u(x))``), with the image's affine. T
 Resumable: every file is written atomically, finished triplets are skipped, and sample ``k`` of case ``i``
 is seeded from ``(seed, i, k)``, so a resumed run writes what an uninterrupted one would.
 Without ``--ckpt`` the forward process alone is used (the random-field baseline). A case that cannot be read or
-deformed is reported with its path and the reason and the others go on; exit status: :mod:`medfusion.exit_codes`.
+deformed is reported with its path and the reason and the others go on; ``augment_report.csv`` in ``--output`` has
+one row per manifest case (:mod:`medfusion.io.run_report`); exit status: :mod:`medfusion.exit_codes`.
+``--devices N [--num-nodes M]`` shares the cases among ranks (:mod:`medfusion.apps.predict`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE, batch_exit_code
+from medfusion.apps.volume_args import add_launch_arguments, launch_options, report
+from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE
 
 LABEL_MODES = ("nearest", "onehot")
 OUTPUT_DIRS = ("images", "labels", "fields", "fields_itk")
@@ -81,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing outputs")
+    add_launch_arguments(parser)
 
 
 def _load_net(ckpt: str | None, device: str):
@@ -127,16 +131,13 @@ def _entries(args: argparse.Namespace) -> list[dict]:
     return entries
 
 
-def _read_case(entry: dict, net: Any, device: str) -> tuple[Any, dict[str, Any], tuple[int, ...], bool]:
-    """``(image volume, padded {"image", "label"} tensors, spatial shape, has label)`` of one manifest entry."""
+def case_tensors(image: Any, label: Any, net: Any, device: str) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """``({"image", "label"} padded to multiples of 8 on ``device``, spatial shape)`` of one image (and label) array;
+    ``ValueError`` when the image's dimensionality does not fit the recovery net."""
     import numpy as np
     import torch
 
-    from medfusion.io.nifti import read_nifti
-
-    vol = read_nifti(entry["image"])
-    lab = read_nifti(entry["label"]) if "label" in entry else None
-    image = np.asarray(vol.array, dtype=np.float32)
+    image = np.asarray(image, dtype=np.float32)
     if net is not None:
         nd = net.spatial_dims
         if image.ndim > nd:
@@ -145,87 +146,177 @@ def _read_case(entry: dict, net: Any, device: str) -> tuple[Any, dict[str, Any],
             raise ValueError(f"{image.ndim}D image for a {nd}D model")
     shape = image.shape
     data = {"image": _pad8(torch.from_numpy(image)[None].to(device), image.min())}
-    if lab is not None:
-        label = torch.from_numpy(np.asarray(lab.array).reshape(shape).astype(np.int64))
-        data["label"] = _pad8(label[None].to(device), 0)
-    return vol, data, shape, lab is not None
+    if label is not None:
+        lab = torch.from_numpy(np.asarray(label).reshape(shape).astype(np.int64))
+        data["label"] = _pad8(lab[None].to(device), 0)
+    return data, shape
 
 
-def _augment_case(
-    args: argparse.Namespace, transform: Any, net: Any, entry: dict, i: int, case: str, counts: dict
-) -> list[dict]:
-    """Write the ``--n`` triplets of manifest entry ``i`` (skipping finished ones); returns their manifest records."""
-    import numpy as np
+def sample_seed(seed: int, case: int, k: int) -> int:
+    """Seed of sample ``k`` of case ``case`` (its index in the manifest)."""
+    return (seed * 1_000_003 + case * 1009 + k) % (2**32)
 
-    from medfusion.io.displacement import write_displacement_field
-    from medfusion.io.nifti import write_nifti
 
-    out = Path(args.output)
-    vol, data, shape, has_label = _read_case(entry, net, args.device)
+def deform(transform: Any, data: dict[str, Any], shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+    """One seeded DRDM sample of ``data`` (:func:`case_tensors`), cropped back to ``shape``: numpy ``image``,
+    ``label`` (if given), ``ddf`` ``(D, *spatial)`` in voxels, and the level ``t_start`` and ``folding`` fraction."""
     crop = (slice(None), *[slice(0, s) for s in shape])
-    needed = ["images", "fields", "fields_itk"] + (["labels"] if has_label else [])
-    records = []
-    for k in range(args.n):
-        name = f"{case}_aug{k:03d}.nii.gz"
-        paths = {sub: out / sub / name for sub in OUTPUT_DIRS}
-        record = {"image": f"images/{name}", "ddf": f"fields/{name}", "ddf_itk": f"fields_itk/{name}",
-                  "source_image": str(entry["image"]), "sample": k}  # fmt: skip
-        if has_label:
-            record["label"] = f"labels/{name}"
-        records.append(record)
-        counts["count"] += 1
-        if not args.overwrite and all(paths[s].exists() for s in needed):
-            counts["kept"] += 1
-            continue
-        transform.set_random_state(seed=(args.seed * 1_000_003 + i * 1009 + k) % (2**32))
-        res = transform(dict(data))
-        record |= {"t_start": transform.rand._t_start, "folding": res["ddf_folding"]}
-        write_nifti(paths["images"], res["image"][crop][0].cpu().numpy(), vol.affine, overwrite=True)
-        if has_label:
-            label = res["label"][crop][0].cpu().numpy().astype(np.int16)
-            write_nifti(paths["labels"], label, vol.affine, overwrite=True)
-        ddf = res["ddf"][crop].cpu().numpy().astype(np.float32)
-        write_nifti(paths["fields"], np.moveaxis(ddf, 0, -1), vol.affine, overwrite=True)
-        write_displacement_field(paths["fields_itk"], ddf, vol.affine, overwrite=True)
-        print(
-            f"[{counts['count']}/{counts['total']}] {name} T'={record['t_start']} "
-            f"folding={100 * record['folding']:.3f}%",
-            file=sys.stderr,
+    transform.set_random_state(seed=seed)
+    res = transform(dict(data))
+    out = {"image": res["image"][crop][0].cpu().numpy(), "ddf": res["ddf"][crop].cpu().numpy(),
+           "t_start": transform.rand._t_start, "folding": res["ddf_folding"]}  # fmt: skip
+    if "label" in data:
+        out["label"] = res["label"][crop][0].cpu().numpy()
+    return out
+
+
+def drdm_transform(
+    net: Any, *, t_range: Any = (40, 48), steps: int | None = None, label_mode: str = "nearest"
+) -> Any:
+    """The DRDM transform of ``augment`` (image bilinear, label ``label_mode``, field under ``ddf``)."""
+    from medfusion.transforms.drdm import RandDRDMDeformd
+
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {', '.join(LABEL_MODES)}; got {label_mode!r}")
+    return RandDRDMDeformd(
+        ["image", "label"], mode=("bilinear", label_mode), t_range=tuple(t_range), recovery_net=net,
+        recovery_steps=steps, ddf_key="ddf", allow_missing_keys=True,
+    )  # fmt: skip
+
+
+class AugmentJob:
+    """The cases of one ``augment`` run as a :class:`medfusion.apps.predict.CaseJob`: case ``i`` is manifest entry
+    ``i``; its ``n`` triplets are seeded from ``(seed, i, k)``, so any rank, and a resumed run, writes what an
+    uninterrupted one-process run would."""
+
+    def __init__(self, entries: list[dict], net: Any, settings: dict[str, Any]) -> None:
+        self.entries, self.model, self.settings = entries, net, settings
+        self.names = case_names(entries)
+        images = [str(e["image"]) for e in entries]
+        self.inputs = [im if images.count(im) == 1 else f"{im}#{n}" for im, n in zip(images, self.names)]
+        self.preamble: list[Any] = []
+        self._transform: Any = None
+
+    def _paths(self, i: int, k: int) -> dict[str, Path]:
+        name = f"{self.names[i]}_aug{k:03d}.nii.gz"
+        return {sub: Path(self.settings["output"]) / sub / name for sub in OUTPUT_DIRS}
+
+    def _finished(self, i: int, k: int) -> bool:
+        needed = ["images", "fields", "fields_itk"] + (["labels"] if "label" in self.entries[i] else [])
+        paths = self._paths(i, k)
+        return not self.settings["overwrite"] and all(paths[s].exists() for s in needed)
+
+    def _records(self, i: int) -> list[dict]:
+        records = []
+        for k in range(self.settings["n"]):
+            rel = {
+                sub: path.relative_to(self.settings["output"]).as_posix()
+                for sub, path in self._paths(i, k).items()
+            }
+            record = {"image": rel["images"], "ddf": rel["fields"], "ddf_itk": rel["fields_itk"],
+                      "source_image": str(self.entries[i]["image"]), "sample": k}  # fmt: skip
+            if "label" in self.entries[i]:
+                record["label"] = rel["labels"]
+            records.append(record)
+        return records
+
+    def output_of(self, i: int) -> str:
+        return str(Path(self.settings["output"]) / "images" / f"{self.names[i]}_aug*.nii.gz")
+
+    def done_row(self, i: int) -> Any:
+        from medfusion.io.run_report import ReportRow
+
+        if all(self._finished(i, k) for k in range(self.settings["n"])):
+            return ReportRow(self.inputs[i], "already done", "outputs exist", output=self.output_of(i))
+        return None
+
+    def _transform_on(self, device: Any) -> Any:
+        if self._transform is None:
+            s = self.settings
+            self._transform = drdm_transform(
+                self.model, t_range=s["t_range"], steps=s["steps"], label_mode=s["label_mode"]
+            )
+        return self._transform
+
+    def compute(self, i: int, device: Any) -> tuple[Any, list[tuple[int, dict[str, Any]]]]:
+        """The missing triplets of case ``i``: ``(image volume, [(k, deform(...))])``."""
+        from medfusion.io.nifti import read_nifti
+
+        transform = self._transform_on(device)
+        entry = self.entries[i]
+        vol = read_nifti(entry["image"])
+        label = read_nifti(entry["label"]).array if "label" in entry else None
+        data, shape = case_tensors(vol.array, label, self.model, str(device))
+        samples = []
+        for k in range(self.settings["n"]):
+            if not self._finished(i, k):
+                samples.append((k, deform(transform, data, shape, sample_seed(self.settings["seed"], i, k))))
+        return vol, samples
+
+    def write(
+        self, i: int, result: tuple[Any, list[tuple[int, dict[str, Any]]]]
+    ) -> tuple[Any, tuple[int, dict]]:
+        import numpy as np
+
+        from medfusion.io.displacement import write_displacement_field
+        from medfusion.io.nifti import write_nifti
+        from medfusion.io.run_report import ReportRow
+
+        vol, samples = result
+        extra: dict[int, dict] = {}
+        for k, out in samples:
+            paths = self._paths(i, k)
+            write_nifti(paths["images"], out["image"], vol.affine, overwrite=True)
+            if "label" in out:
+                write_nifti(paths["labels"], out["label"].astype(np.int16), vol.affine, overwrite=True)
+            ddf = out["ddf"].astype(np.float32)
+            write_nifti(paths["fields"], np.moveaxis(ddf, 0, -1), vol.affine, overwrite=True)
+            write_displacement_field(paths["fields_itk"], ddf, vol.affine, overwrite=True)
+            extra[k] = {"t_start": out["t_start"], "folding": out["folding"]}
+        return ReportRow(self.inputs[i], "written", output=self.output_of(i)), (i, extra)
+
+    def finish(self, extras: list[Any]) -> None:
+        """Write ``manifest.json``: every triplet on disk (this run's with its level ``t_start`` and ``folding``)."""
+        from medfusion.io.atomic import write_text_atomic
+
+        computed = dict(extras)
+        records = []
+        for i in range(len(self.entries)):
+            if i not in computed and not all(self._finished(i, k) for k in range(self.settings["n"])):
+                continue  # failed in this run
+            for k, record in enumerate(self._records(i)):
+                records.append(record | computed.get(i, {}).get(k, {}))
+        doc = {"name": "drdm-augmented", "task": "segment", "training": records}
+        write_text_atomic(
+            Path(self.settings["output"]) / "manifest.json", json.dumps(doc, indent=1), overwrite=True
         )
-    return records
 
 
 def run(args: argparse.Namespace) -> int:
-    from medfusion.io.atomic import write_text_atomic
-    from medfusion.transforms.drdm import RandDRDMDeformd
+    from medfusion.apps.predict import run_cases
+    from medfusion.io.run_report import report_path
 
     try:
         entries = _entries(args)
-        net = _load_net(args.ckpt, args.device)
+        launch = launch_options(args)
+        net = _load_net(args.ckpt, "cpu" if launch else args.device)
     except (FileNotFoundError, ValueError) as err:
         print(f"medfusion augment: error: {err}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     out = Path(args.output)
     for sub in OUTPUT_DIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    transform = RandDRDMDeformd(
-        ["image", "label"], mode=("bilinear", args.label_mode), t_range=tuple(args.t_range), recovery_net=net,
-        recovery_steps=args.steps, ddf_key="ddf", allow_missing_keys=True,
-    )  # fmt: skip
-    records: list[dict] = []
-    counts = {"count": 0, "kept": 0, "total": len(entries) * args.n}
-    failed = 0
-    for i, (entry, case) in enumerate(zip(entries, case_names(entries))):
-        try:
-            records += _augment_case(args, transform, net, entry, i, case, counts)
-        except Exception as err:  # noqa: BLE001 - report the case and go on with the others
-            print(f"[failed] {entry['image']}: {type(err).__name__}: {err}", file=sys.stderr)
-            failed += 1
-    doc = {"name": "drdm-augmented", "task": "segment", "training": records}
-    write_text_atomic(out / "manifest.json", json.dumps(doc, indent=1), overwrite=True)
-    print(
-        f"wrote {len(records) - counts['kept']} new, kept {counts['kept']}, {failed} case(s) failed; "
-        f"manifest {out / 'manifest.json'}",
-        file=sys.stderr,
-    )
-    return batch_exit_code(len(entries) - failed, failed)
+    settings = {
+        "output": str(out), "n": args.n, "t_range": tuple(args.t_range), "steps": args.steps,
+        "label_mode": args.label_mode, "seed": args.seed, "overwrite": args.overwrite,
+    }  # fmt: skip
+    job = AugmentJob(entries, net, settings)
+    try:
+        rows = run_cases(job, report_path(out, "augment"), device=args.device, show_progress=False, **launch)
+    except ValueError as err:
+        print(f"medfusion augment: error: {err}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
+    if rows is None:  # a rank other than 0: rank 0 reports for every rank
+        return 0
+    print(f"manifest {out / 'manifest.json'}", file=sys.stderr)
+    return report(rows, "augmented", unit="cases")

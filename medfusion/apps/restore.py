@@ -11,8 +11,11 @@ file, a folder of NIfTI files or a manifest JSON (its ``source`` entries). 2D mo
 volume in batches. 3D models get the whole volume; sliding windows (``--roi-size`` or the model's own default) run
 *inside* the model, i.e. inside every RDDM sampling step, never as independent samplers per window. ``--steps`` and
 ``--eta`` are passed to ``model.restore``; a model they do not apply to (DiffIR runs its fixed prior steps) refuses
-them before any scan is read. The volume job is :mod:`medfusion.apps.volume_job`, shared with ``standardize``.
-Exit status: :mod:`medfusion.exit_codes`.
+them before any scan is read. The volume job is :mod:`medfusion.apps.volume_job`, shared with ``standardize``
+and the Python API (:func:`medfusion.api.restore`). ``restore_report.csv`` in the output root has one row per input
+(:mod:`medfusion.io.run_report`). ``--devices N [--num-nodes M] [--accelerator cpu|gpu]`` shares the scans among
+ranks through Lightning (:mod:`medfusion.apps.predict`; recipes in docs/cluster.md). Exit status:
+:mod:`medfusion.exit_codes`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ volume in batches, 3D models on the whole volume or on ``--roi-size`` sliding wi
 (overlapping windows start from crops of one latent noise field). The flags below are passed to
 ``model.restore`` as the method's options; the model refuses those that do not apply to it (``--strength`` on a
 conditional model, ``--mean-only`` without the regression head) before any scan is read. The volume job is
-:mod:`medfusion.apps.volume_job`, shared with ``restore``. Exit status: :mod:`medfusion.exit_codes`.
+:mod:`medfusion.apps.volume_job`, shared with ``restore`` and the Python API
+(:func:`medfusion.api.standardize`). ``standardize_report.csv`` in the output root has one row per input
+(:mod:`medfusion.io.run_report`). ``--devices N [--num-nodes M] [--accelerator cpu|gpu]`` shares the scans among
+ranks through Lightning (:mod:`medfusion.apps.predict`; recipes in docs/cluster.md). Exit status:
+:mod:`medfusion.exit_codes`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Command-line options, the run and the closing report shared by the volume commands (``standardize``,
-``restore``): one volume job (:func:`medfusion.apps.volume_job.restore_scans`), a per-command option set.
+``restore``; the launch options and :func:`report` also ``augment``): one volume job
+(:func:`medfusion.apps.volume_job.restore_scans`), a per-command option set.
 
 Kept apart from :mod:`medfusion.apps.volume_job` so that ``medfusion standardize --help`` imports no torch.
 """
@@ -59,6 +60,40 @@ def add_io_arguments(parser: argparse.ArgumentParser, *, model_help: str) -> Non
         help="also process DICOM series marked DERIVED (e.g. medfusion's own DICOM output); skipped by default",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_launch_arguments(parser)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--devices``, ``--num-nodes``, ``--accelerator``, ``--strategy``: run through Lightning's ``Trainer.predict``
+    on several devices / nodes (:mod:`medfusion.apps.predict`; launch recipes in docs/cluster.md)."""
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices per node for a Lightning run (each case on exactly one rank); default: one process, --device",
+    )
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of a Lightning run (default 1)")
+    parser.add_argument(
+        "--accelerator", default="cpu", choices=["cpu", "gpu", "auto"], help="accelerator of a Lightning run"
+    )
+    parser.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "ddp_spawn", "auto"],
+        help="Lightning strategy (ddp: torchrun / SLURM ranks, or started by re-running this command)",
+    )
+
+
+def launch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Lightning launch options given on the command line (empty: one process)."""
+    if args.devices is None:
+        if args.num_nodes != 1:
+            raise ValueError("--num-nodes needs --devices (devices per node)")
+        return {}
+    return {
+        "devices": args.devices, "num_nodes": args.num_nodes, "accelerator": args.accelerator,
+        "strategy": args.strategy,
+    }  # fmt: skip
 
 
 def _window_options(args: argparse.Namespace, spatial_dims: int) -> dict[str, Any]:
@@ -83,37 +118,46 @@ def run_restorer(args: argparse.Namespace, *, command: str, options: dict[str, A
     try:
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        device = resolve_device(args.device)
+        launch = launch_options(args)
+        device = resolve_device(args.device) if not launch else "cpu"
         model = load_restorer(args.ckpt, device)
         options |= _window_options(args, model.spatial_dims)
-        results = restore_scans(
+        rows = restore_scans(
             model, args.input, args.output, options=options, roi_size=args.roi_size, seed=args.seed,
             hu_window=tuple(args.hu_window) if args.hu_window else None,
             batch_size=8 if model.spatial_dims == 3 or args.batch_size is None else args.batch_size,
             device=device, series_description=f"{verb} (medfusion {type(model).__name__})", fmt=args.format,
             overwrite=args.overwrite, resume=args.resume, include_derived=args.include_derived,
-            manifest_key=args.manifest_key, split=args.split, show_progress=not args.quiet,
+            manifest_key=args.manifest_key, split=args.split, show_progress=not args.quiet, launch=launch,
+            command=command,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"medfusion {command}: error: {err}", file=sys.stderr)
         return EXIT_NOTHING_DONE
-    return report(results, verb)
+    if rows is None:  # a rank other than 0: rank 0 reports for every rank
+        return 0
+    return report(rows, verb)
 
 
-def report(results: Sequence[Any], verb: str) -> int:
-    """Print one line per scan and a total; return the exit status (:func:`medfusion.exit_codes.batch_exit_code`).
+def report(rows: Sequence[Any], verb: str, unit: str = "scans") -> int:
+    """Print one line per input (:class:`medfusion.io.run_report.ReportRow`) and a total; return the exit status
+    (:func:`medfusion.exit_codes.batch_exit_code`).
 
     DICOM objects skipped by discovery are listed but change nothing (a warning must not abort a pipeline).
     """
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "done", "skipped", "failed")}
-    for r in results:
-        line = f"{r.status:7} {r.name} -> {r.output}" + (f"  ({r.message})" if r.message else "")
+    counts = {s: sum(r.status == s for r in rows) for s in ("written", "already done", "skipped", "failed")}
+    for r in rows:
+        line = f"{r.status:12} {r.input} -> {r.output or '-'}" + (f"  ({r.reason})" if r.reason else "")
         print(line, file=sys.stderr if r.status == "failed" else sys.stdout)
-    scans = counts["ok"] + counts["done"] + counts["failed"]
+    total = counts["written"] + counts["already done"] + counts["failed"]
     extra = [
         f"{counts[s]} {label}"
-        for s, label in (("done", "already done"), ("failed", "failed"), ("skipped", "DICOM objects skipped"))
+        for s, label in (
+            ("already done", "already done"),
+            ("failed", "failed"),
+            ("skipped", "DICOM objects skipped"),
+        )
         if counts[s]
     ]
-    print(f"{counts['ok']}/{scans} scans {verb}" + (f" ({', '.join(extra)})" if extra else ""))
-    return batch_exit_code(counts["ok"] + counts["done"], counts["failed"])
+    print(f"{counts['written']}/{total} {unit} {verb}" + (f" ({', '.join(extra)})" if extra else ""))
+    return batch_exit_code(counts["written"] + counts["already done"], counts["failed"])

@@ -17,13 +17,18 @@ over ``(B, 1, *spatial)`` tensors in [-1, 1] (the HU window of training), and th
   ``divisible_by`` with air (-1);
 * output as NIfTI (same affine) or as a DICOM series derived from the input series; every output path is checked
   *before* any work (never overwrite without ``overwrite=True``) and written atomically;
-* a rich progress bar, and a per-scan result list: a failing scan (unreadable file, wrong shape, any error while
-  processing it) is reported with its path and the reason and does not stop the others; DICOM objects left out by
-  discovery (localizers, derived images, non-image objects, unreadable files) are listed as ``skipped``;
-* resumable batches: with ``resume=True`` a scan whose output exists is skipped; outputs are written atomically,
-  so an existing output is complete, and a killed run leaves no partial file;
-* reproducible sampling: the generator handed to the model is reseeded before every scan, so a scan's output
-  depends on the seed and the scan only, not on its place in the batch.
+* one row per scan in the run report ``<command>_report.csv`` (:mod:`medfusion.io.run_report`): a failing scan
+  (unreadable file, wrong shape, any error while processing it) is reported with its path and the reason and does
+  not stop the others; DICOM objects left out by discovery (localizers, derived images, non-image objects,
+  unreadable files) are listed as ``skipped``;
+* resumable batches: with ``resume=True`` a scan whose output exists is ``already done``; outputs are written
+  atomically, so an existing output is complete, and a killed run leaves no partial file;
+* reproducible sampling: the generator handed to the model is seeded with ``seed`` for every scan, so a scan's
+  output depends on the seed and the scan only, not on its place in the batch nor on the rank that runs it;
+* one process, or many devices and nodes: the scans form a :class:`RestoreJob` that
+  :mod:`medfusion.apps.predict` runs in this process or through Lightning's ``Trainer.predict``.
+
+:func:`restore_array` is the per-volume core, shared with the Python API (:mod:`medfusion.api`).
 """
 
 from __future__ import annotations
@@ -53,17 +58,6 @@ class JobItem(NamedTuple):
     kind: str
     path: Path
     series: Any = None
-
-
-class JobResult(NamedTuple):
-    """Outcome for one scan: ``status`` is ``ok``, ``done`` (output already there, ``resume``), ``skipped`` (left out
-    by DICOM discovery) or ``failed``; ``message`` says why."""
-
-    name: str
-    input: str
-    output: str
-    status: str
-    message: str = ""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -313,10 +307,6 @@ def to_ras(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, Callable[[n
     )
 
 
-def _units(arr: np.ndarray, spatial_dims: int) -> int:
-    return 1 if spatial_dims == 3 or arr.ndim == 2 else arr.shape[-1]
-
-
 def _read(item: JobItem) -> Any:
     if item.kind == "nifti":
         from medfusion.io.nifti import read_nifti
@@ -327,7 +317,9 @@ def _read(item: JobItem) -> Any:
     return read_series(item.series)
 
 
-def _write(item: JobItem, out: Path, hu: np.ndarray, affine: np.ndarray, fmt: str, job: dict[str, Any]) -> None:
+def _write(
+    item: JobItem, out: Path, hu: np.ndarray, affine: np.ndarray, fmt: str, job: dict[str, Any]
+) -> None:
     if fmt == "nifti":
         from medfusion.io.nifti import write_nifti
 
@@ -341,80 +333,23 @@ def _write(item: JobItem, out: Path, hu: np.ndarray, affine: np.ndarray, fmt: st
     )  # fmt: skip
 
 
-def run_volume_job(
-    input_path: str | Path,
-    output: str | Path,
-    fn: BatchFn,
-    *,
-    fmt: str = "nifti",
-    spatial_dims: Literal[2, 3] = 2,
-    hu_window: tuple[float, float] = (-1000.0, 1000.0),
-    batch_size: int = 8,
-    divisible_by: int = 1,
-    device: torch.device | str = "cpu",
-    overwrite: bool = False,
-    resume: bool = False,
-    include_derived: bool = False,
-    manifest_key: str = "source",
-    split: str | None = None,
-    series_description: str = "medfusion",
-    derivation_description: str = "processed by medfusion",
-    show_progress: bool = True,
-    before_each: Callable[[JobItem], None] | None = None,
-) -> list[JobResult]:
-    """Discover the scans of ``input_path``, apply ``fn`` to each (:func:`apply_to_array`) and write them under
-    ``output``.
+def report_inputs(items: Sequence[JobItem]) -> list[str]:
+    """The run-report key of every scan, unique: a NIfTI file's path; a DICOM series' folder (the common folder of
+    its files), followed by ``#<name>`` where one folder holds several series."""
+    import os
 
-    Raises (before any work): ``FileNotFoundError`` / ``ValueError`` for bad input or format, ``FileExistsError``
-    if an output exists and neither ``overwrite`` nor ``resume`` is set. With ``resume`` scans whose output exists
-    are returned as ``done`` and not recomputed. Per-scan read/processing errors are returned as ``failed`` (with the
-    input path and the reason); DICOM objects left out by discovery as ``skipped``.
-    ``before_each(item)`` runs before each scan (e.g. to reseed a sampler per scan).
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    base = [
+        str(it.path) if it.kind == "nifti" else os.path.commonpath([str(f) for f in it.series.files])
+        for it in items
+    ]
+    return [b if base.count(b) == 1 else f"{b}#{it.name}" for b, it in zip(base, items)]
 
-    if overwrite and resume:
-        raise ValueError(
-            "overwrite and resume exclude each other: replace every output, or skip existing ones"
-        )
-    left_out: list[tuple[str, str]] = []
-    items = discover_inputs(
-        input_path, manifest_key=manifest_key, split=split, include_derived=include_derived, skipped=left_out
-    )
-    outputs = plan_outputs(items, output, fmt)
-    if not resume:
-        for out in outputs:
-            check_not_overwriting(out, overwrite)
-    job = {
-        "overwrite": overwrite, "series_description": series_description,
-        "derivation_description": derivation_description,
-    }  # fmt: skip
-    results: list[JobResult] = [JobResult(Path(w).name, w, "-", "skipped", r) for w, r in left_out]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=False) as bar:
-        for item, out in zip(items, outputs):
-            if resume and out.exists():
-                results.append(
-                    JobResult(item.name, str(item.path), str(out), "done", "output exists (resume)")
-                )
-                continue
-            try:
-                vol = _read(item)
-                arr, from_ras = to_ras(np.asarray(vol.array), vol.affine)
-                task = bar.add_task(item.name, total=_units(arr, spatial_dims))
-                if before_each is not None:
-                    before_each(item)
-                hu = apply_to_array(
-                    arr, fn, spatial_dims=spatial_dims, hu_window=hu_window, batch_size=batch_size,
-                    divisible_by=divisible_by, device=device, progress=lambda n, task=task: bar.advance(task, n),
-                )  # fmt: skip
-                _write(item, out, from_ras(hu), vol.affine, fmt, job)
-                results.append(JobResult(item.name, str(item.path), str(out), "ok"))
-            except Exception as err:  # noqa: BLE001 - one bad scan (e.g. nibabel's ImageFileError) must not stop the batch
-                results.append(
-                    JobResult(item.name, str(item.path), str(out), "failed", f"{type(err).__name__}: {err}")
-                )
-    return results
+
+def report_root(items: Sequence[JobItem], output: str | Path) -> Path:
+    """Where ``<command>_report.csv`` goes: ``output`` when it is a folder of outputs, its parent for one scan
+    (a ``.nii.gz`` file, or a DICOM series folder that is replaced as a whole)."""
+    output = Path(output)
+    return output.parent if len(items) == 1 else output
 
 
 # ----------------------------------------------------------------------------------------------- Restorer models
@@ -432,7 +367,9 @@ def load_restorer(path: str | Path, device: torch.device | str = "cpu") -> Resto
     return model.to(device).eval()  # type: ignore[attr-defined,no-any-return]
 
 
-def check_roi_size(roi_size: Sequence[int] | None, spatial_dims: int, divisible_by: int) -> tuple[int, ...] | None:
+def check_roi_size(
+    roi_size: Sequence[int] | None, spatial_dims: int, divisible_by: int
+) -> tuple[int, ...] | None:
     """``roi_size`` (``--roi-size``) as a tuple, once it fits the model: 3D models only, three values, multiples of
     ``divisible_by`` (``ValueError`` otherwise)."""
     if roi_size is None:
@@ -445,7 +382,91 @@ def check_roi_size(roi_size: Sequence[int] | None, spatial_dims: int, divisible_
     return roi
 
 
-def restore_scans(
+def restore_array(
+    array_hu: np.ndarray,
+    affine: np.ndarray,
+    model: Restorer,
+    *,
+    options: dict[str, Any] | None = None,
+    roi_size: tuple[int, ...] | None = None,
+    seed: int = 0,
+    hu_window: tuple[float, float] | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``model.restore`` on one array in HU (``(I, J)`` or ``(I, J, K)`` in the voxel order of ``affine``): reoriented to
+    RAS (:func:`to_ras`), run through :func:`apply_to_array` with a CPU generator seeded with ``seed``, put back in
+    the input's voxel order. Returns float32 HU of the input's shape. ``model`` is on ``device`` in eval mode."""
+    window = hu_window if hu_window is not None else model.hu_window
+    if window is None:
+        raise ValueError(
+            f"{type(model).__name__} has no HU window of its own; give one (--hu-window LOW HIGH)"
+        )
+    arr, from_ras = to_ras(np.asarray(array_hu, dtype=np.float32), affine)
+    generator = torch.Generator().manual_seed(int(seed))
+    opts = dict(options or {})
+
+    def fn(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model.restore(x, generator=generator, roi_size=roi_size, **opts)
+
+    hu = apply_to_array(
+        arr, fn, spatial_dims=model.spatial_dims,  # type: ignore[arg-type]
+        hu_window=(float(window[0]), float(window[1])), batch_size=batch_size, divisible_by=model.divisible_by,
+        device=device,
+    )  # fmt: skip
+    return from_ras(hu)
+
+
+class RestoreJob:
+    """The scans of one ``standardize`` / ``restore`` run as a :class:`medfusion.apps.predict.CaseJob`: case ``i`` is
+    ``items[i]``, read, restored (:func:`restore_array`, seeded with ``seed`` for every scan, so a scan's output does
+    not depend on its place in the batch or on the rank that runs it) and written to ``outputs[i]``."""
+
+    def __init__(
+        self, model: Restorer, items: list[JobItem], outputs: list[Path], *, settings: dict[str, Any],
+        preamble: list[Any],
+    ) -> None:  # fmt: skip
+        self.model = model
+        self.items, self.outputs, self.settings = items, outputs, settings
+        self.inputs = report_inputs(items)
+        self.preamble = preamble
+
+    def output_of(self, i: int) -> str:
+        return str(self.outputs[i])
+
+    def done_row(self, i: int) -> Any:
+        from medfusion.io.run_report import ReportRow
+
+        if self.settings["resume"] and self.outputs[i].exists():
+            return ReportRow(
+                self.inputs[i], "already done", "output exists (resume)", output=self.output_of(i)
+            )
+        return None
+
+    def compute(self, i: int, device: torch.device) -> tuple[Any, np.ndarray]:
+        s = self.settings
+        vol = _read(self.items[i])
+        hu = restore_array(
+            np.asarray(vol.array), vol.affine, self.model, options=s["options"], roi_size=s["roi_size"],
+            seed=s["seed"], hu_window=s["hu_window"], batch_size=s["batch_size"], device=device,
+        )  # fmt: skip
+        return vol, hu
+
+    def write(self, i: int, result: tuple[Any, np.ndarray]) -> tuple[Any, None]:
+        from medfusion.io.run_report import ReportRow
+
+        vol, hu = result
+        item = self.items[i]
+        _write(item, self.outputs[i], hu, vol.affine, self.settings["fmt"], self.settings)
+        uid = item.series.series_uid if item.series is not None else ""
+        return ReportRow(self.inputs[i], "written", series_uid=uid, output=self.output_of(i)), None
+
+    def finish(self, extras: list[Any]) -> None:
+        return None
+
+
+def plan_restore_job(
     model: Restorer,
     input_path: str | Path,
     output: str | Path,
@@ -455,41 +476,75 @@ def restore_scans(
     seed: int = 0,
     hu_window: tuple[float, float] | None = None,
     batch_size: int = 8,
-    device: torch.device | str = "cpu",
+    fmt: str = "nifti",
+    overwrite: bool = False,
+    resume: bool = False,
+    include_derived: bool = False,
+    manifest_key: str = "source",
+    split: str | None = None,
     series_description: str = "restored (medfusion)",
-    **job: Any,
-) -> list[JobResult]:
-    """Apply ``model.restore`` to every scan of ``input_path`` and write the results under ``output``.
+) -> RestoreJob:
+    """Check the options (``model.check_options``), discover the scans, plan and check the outputs: everything that
+    can be refused is refused here, before any scan is read. ``FileNotFoundError`` / ``ValueError`` for bad input,
+    ``FileExistsError`` if an output exists and neither ``overwrite`` nor ``resume`` is set."""
+    from medfusion.io.run_report import ReportRow
 
-    Args:
-        model: a :class:`Restorer` already on ``device`` in eval mode (:func:`load_restorer`).
-        options: the method's options (``model.inference_options()`` names them); checked by
-            ``model.check_options`` before any scan is read, and named in DICOM outputs by ``model.describe``.
-        roi_size: 3D sliding-window size in voxels (the model runs the windows); None: whole volumes.
-        seed: the CPU generator handed to the model is reseeded with it before every scan.
-        hu_window: ``(low, high)`` HU mapped to [-1, 1] (default: the model's).
-        batch_size: axial slices per model call (2D models).
-        job: ``fmt``, ``overwrite``, ``resume``, ``include_derived``, ``manifest_key``, ``split``, ``show_progress``
-            of :func:`run_volume_job`.
-    """
     options = dict(options or {})
     model.check_options(**options)
     roi = check_roi_size(roi_size, model.spatial_dims, model.divisible_by)
-    window = hu_window if hu_window is not None else model.hu_window
-    if window is None:
-        raise ValueError(f"{type(model).__name__} has no HU window of its own; give one (--hu-window LOW HIGH)")
-    generator = torch.Generator()
+    if hu_window is None and model.hu_window is None:
+        raise ValueError(
+            f"{type(model).__name__} has no HU window of its own; give one (--hu-window LOW HIGH)"
+        )
+    if overwrite and resume:
+        raise ValueError(
+            "overwrite and resume exclude each other: replace every output, or skip existing ones"
+        )
+    left_out: list[tuple[str, str]] = []
+    items = discover_inputs(
+        input_path, manifest_key=manifest_key, split=split, include_derived=include_derived, skipped=left_out
+    )
+    outputs = plan_outputs(items, output, fmt)
+    if not resume:
+        for out in outputs:
+            check_not_overwriting(out, overwrite)
+    settings = {
+        "options": options, "roi_size": roi, "seed": seed, "hu_window": hu_window, "batch_size": batch_size,
+        "fmt": fmt, "overwrite": overwrite, "resume": resume, "series_description": series_description,
+        "derivation_description": model.describe(**options),
+    }  # fmt: skip
+    preamble = [ReportRow(w, "skipped", r) for w, r in left_out]
+    return RestoreJob(model, items, outputs, settings=settings, preamble=preamble)
 
-    def reseed(_item: JobItem) -> None:
-        generator.manual_seed(seed)
 
-    def fn(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return model.restore(x, generator=generator, roi_size=roi, **options)
+def restore_scans(
+    model: Restorer,
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    launch: dict[str, Any] | None = None,
+    command: str = "restore",
+    show_progress: bool = False,
+    **job: Any,
+) -> list[Any] | None:
+    """Apply ``model.restore`` to every scan of ``input_path``, write the results under ``output`` and the run report
+    ``<command>_report.csv`` in the output root (:func:`report_root`); returns this run's report rows
+    (:class:`medfusion.io.run_report.ReportRow`: ``written``, ``already done``, ``skipped``, ``failed``), None on
+    ranks other than 0.
 
-    return run_volume_job(
-        input_path, output, fn, spatial_dims=model.spatial_dims,  # type: ignore[arg-type]
-        hu_window=(float(window[0]), float(window[1])), batch_size=batch_size, divisible_by=model.divisible_by,
-        device=device, series_description=series_description, derivation_description=model.describe(**options),
-        before_each=reseed, **job,
-    )  # fmt: skip
+    Args:
+        model: a :class:`Restorer` in eval mode (:func:`load_restorer`).
+        device: the device of a one-process run.
+        launch: ``devices``, ``num_nodes``, ``accelerator``, ``strategy`` of
+            :func:`medfusion.apps.predict.run_distributed` (None or no ``devices``: this process only).
+        job: the options of :func:`plan_restore_job` (``options``, ``roi_size``, ``seed``, ``hu_window``,
+            ``batch_size``, ``fmt``, ``overwrite``, ``resume``, ``include_derived``, ``manifest_key``, ``split``,
+            ``series_description``).
+    """
+    from medfusion.apps.predict import run_cases
+    from medfusion.io.run_report import report_path
+
+    plan = plan_restore_job(model, input_path, output, **job)
+    report_file = report_path(report_root(plan.items, output), command)
+    return run_cases(plan, report_file, device=device, show_progress=show_progress, **(launch or {}))

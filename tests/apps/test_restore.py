@@ -90,7 +90,7 @@ def test_restore_scans_applies_restore_with_its_options_to_every_scan(tmp_path):
     results = restore_scans(
         model, tmp_path / "in", tmp_path / "out", options={"num_steps": 2}, batch_size=2, show_progress=False
     )
-    assert [r.status for r in results] == ["ok", "ok"]
+    assert [r.status for r in results] == ["written", "written"]
     unit = np.asarray(hu_to_unit(vol, (-1000.0, 1000.0)), dtype=np.float32)
     expected = np.asarray(unit_to_hu((unit + 1) * 0.25 - 1, (-1000.0, 1000.0)), dtype=np.float32)
     expected[0, 0, :] = -1500.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from medfusion import keys
 from medfusion.apps.volume_job import apply_to_array, discover_inputs, plan_outputs
 from medfusion.cli import main
 from medfusion.io.nifti import read_nifti, write_nifti
+from medfusion.io.run_report import read_report
 from medfusion.models.diffusion_ct import DiffusionCT, DiffusionCTAutoencoder
 from medfusion.models.export import export_model
 
@@ -81,7 +83,7 @@ def test_standardize_nifti_file_and_folder(model_dir, tmp_path, capsys):
     rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "in"),
                "--output", str(tmp_path / "outdir"), "--device", "cpu", "--quiet"])  # fmt: skip
     assert rc == 0
-    assert sorted(p.name for p in (tmp_path / "outdir").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "outdir").iterdir()) == ["a.nii.gz", "b.nii.gz", "standardize_report.csv"]
     np.testing.assert_array_equal(read_nifti(tmp_path / "outdir" / "a.nii.gz").array, res.array)
 
 
@@ -164,7 +166,8 @@ def test_manifest_input_and_output_plan(model_dir, tmp_path):
     rc = main(["standardize", "--ckpt", str(model_dir / "dct"), "--input", str(tmp_path / "data" / "m.json"),
                "--output", str(tmp_path / "out"), "--quiet", "--steps", "1", "--sampler", "ddim"])  # fmt: skip
     assert rc == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1_sharp.nii.gz", "c2_sharp.nii.gz"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["c1_sharp.nii.gz", "c2_sharp.nii.gz", "standardize_report.csv"]
 
 
 def test_batch_continues_past_a_corrupt_scan_and_resumes(model_dir, tmp_path, capsys):
@@ -178,7 +181,11 @@ def test_batch_continues_past_a_corrupt_scan_and_resumes(model_dir, tmp_path, ca
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "failed" in err and "b.nii.gz" in err
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "standardize_report.csv"]
+    rows = {Path(r.input).name: r for r in read_report(out / "standardize_report.csv")}
+    assert {k: r.status for k, r in rows.items()} == {"a.nii.gz": "written", "b.nii.gz": "failed"}
+    assert rows["b.nii.gz"].reason  # why it failed
+    assert rows["a.nii.gz"].output == str(out / "a.nii.gz") and rows["a.nii.gz"].seconds > 0
     first = (out / "a.nii.gz").stat().st_mtime_ns
     assert main(args) == 2  # without --resume the existing output is refused, nothing is redone
     assert "refusing to overwrite" in capsys.readouterr().err
@@ -188,6 +195,9 @@ def test_batch_continues_past_a_corrupt_scan_and_resumes(model_dir, tmp_path, ca
     assert "done" in text and "already done" in text
     assert (out / "a.nii.gz").stat().st_mtime_ns == first
     assert read_nifti(out / "b.nii.gz").array.shape == _volume(1).shape
+    rows = {Path(r.input).name: r for r in read_report(out / "standardize_report.csv")}  # every input exactly once
+    assert {k: r.status for k, r in rows.items()} == {"a.nii.gz": "already done", "b.nii.gz": "written"}
+    assert rows["a.nii.gz"].seconds > 0  # the row of the run that wrote it, brought up to date
 
 
 def test_all_scans_failing_exits_2(model_dir, tmp_path, capsys):
