@@ -10,8 +10,9 @@ Every sampler::
                   callback=None, clip=None, threshold=None, **options) -> Tensor
 
 ``x`` is the sample at ``timesteps[0]`` (pure noise when it is T-1, a noised image for SDEdit); the sampler steps
-along the strictly descending ``timesteps`` and finally to t = -1 (clean data, ᾱ = 1), making exactly
-``len(timesteps)`` network calls, and returns the data sample. ``callback(i, t, x, x0_hat)`` is called once per step
+along the strictly descending ``timesteps`` and finally to t = -1 (clean data, ᾱ = 1), making
+``len(timesteps)`` network calls (:func:`network_evaluations`: more for the PNDM warm-ups), and returns the data
+sample. ``callback(i, t, x, x0_hat)`` is called once per step
 with the sample at ``t`` and its data prediction. The sampler math runs in at least float32 (bf16 inputs are promoted;
 the model may still run under bf16 autocast) and the result is cast back to ``x.dtype``. Samplers do not disable
 autograd: wrap calls in ``torch.no_grad()`` unless you backpropagate through sampling (DiffIR).
@@ -28,6 +29,12 @@ Implemented (notation: α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ)):
   last step first order, second-to-last at most second order when N < 15 (``lower_order_final``).
 * ``unipc`` — UniPC-p2 with the bh2 B(h) (Zhao et al., NeurIPS 2023, arXiv 2302.04867, Algorithms 1-2): the
   DPM-Solver++(2M) predictor plus the UniC-2 corrector that reuses the next model output (no extra NFE).
+* ``plms``, ``pndm`` — PLMS and F-PNDM (Liu et al., ICLR 2022; :mod:`medfusion.diffusion.pndm`).
+* ``deis`` — DEIS-tAB in log ρ, orders 1-3 (Zhang & Chen, ICLR 2023; :mod:`medfusion.diffusion.deis`).
+
+Wrappers: :func:`sample_time_shift` / :func:`time_shift_model` (Time-Shift sampler, Li et al., ICLR 2024;
+:mod:`medfusion.diffusion.time_shift`) runs any of them with the network evaluated at a shifted timestep; DeepCache
+(:mod:`medfusion.nets.deepcache`) is a network-side wrapper, so it works with every sampler too.
 
 Why hand-written: MONAI has no DPM-Solver/UniPC and its DDPM/DDIM ``step()`` use t-1 / t-T//N; diffusers schedulers
 are stateful objects with the same DDIM bug and are a test-only dependency here (they are the oracle in the tests).
@@ -40,89 +47,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from medfusion.diffusion.gaussian import Prediction, output_to_eps, output_to_x0
+from medfusion.diffusion.deis import sample_deis
+from medfusion.diffusion.denoiser import (
+    Callback,
+    Denoised,
+    DiffusionModel,
+    dynamic_threshold,
+    make_denoiser,
+    prepare_steps,
+    randn_like,
+)
+from medfusion.diffusion.gaussian import Prediction
+from medfusion.diffusion.pndm import pndm_evaluations, sample_plms, sample_pndm
 from medfusion.diffusion.schedules import NoiseSchedule
+from medfusion.diffusion.time_shift import time_shift_model
 
-Callback = Callable[[int, int, Tensor, Tensor], None]
+_prepare, _randn = prepare_steps, randn_like
 
-
-class DiffusionModel(Protocol):
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Any, /) -> Tensor: ...
-
-
-class Denoised(NamedTuple):
-    """Data and noise predictions at one step."""
-
-    x0: Tensor
-    eps: Tensor
-
-
-def _check_clip(clip: tuple[float, float] | None, threshold: float | None) -> None:
-    if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
-        raise ValueError(f"clip must be None or (lo, hi) with lo < hi, got {clip!r}")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be a quantile in (0, 1], got {threshold}")
-
-
-def dynamic_threshold(x0: Tensor, quantile: float) -> Tensor:
-    """Imagen dynamic thresholding (Saharia et al. 2022, §2.3), per sample over all non-batch dims."""
-    flat = x0.float().abs().flatten(1)
-    s = torch.quantile(flat, quantile, dim=1).clamp(min=1.0)
-    s = s.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
-def make_denoiser(
-    model: DiffusionModel,
-    schedule: NoiseSchedule,
-    prediction: Prediction = "epsilon",
-    cond: Any = None,
-    clip: tuple[float, float] | None = None,
-    threshold: float | None = None,
-) -> Callable[[Tensor, int], Denoised]:
-    """Wrap a raw network into ``denoise(x_t, t) -> Denoised(x0, eps)`` (the parameterisation adapter)."""
-    _check_clip(clip, threshold)
-    abar = schedule.alphas_cumprod.cpu().tolist()
-
-    def denoise(x: Tensor, t: int) -> Denoised:
-        a, s = math.sqrt(abar[t]), math.sqrt(1.0 - abar[t])
-        tb = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        out = model(x, tb, cond).to(x.dtype)
-        x0 = output_to_x0(out, x, a, s, prediction)
-        if threshold is None and clip is None:
-            return Denoised(x0, output_to_eps(out, x, a, s, prediction))
-        if threshold is not None:
-            x0 = dynamic_threshold(x0, threshold)
-        if clip is not None:
-            x0 = x0.clamp(clip[0], clip[1])
-        return Denoised(x0, (x - a * x0) / s)
-
-    return denoise
-
-
-def _prepare(
-    x: Tensor, timesteps: Tensor | Sequence[int], schedule: NoiseSchedule
-) -> tuple[Tensor, list[int], list[float]]:
-    ts = [int(t) for t in (timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps)]
-    T = schedule.num_train_timesteps
-    if len(ts) == 0:
-        raise ValueError("timesteps must not be empty")
-    if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > T - 1:
-        raise ValueError(f"timesteps must be strictly descending integers in [0, {T - 1}], got {ts}")
-    abar = schedule.alphas_cumprod.cpu().tolist()
-    ab = [abar[t] for t in ts] + [1.0]  # ᾱ of each step and of the clean end point t = -1
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return work, ts, ab
-
-
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+__all__ = [
+    "SAMPLERS", "Callback", "Denoised", "DiffusionModel", "dynamic_threshold", "make_denoiser", "network_evaluations",
+    "sample", "sample_ddim", "sample_ddpm", "sample_deis", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_plms",
+    "sample_pndm", "sample_time_shift", "sample_unipc", "time_shift_model",
+]  # fmt: skip
 
 
 def sample_ddpm(
@@ -360,7 +311,20 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_3m": sample_dpmpp_3m,
     "unipc": sample_unipc,
+    "plms": sample_plms,
+    "pndm": sample_pndm,
+    "deis": sample_deis,
 }
+
+
+def network_evaluations(name: str, num_steps: int) -> int:
+    """Network evaluations (NFE) of sampler ``name`` for ``num_steps`` timesteps: ``num_steps`` except for the
+    pseudo-numerical warm-ups (``plms``: N + 1, ``pndm``: N + 3 min(3, N - 1))."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    if name in ("plms", "pndm"):
+        return pndm_evaluations(num_steps, "improved_euler" if name == "plms" else "runge_kutta")
+    return num_steps
 
 
 def sample(
@@ -370,3 +334,27 @@ def sample(
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
     return SAMPLERS[name](model, x, timesteps, **kw)
+
+
+def sample_time_shift(
+    model: DiffusionModel,
+    x: Tensor,
+    timesteps: Tensor | Sequence[int],
+    *,
+    schedule: NoiseSchedule,
+    prediction: Prediction = "epsilon",
+    base: str = "ddim",
+    window: int = 10,
+    cutoff: int = 300,
+    data_variance: float = 0.0,
+    **kw: Any,
+) -> Tensor:
+    """Time-Shift sampling (Li et al., ICLR 2024): the sampler ``base`` (any :data:`SAMPLERS` name) run on
+    :func:`~medfusion.diffusion.time_shift.time_shift_model`; ``window``, ``cutoff``, ``data_variance`` as there,
+    the other keywords (``cond``, ``generator``, ``callback``, ...) go to ``base``."""
+    if base not in SAMPLERS:
+        raise ValueError(f"unknown base sampler {base!r}; valid: {', '.join(SAMPLERS)}")
+    shifted = time_shift_model(
+        model, schedule, prediction=prediction, window=window, cutoff=cutoff, data_variance=data_variance
+    )
+    return SAMPLERS[base](shifted, x, timesteps, schedule=schedule, prediction=prediction, **kw)

@@ -36,7 +36,9 @@ latent cannot represent is kept from the input rather than replaced.
 
 Inference is the :class:`medfusion.models.base.Restorer` contract (:meth:`DiffusionCT.restore`); 3D sliding windows
 share one initial latent noise field (:mod:`medfusion.models.sliding`). Sampling uses
-:func:`medfusion.diffusion.samplers.sample` with the EMA copy of the denoiser.
+:func:`medfusion.diffusion.samplers.sample` with the EMA copy of the denoiser, optionally through DeepCache
+(``cache_interval``, :mod:`medfusion.nets.deepcache`) and the Time-Shift sampler (``time_shift``,
+:mod:`medfusion.diffusion.time_shift`); docs/samplers.md.
 
 Batch keys read: ``source`` and ``target`` (conditional), ``target`` or ``image`` (translate), ``(B, 1, *spatial)``
 in [-1, 1]. Options and the measurements behind them: docs/methods/diffusion_ct.md.
@@ -45,8 +47,8 @@ in [-1, 1]. Options and the measurements behind them: docs/methods/diffusion_ct.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +56,19 @@ from torch import Tensor, nn
 
 from medfusion import keys
 from medfusion.diffusion.gaussian import Prediction
-from medfusion.diffusion.schedules import BetaSchedule, Spacing
+from medfusion.diffusion.schedules import BetaSchedule
 from medfusion.models._diffusion_ct_legacy import upgrade_v01_stage2_config, upgrade_v01_stage2_state
 from medfusion.models.base import MedfusionModule, cosine_schedule
 from medfusion.models.diffusion_ct_autoencoder import AdversarialConfig, DiffusionCTAutoencoder
+from medfusion.models.diffusion_ct_config import (
+    MODES,
+    OPTIONS,
+    DenoiserConfig,
+    Mode,
+    RegressionConfig,
+    SamplingConfig,
+    check_choice,
+)
 from medfusion.models.export import module_config
 from medfusion.nets.autoencoder import Encoded
 
@@ -65,91 +76,6 @@ __all__ = [
     "AdversarialConfig", "DenoiserConfig", "DiffusionCT", "DiffusionCTAutoencoder", "Encoded", "RegressionConfig",
     "SamplingConfig",
 ]  # fmt: skip
-
-Mode = Literal["conditional", "translate"]
-Decode = Literal["latent", "residual"]
-Sampler = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc"]
-MODES: tuple[str, ...] = ("conditional", "translate")
-DECODES: tuple[str, ...] = ("latent", "residual")
-OPTIONS: tuple[str, ...] = (
-    "num_steps", "sampler", "strength", "decode", "residual_sigma", "mean_only", "sw_batch_size", "overlap",
-)  # fmt: skip
-
-
-def _choice(name: str, value: Any, valid: Sequence[str]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
-
-
-@dataclass(frozen=True)
-class DenoiserConfig:
-    """The denoising U-Net (:class:`medfusion.nets.unet.DiffusionUNet`); its in / out / condition channels follow
-    from the latent and ``pixel_shuffle``."""
-
-    channels: tuple[int, ...] = (64, 128)
-    attention_levels: tuple[bool, ...] = (False, True)
-    num_res_blocks: int = 1
-    num_head_channels: int = 32
-    norm_num_groups: int = 32
-    resblock_updown: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))  # lists from YAML
-        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
-
-
-@dataclass(frozen=True)
-class RegressionConfig:
-    """The CorrDiff-style regression U-Net (:class:`medfusion.nets.unet.GatedUNet`): ``channels`` per level
-    (stride 2 between levels, at least two) and its own AdamW rate ``lr`` (None = the module's)."""
-
-    channels: tuple[int, ...] = (64, 128, 256)
-    lr: float | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))  # lists from YAML
-        if len(self.channels) < 2:
-            raise ValueError(f"regression channels needs at least two levels, got {tuple(self.channels)}")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Defaults of :meth:`DiffusionCT.restore`'s options (each can be overridden per call).
-
-    Args:
-        sampler: :data:`medfusion.diffusion.samplers.SAMPLERS` name; ``num_steps``: network evaluations.
-        timestep_spacing: how the steps are spread over ``[0, T)`` (:func:`medfusion.diffusion.schedules.timesteps`).
-        strength: translate mode: fraction of T to which the source latent is noised (SDEdit).
-        decode: ``"latent"`` (``D(z_hat)``) or ``"residual"`` (module docstring); ``residual_sigma``: low-pass SD of
-            the residual in pixels (0 = none).
-        sw_batch_size, overlap: 3D sliding windows (``roi_size``): windows per call and overlap fraction.
-    """
-
-    sampler: Sampler = "dpmpp_2m"
-    num_steps: int = 20
-    timestep_spacing: Spacing = "trailing"
-    strength: float = 0.5
-    decode: Decode = "latent"
-    residual_sigma: float = 0.0
-    sw_batch_size: int = 4
-    overlap: float = 0.25
-
-    def __post_init__(self) -> None:
-        from medfusion.diffusion.samplers import SAMPLERS
-        from medfusion.diffusion.schedules import SPACINGS
-
-        _choice("sampler", self.sampler, tuple(SAMPLERS))
-        _choice("timestep_spacing", self.timestep_spacing, SPACINGS)
-        _choice("decode", self.decode, DECODES)
-        if self.num_steps < 1 or self.sw_batch_size < 1:
-            raise ValueError(f"num_steps and sw_batch_size must be >= 1, got {self.num_steps}, {self.sw_batch_size}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
-        if self.residual_sigma < 0 or not 0.0 <= self.overlap < 1.0:
-            raise ValueError(
-                f"residual_sigma must be >= 0 (pixels) and overlap in [0, 1), got {self.residual_sigma}, {self.overlap}"
-            )
-
 
 def _config(cls: type, value: Any) -> Any:
     """A config dataclass from itself, a mapping of its fields (exported configs) or None."""
@@ -204,9 +130,9 @@ class DiffusionCT(MedfusionModule):
         from medfusion.diffusion.gaussian import PREDICTIONS
         from medfusion.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
 
-        _choice("mode", mode, MODES)
-        _choice("prediction", prediction, PREDICTIONS)
-        _choice("schedule", schedule, BETA_SCHEDULES)
+        check_choice("mode", mode, MODES)
+        check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("schedule", schedule, BETA_SCHEDULES)
         self.save_hyperparameters()
         self.denoiser = _config(DenoiserConfig, denoiser)
         self.regression = _config(RegressionConfig, regression)
@@ -399,7 +325,9 @@ class DiffusionCT(MedfusionModule):
     def inference_options(self) -> dict[str, Any]:
         """The options of :meth:`restore` this model takes, with its defaults."""
         s = self.sampling
-        opts: dict[str, Any] = {"num_steps": s.num_steps, "sampler": s.sampler}
+        opts: dict[str, Any] = {
+            "num_steps": s.num_steps, "sampler": s.sampler, "cache_interval": s.cache_interval, "time_shift": s.time_shift,
+        }  # fmt: skip
         if self.hparams.mode == "translate":
             opts["strength"] = s.strength
         opts.update(decode=s.decode, residual_sigma=s.residual_sigma)
@@ -429,6 +357,8 @@ class DiffusionCT(MedfusionModule):
             how = f"{o['sampler']} {o['num_steps']} steps" + (
                 f", strength {o['strength']:g}" if "strength" in o else ""
             )
+            how += f", DeepCache every {o['cache_interval']}" if o["cache_interval"] > 1 else ""
+            how += f", time shift window {o['time_shift']}" if o["time_shift"] > 0 else ""
         return f"DiffusionCT standardization, {how}, {o['decode']} decoding"
 
     def restore(
@@ -483,6 +413,8 @@ class DiffusionCT(MedfusionModule):
         residual_sigma: float | None = None,
         mean_only: bool = False,
         noise: Tensor | None = None,
+        cache_interval: int | None = None,
+        time_shift: int | None = None,
     ) -> Tensor:
         """Standardize ``images`` ``(B, 1, *spatial)`` in [-1, 1] (spatial sizes multiples of :attr:`divisible_by`).
 
@@ -490,10 +422,11 @@ class DiffusionCT(MedfusionModule):
         reproducible. ``noise`` (the source latent's shape, :meth:`latent_shape`) replaces the sampler's initial
         noise draw (translate mode: the noise of ``q(x_t | x_0)``); :meth:`restore` passes crops of one field to
         overlapping windows. ``mean_only`` (regression models): decode the regression's mean, no DDPM.
+        ``cache_interval`` (DeepCache) and ``time_shift`` (window) as in :class:`SamplingConfig`.
         """
         self.check_options(
             num_steps=num_steps, sampler=sampler, strength=strength, decode=decode, residual_sigma=residual_sigma,
-            mean_only=mean_only,
+            mean_only=mean_only, cache_interval=cache_interval, time_shift=time_shift,
         )  # fmt: skip
         if images.ndim != self.spatial_dims + 2 or any(s % self.divisible_by for s in images.shape[2:]):
             raise ValueError(
@@ -508,27 +441,42 @@ class DiffusionCT(MedfusionModule):
         if noise is not None and tuple(noise.shape) != tuple(z_src.shape):
             raise ValueError(f"noise must have the latent's shape {tuple(z_src.shape)}, got {tuple(noise.shape)}")
         first = noise.to(z_src.device, z_src.dtype) if noise is not None else None
-        steps, name = num_steps or s.num_steps, sampler or s.sampler
+        steps = num_steps or s.num_steps
+        how = {
+            "sampler": sampler or s.sampler, "cache_interval": cache_interval or s.cache_interval,
+            "time_shift": s.time_shift if time_shift is None else time_shift,
+        }  # fmt: skip
         if self.hparams.mode == "translate":
             how_far = s.strength if strength is None else strength
-            z = self._translate(z_src, steps, name, how_far, generator, first, use_ema)
+            z = self._translate(z_src, steps, how, how_far, generator, first, use_ema)
         else:
-            z = self._conditional(z_src, steps, name, generator, first, mean_only, use_ema)
+            z = self._conditional(z_src, steps, how, generator, first, mean_only, use_ema)
         sigma = s.residual_sigma if residual_sigma is None else residual_sigma
         out = self._decode(x, z, z_src, skips, decode or s.decode, sigma)
         self.train(was_training)
         return out
 
-    def _sample(self, x_t: Tensor, ts: Tensor, name: str, cond: Tensor | None, generator, use_ema: bool) -> Tensor:
+    def _sample(self, x_t: Tensor, ts: Tensor, how: dict, cond: Tensor | None, generator, use_ema: bool) -> Tensor:
+        """Run the sampler ``how["sampler"]`` on the (EMA) denoiser, through DeepCache and the Time-Shift wrapper
+        when ``how["cache_interval"] > 1`` / ``how["time_shift"] > 0``."""
         from medfusion.diffusion.samplers import sample
+        from medfusion.diffusion.time_shift import time_shift_model
+        from medfusion.nets.deepcache import deep_cache
 
-        net = self.averaged(use_ema)
-        return sample(
-            name, net, x_t, ts, schedule=self.schedule, prediction=self.hparams.prediction, cond=cond,
-            generator=generator,
-        )  # fmt: skip
+        net, s, prediction = self.averaged(use_ema), self.sampling, self.hparams.prediction
+        model = net
+        if how["time_shift"] > 0:
+            model = time_shift_model(
+                net, self.schedule, prediction=prediction, window=how["time_shift"], cutoff=s.time_shift_cutoff,
+                data_variance=s.time_shift_variance,
+            )  # fmt: skip
+        with deep_cache(net, how["cache_interval"]):
+            return sample(
+                how["sampler"], model, x_t, ts, schedule=self.schedule, prediction=prediction, cond=cond,
+                generator=generator,
+            )  # fmt: skip
 
-    def _translate(self, z_src, steps, name, strength, generator, first, use_ema) -> Tensor:
+    def _translate(self, z_src, steps, how, strength, generator, first, use_ema) -> Tensor:
         """SDEdit: noise ``z_src`` to ``t_start = round(strength (T - 1))`` (eq. 4) and denoise from there in at most
         ``t_start + 1`` steps; ``t_start = 0`` returns ``z_src``."""
         from medfusion.diffusion.gaussian import q_sample
@@ -541,9 +489,9 @@ class DiffusionCT(MedfusionModule):
         ts = timesteps(min(steps, t_start + 1), self.sampling.timestep_spacing, T, t_start=t_start).to(z_src.device)
         t0 = torch.full((z_src.shape[0],), int(ts[0]), device=z_src.device, dtype=torch.long)
         eps = first if first is not None else self._noise(z_src.shape, generator, z_src.device, z_src.dtype)
-        return self._sample(q_sample(z_src, t0, eps, self.schedule), ts, name, None, generator, use_ema)
+        return self._sample(q_sample(z_src, t0, eps, self.schedule), ts, how, None, generator, use_ema)
 
-    def _conditional(self, z_src, steps, name, generator, first, mean_only, use_ema) -> Tensor:
+    def _conditional(self, z_src, steps, how, generator, first, mean_only, use_ema) -> Tensor:
         """The DDPM's sample ``x0`` given ``z_src`` (plus the regression's mean) mapped back to a latent."""
         from medfusion.diffusion.schedules import timesteps
 
@@ -555,7 +503,7 @@ class DiffusionCT(MedfusionModule):
         else:
             ts = timesteps(steps, self.sampling.timestep_spacing, self.hparams.num_train_timesteps).to(z_src.device)
             start = first if first is not None else self._noise(z_src.shape, generator, z_src.device, z_src.dtype)
-            x0 = self._sample(start, ts, name, z_src, generator, use_ema)
+            x0 = self._sample(start, ts, how, z_src, generator, use_ema)
             x0 = x0 if mean is None else x0 + mean
         return z_src + x0 / self.residual_scale if self.uses_residual else x0
 

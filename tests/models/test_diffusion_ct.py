@@ -474,8 +474,8 @@ def test_restore_options_defaults_and_refusals(ae2d):
     cond = _stage2(path, regression=RegressionConfig(channels=(8, 16)), sampling={"decode": "residual"})
     cond.loss(batch)
     assert cond.inference_options() == {
-        "num_steps": 3, "sampler": "dpmpp_2m", "decode": "residual", "residual_sigma": 0.0, "mean_only": False,
-        "sw_batch_size": 4, "overlap": 0.25,
+        "num_steps": 3, "sampler": "dpmpp_2m", "cache_interval": 1, "time_shift": 0, "decode": "residual",
+        "residual_sigma": 0.0, "mean_only": False, "sw_batch_size": 4, "overlap": 0.25,
     }  # fmt: skip
     trans = _stage2(path, "translate", sampling={"strength": 0.3})
     assert trans.inference_options()["strength"] == 0.3 and "mean_only" not in trans.inference_options()
@@ -496,6 +496,8 @@ def test_restore_options_defaults_and_refusals(ae2d):
         (cond, {"decode": "pixel"}, "latent"),
         (cond, {"residual_sigma": -1.0}, "residual_sigma"),
         (cond, {"overlap": 1.0}, "overlap"),
+        (cond, {"cache_interval": 0}, "cache_interval"),
+        (cond, {"time_shift": -1}, "time_shift"),
     ]:
         with pytest.raises(ValueError, match=match):
             model.check_options(**options)
@@ -506,3 +508,31 @@ def test_restore_options_defaults_and_refusals(ae2d):
         "DiffusionCT standardization, regression mean (no sampling), latent decoding"
     )
     assert trans.describe(num_steps=5) == "DiffusionCT standardization, dpmpp_2m 5 steps, strength 0.3, latent decoding"
+
+
+@pytest.mark.parametrize("sampler", ["plms", "pndm", "deis"])
+def test_fast_samplers_deepcache_and_time_shift_options(ae2d, sampler):
+    """Issue 22: every registered sampler runs; DeepCache interval 1 and a zero time-shift window are the plain
+    sampler exactly, while cache_interval=2 / time_shift=20 change the sample; the options reach describe()."""
+    _, path, batch = ae2d
+    model = _stage2(path, sampling={"sampler": sampler})
+    model.loss(batch)
+    with torch.no_grad():  # MONAI zero-initialises the output convolution: give it weights so that outputs differ
+        for p in model.averaged(True).parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = batch[keys.SOURCE][:2]
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    ref = model.standardize(x, generator=gen())
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(model.restore(x, generator=gen(), cache_interval=1, time_shift=0), ref, rtol=0, atol=0)
+    cached = model.restore(x, generator=gen(), cache_interval=2)
+    shifted = model.restore(x, generator=gen(), time_shift=20)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, ref)
+    assert torch.isfinite(shifted).all() and not torch.equal(shifted, ref)
+    assert model.describe(cache_interval=2, time_shift=20) == (
+        f"DiffusionCT standardization, {sampler} 3 steps, DeepCache every 2, time shift window 20, latent decoding"
+    )
+    cfg = SamplingConfig(cache_interval=3, time_shift=10, time_shift_cutoff=100, time_shift_variance=1.0)
+    assert DiffusionCT(autoencoder=str(path), sampling=cfg, denoiser=DENOISER).inference_options()["cache_interval"] == 3
+    with pytest.raises(ValueError, match="time_shift_variance"):
+        SamplingConfig(time_shift_variance=-1.0)
