@@ -30,7 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_io_arguments(parser, model_help="trained DiffusionCT")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument(
-        "--sampler", default=None, help="sampler name: ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc (default: the model's)"
+        "--sampler",
+        default=None,
+        help="sampler name: ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc, plms, pndm, deis (default: the model's)",
+    )
+    parser.add_argument(
+        "--cache-interval",
+        type=int,
+        default=None,
+        help="DeepCache: full U-Net evaluations every N steps, the shallow branch in between (1 = off; default: "
+        "the model's)",
+    )
+    parser.add_argument(
+        "--time-shift",
+        type=int,
+        default=None,
+        help="Time-Shift sampler: window of nearby timesteps searched at each step (0 = off; default: the model's)",
     )
     parser.add_argument("--strength", type=float, default=None, help="translate mode: noise level in [0, 1]")
     parser.add_argument(
@@ -62,5 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "decode": args.decode,
         "residual_sigma": args.residual_sigma,
         "mean_only": True if args.mean_only else None,
+        "cache_interval": args.cache_interval,
+        "time_shift": args.time_shift,
     }
     return run_restorer(args, command="standardize", options=options, verb="standardized")
