@@ -314,7 +314,7 @@ def test_missing_stage_checkpoint_stops_with_one_line(tmp_path: Path, monkeypatc
 def test_progress_bar_of_a_step_budget_names_no_negative_epoch_count(tmp_path: Path) -> None:
     import lightning
 
-    from medfusion.cli import step_progress_bar_class
+    from medfusion.models.progress import step_progress_bar_class
 
     bar = step_progress_bar_class()()
     bar._trainer = lightning.pytorch.Trainer(max_steps=7, logger=False, default_root_dir=tmp_path)

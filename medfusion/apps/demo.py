@@ -164,11 +164,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _trainer(steps: int, minutes: float, device, root: Path, quick: bool):
     import lightning as L
 
+    from medfusion.models.progress import step_progress_bar_class
+
     return L.Trainer(
         max_steps=steps, max_time={"minutes": minutes}, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=not quick, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(root),
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        callbacks=[] if quick else [step_progress_bar_class()()],  # "Epoch 3 (step budget 650)", not "Epoch 3/-2"
     )  # fmt: skip
 
 
