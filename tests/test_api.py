@@ -139,3 +139,11 @@ def test_import_medfusion_is_cheap_and_the_api_is_reexported():
     assert medfusion.standardize is api.standardize and medfusion.Volume is api.Volume
     with pytest.raises(AttributeError):
         medfusion.no_such_name  # noqa: B018
+
+
+def test_lazy_names_of_the_package_are_the_api():
+    """``medfusion._API`` repeats ``medfusion.api.__all__`` so that ``import medfusion`` imports no torch."""
+    import medfusion
+    import medfusion.api
+
+    assert set(medfusion._API) == set(medfusion.api.__all__)
