@@ -14,6 +14,7 @@ FIXED = "fixed"  # registration: fixed image
 MOVING_LABEL = "moving_label"
 FIXED_LABEL = "fixed_label"
 DDF = "ddf"  # dense displacement field (B, D, *spatial) in voxels, axis order = array axes
+DDF_WEIGHT = "ddf_weight"  # (B,) weight of each pair's known-field term (0: a pair whose field is unknown)
 MASK = "mask"  # (1, *spatial) region of interest (e.g. body)
 PROTOCOL = "protocol"  # CT protocol name (str)
 CASE_ID = "case_id"  # patient / case identifier (str)

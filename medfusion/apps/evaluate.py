@@ -42,7 +42,7 @@ from typing import Any, Literal, NamedTuple
 
 from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE, EXIT_OK
 
-TASKS = ("standardize", "restore")
+TASKS = ("standardize", "restore", "segment", "register")
 SPLITS = ("test", "validation")
 FIT_SPLITS = ("training", "validation")
 BASELINES = ("identity", "gaussian", "linear-filter", "supervised:DIR", "noise-matched:DIR")
@@ -63,7 +63,9 @@ class ModelSpec(NamedTuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
     parser.add_argument(
-        "--task", required=True, choices=TASKS, help="manifest task (source -> standard scan)"
+        "--task", required=True, choices=TASKS,
+        help="standardize / restore: source -> standard scan; segment: few-shot segmentation with augmentation; "
+        "register: registration trained on real or synthesised pairs",
     )
     parser.add_argument(
         "--manifest", required=True, help="manifest JSON/CSV with source, target, label entries"
@@ -93,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace the outputs of an earlier evaluation"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    from medfusion.apps.evaluate_segment import add_segment_arguments
+
+    add_segment_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -315,7 +320,7 @@ def evaluate(
     from medfusion.eval.report import evaluate as evaluate_cases
     from medfusion.io.atomic import check_not_overwriting
 
-    if task not in TASKS or split not in SPLITS:
+    if task not in ("standardize", "restore") or split not in SPLITS:
         raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS}; got {task!r}, {split!r}")
     if samples < 1 or n_boot < 1 or batch_size < 1:
         raise ValueError(
@@ -401,6 +406,10 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task in ("segment", "register"):
+        from medfusion.apps.evaluate_downstream import run_downstream
+
+        return run_downstream(args)
     models, baselines = list(args.model), list(args.baseline) or ["identity"]
     command = _command(args.manifest, args.output, args.task, args.split, models, baselines, args.seed,
                        args.samples, args.n_boot)  # fmt: skip

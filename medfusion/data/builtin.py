@@ -188,12 +188,13 @@ def _manifests(
     for split, cases in splits.items():
         if not cases:
             continue
-        entries["standardize"][split] = [
-            {K.SOURCE: f(c, p), K.TARGET: f(c, STANDARD), K.LABEL: f(c, "label"), K.PROTOCOL: p, K.CASE_ID: c}
-            for c in cases
-            for p in protocols
-            if p != STANDARD
-        ]
+        if any(p != STANDARD for p in protocols):  # a standard-only dataset has no standardize pairs
+            entries["standardize"][split] = [
+                {K.SOURCE: f(c, p), K.TARGET: f(c, STANDARD), K.LABEL: f(c, "label"), K.PROTOCOL: p, K.CASE_ID: c}
+                for c in cases
+                for p in protocols
+                if p != STANDARD
+            ]
         if RESTORE_SOURCE in protocols:
             entries["restore"][split] = [
                 {

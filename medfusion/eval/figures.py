@@ -144,3 +144,73 @@ def box_plots(
         return _save(fig, Path(path), overwrite)
     finally:
         plt.close(fig)
+
+
+def interval_curves(
+    path: str | Path,
+    series: Mapping[str, Sequence[tuple[float, float, float, float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    log_x: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """One line per series, ``{name: [(x, mean, low, high)]}``, with its interval as error bars (e.g. Dice against
+    the labelled fraction, one line per augmentation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not series:
+        raise ValueError("interval_curves needs at least one series")
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for i, (name, points) in enumerate(series.items()):
+        p = np.asarray(sorted(points), dtype=np.float64).reshape(-1, 4)
+        x = p[:, 0] * (1 + 0.02 * (i - len(series) / 2))  # a small offset keeps overlapping bars apart
+        ax.errorbar(
+            x, p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], marker="o", capsize=3, label=name
+        )
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return _save(fig, Path(path), overwrite)
+    finally:
+        plt.close(fig)
+
+
+def label_overlays(
+    path: str | Path,
+    image: np.ndarray,
+    panels: Sequence[tuple[str, np.ndarray]],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """The image (``(X, Y)`` array order, in [-1, 1]) with one label map per panel drawn over it in colour, side
+    by side (e.g. the reference and each method's prediction). Array axis 0 runs left to right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError("label_overlays needs at least one panel")
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5), squeeze=False)
+    for ax, (title, label) in zip(axes[0], panels):
+        ax.imshow(np.asarray(image).T, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        lab = np.asarray(label).T.astype(np.float64)
+        ax.imshow(
+            np.ma.masked_equal(lab, 0), cmap="tab20", vmin=0, vmax=20, alpha=0.5, interpolation="nearest"
+        )
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    try:
+        return _save(fig, Path(path), overwrite)
+    finally:
+        plt.close(fig)

@@ -149,6 +149,30 @@ def median_ccc(a: np.ndarray, b: np.ndarray, counts: np.ndarray, level: float = 
     return Estimate(stat, *_interval(reps, level), n_feat, int(np.asarray(a).shape[0]))
 
 
+def cluster_statistic(
+    values: Sequence[float] | np.ndarray,
+    patients: Sequence[int] | np.ndarray,
+    counts: np.ndarray,
+    statistic,
+    level: float = LEVEL,
+) -> Estimate:
+    """Any statistic of the rows (``statistic(values) -> float``, e.g. an SD or a percentile) and its
+    patient-bootstrap interval: each replicate repeats every row of a patient as often as the patient is drawn."""
+    v = np.asarray(values, dtype=np.float64)
+    g = np.asarray(patients, dtype=np.int64)
+    if v.shape != g.shape:
+        raise ValueError(f"values and patients differ in shape: {v.shape} vs {g.shape}")
+    keep = np.isfinite(v)
+    v, g = v[keep], g[keep]
+    if v.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0, 0)
+    reps = np.array(
+        [statistic(np.repeat(v, c[g])) if c[g].sum() else np.nan for c in counts], dtype=np.float64
+    )
+    lo, hi = _interval(reps, level)
+    return Estimate(float(statistic(v)), lo, hi, int(v.size), int(np.unique(g).size))
+
+
 def mean_estimate(
     parts: Sequence[tuple[float, np.ndarray]], n: int, n_patients: int, level: float = LEVEL
 ) -> Estimate:

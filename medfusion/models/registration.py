@@ -23,7 +23,8 @@ are means over cases (the DataModule's evaluation sampler pads no duplicates in)
 
 Batch keys read: ``moving``, ``fixed`` ``(B, 1, *spatial)`` (HU-windowed to [-1, 1]); ``moving_label``,
 ``fixed_label`` ``(B, 1, *spatial)`` (optional in training, needed for Dice); ``ddf`` ``(B, D, *spatial)`` voxels
-(optional, supervised term). Fields: voxels, channel ``d`` along array axis ``d``, pull (``medfusion.fields``).
+(optional, supervised term) with ``ddf_weight`` ``(B,)`` (optional: 0 for a pair in the batch whose field is unknown;
+the term is the batch mean of weight x per-pair mean squared error). Fields: voxels, channel ``d`` along array axis ``d``, pull (``medfusion.fields``).
 """
 
 from __future__ import annotations
@@ -164,7 +165,10 @@ class Registration(EvaluationHooks, MedfusionModule):
             out["dice"] = DiceLoss(include_background=False)(warped, self._onehot(batch[keys.FIXED_LABEL]))
             total = total + hp.dice_weight * out["dice"]
         if hp.supervised_weight > 0 and keys.DDF in batch:
-            out["supervised"] = torch.mean((ddf - batch[keys.DDF]) ** 2)
+            err = ((ddf - batch[keys.DDF]) ** 2).flatten(1).mean(1)  # per pair
+            if keys.DDF_WEIGHT in batch:  # pairs without a known field carry weight 0
+                err = err * torch.as_tensor(batch[keys.DDF_WEIGHT], dtype=err.dtype, device=err.device)
+            out["supervised"] = err.mean()
             total = total + hp.supervised_weight * out["supervised"]
         out["total"] = total
         return out

@@ -1,0 +1,255 @@
+"""``medfusion evaluate --task segment``: few-shot segmentation with and without deformation augmentation.
+
+The protocol of DRDM's downstream test (Zheng et al., arXiv 2407.07295, sec. 4.3 and Table 2), as a command:
+
+1. For each labelled fraction ``f`` (``--fractions``) and seed ``s`` (``--seeds``), a subset of
+   ``max(1, round(f * N))`` of the ``N`` training cases is drawn (seeded by ``s``; its labels are the only ones used).
+2. For each augmentation (``--augment``: ``none``, ``elastic``, ``drdm-random``, ``drdm:PATH``), ``--copies`` deformed
+   copies of every labelled case are made once (:mod:`medfusion.apps.deformers`, seeded by ``s``, the case and the
+   copy) and pooled with the originals.
+3. The same segmenter (:class:`medfusion.models.segmentation.Segmentation`: MONAI ``UNet``, Dice + cross-entropy,
+   AdamW with cosine decay) is trained from the same initial weights (seed ``s``) for the same number of steps
+   (``--train-steps``, global batch ``--train-batch``), drawing uniformly from the pool: every arm gets the same budget.
+4. It is scored on every case of ``--split``: Dice and HD95 (mm) per class (MONAI ``compute_dice`` /
+   ``compute_hausdorff_distance``, classes absent from a case's reference left out), their mean over classes.
+
+Outputs (``OUT/``): ``cases.csv`` (one row per fraction x seed x augmentation x case), ``summary.json`` (per fraction
+and augmentation: mean Dice and HD95 with 95% patient-bootstrap intervals over cases and seeds, the SD over seeds,
+the paired difference against ``none`` with its interval, Dice per class, the folding % of the augmenting fields),
+``report.md`` and ``figures/`` (Dice against the labelled fraction; example overlays). Under ``--devices N`` training
+runs on N ranks (the stream of :mod:`medfusion.apps.downstream`: the same model as on one rank) and scoring splits
+the cases across ranks, each case once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfusion import keys as K
+from medfusion.apps.downstream import (
+    Case,
+    Launch,
+    StreamDataset,
+    StreamSampler,
+    few_shot_subset,
+    fit,
+    score_cases,
+)
+
+SEGMENT_AUGMENTATIONS = ("none", "elastic", "drdm-random", "drdm:PATH")
+
+
+def check_augmentations(names: Sequence[str]) -> list[str]:
+    """Unique augmentation names (``none`` first, added if missing); ``ValueError`` naming the valid ones."""
+    out = ["none"]
+    for n in names:
+        if n not in ("none", "elastic", "drdm-random") and not n.startswith("drdm:"):
+            raise ValueError(f"unknown augmentation {n!r}; valid: {', '.join(SEGMENT_AUGMENTATIONS)}")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def augmentation_pool(
+    cases: Sequence[Case], name: str, copies: int, seed: int, spatial_dims: int, settings: Mapping[str, Any]
+) -> tuple[list[dict[str, torch.Tensor]], float]:
+    """The labelled cases plus ``copies`` deformations of each (none for ``none``), and the mean folding % of the
+    fields (NaN where the deformation gives no field)."""
+    from medfusion.apps.deformers import make_deformer
+
+    items = [{K.IMAGE: c.arrays[K.IMAGE], K.LABEL: c.arrays[K.LABEL]} for c in cases]
+    if name == "none" or copies == 0:
+        return items, float("nan")
+    deform = make_deformer(name, [K.IMAGE], [K.LABEL], spatial_dims, **settings)
+    folds = []
+    for i, item in enumerate(list(items)):
+        for k in range(copies):
+            d = deform(item, (seed * 1_000_003 + i * 1_009 + k) % 2**31)
+            items.append(d.arrays)
+            folds.append(d.folding_pct)
+    return items, float(np.mean(folds)) if folds else float("nan")
+
+
+def _segmenter(num_classes: int, spatial_dims: int, options: Mapping[str, Any], seed: int) -> Any:
+    import lightning as L
+
+    from medfusion.models.segmentation import Segmentation
+
+    L.seed_everything(seed, verbose=False)
+    channels = tuple(options["channels"])
+    return Segmentation(
+        num_classes=num_classes, spatial_dims=spatial_dims, channels=channels, strides=(2,) * (len(channels) - 1),
+        num_res_units=2, lr=options["lr"], hu_window=tuple(options["hu_window"]),
+        sw_roi_size=options.get("roi_size") if spatial_dims == 3 else None,
+    )  # fmt: skip
+
+
+def score_case(module: Any, case: Case, num_classes: int) -> dict[str, float]:
+    """Dice and HD95 (mm) per class (``dice_<c>``, ``hd95_<c>``) and their means over the classes present."""
+    from medfusion.eval.segmentation import dice_per_case, hd95_per_case
+
+    pred = module.predict_labels(case.arrays[K.IMAGE][None])
+    ref = case.arrays[K.LABEL][None].long()
+    dice = dice_per_case(pred, ref, num_classes)[0]
+    with warnings.catch_warnings():  # MONAI warns for every class absent from the reference (left out here)
+        warnings.filterwarnings("ignore", message=".*ground truth of class.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        hd = hd95_per_case(pred, ref, num_classes, spacing=list(case.spacing))[0]
+    row: dict[str, float] = {}
+    for c in range(1, num_classes):
+        row[f"dice_{c}"], row[f"hd95_{c}"] = float(dice[c - 1]), float(hd[c - 1])
+    d, h = dice[torch.isfinite(dice)], hd[torch.isfinite(hd)]
+    row["dice"] = float(d.mean()) if d.numel() else float("nan")
+    row["hd95"] = float(h.mean()) if h.numel() else float("nan")
+    return row
+
+
+def _crop_draw(roi: Sequence[int] | None):
+    """A per-draw random crop of ``roi`` (3D patches), reproducible from the draw seed; None: whole images."""
+    if roi is None:
+        return None
+
+    def draw(item: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        shape = item[K.IMAGE].shape[1:]
+        if any(r > s for r, s in zip(roi, shape)):
+            raise ValueError(f"--roi-size {tuple(roi)} is larger than an image {tuple(shape)}")
+        start = [int(torch.randint(0, s - r + 1, (1,), generator=g)) for r, s in zip(roi, shape)]
+        sl = (slice(None), *(slice(a, a + r) for a, r in zip(start, roi)))
+        return {k: v[sl] for k, v in item.items()}
+
+    return draw
+
+
+def run_protocol(
+    training: Sequence[Case],
+    evaluation: Sequence[Case],
+    *,
+    augmentations: Sequence[str],
+    fractions: Sequence[float],
+    seeds: Sequence[int],
+    options: Mapping[str, Any],
+    launch: Launch,
+    root: Path,
+    log=print,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of every fraction x seed x augmentation x evaluation case, and per-run facts (labelled count, pool
+    size, folding %, minutes). ``options``: ``spatial_dims``, ``num_classes``, ``copies``, ``train_steps``,
+    ``train_batch``, ``lr``, ``channels``, ``hu_window``, ``roi_size`` and ``deformer`` settings."""
+    import time
+
+    dims, ncls = int(options["spatial_dims"]), int(options["num_classes"])
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Any] = {}
+    for fraction in fractions:
+        for seed in seeds:
+            subset = [training[i] for i in few_shot_subset(len(training), fraction, seed)]
+            for aug in augmentations:
+                t0 = time.perf_counter()
+                pool, folding = augmentation_pool(
+                    subset, aug, int(options["copies"]), seed, dims, options["deformer"]
+                )
+                module = _segmenter(ncls, dims, options, seed)
+                sampler = StreamSampler(
+                    [1.0] * len(pool), options["train_steps"], options["train_batch"], seed
+                )
+                module = fit(
+                    module, StreamDataset(pool, _crop_draw(options.get("roi_size"))), sampler, launch, root
+                )
+                new = score_cases(len(evaluation), lambda i, m=module: [score_case(m, evaluation[i], ncls)])
+                for case, r in zip(evaluation, new):
+                    rows.append({"fraction": fraction, "n_labelled": len(subset), "seed": seed, "augmentation": aug,
+                                 "case_id": case.patient, **r})  # fmt: skip
+                minutes = (time.perf_counter() - t0) / 60
+                runs[f"{fraction}|{seed}|{aug}"] = {"n_labelled": len(subset), "pool": len(pool),
+                                                    "folding_pct": folding, "minutes": minutes}  # fmt: skip
+                if dims == 2:  # the first case's prediction, for the report's overlays
+                    example = module.predict_labels(evaluation[0].arrays[K.IMAGE][None])[0, 0].numpy()
+                    runs[f"{fraction}|{seed}|{aug}"]["example"] = example
+                dice = np.nanmean([r["dice"] for r in new])
+                log(f"fraction {fraction:g} ({len(subset)} labelled), seed {seed}, {aug}: Dice {dice:.3f} "
+                    f"({minutes:.1f} min)")  # fmt: skip
+    return rows, runs
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Any], *, seed: int, n_boot: int,
+              num_classes: int) -> dict[str, Any]:  # fmt: skip
+    """Per fraction and augmentation: Dice / HD95 estimates (patient bootstrap over the evaluation cases, every
+    seed's row of a case resampled with it), the SD over seeds of the mean Dice, the paired difference against
+    ``none`` (same fraction, seed and case), Dice per class and the mean folding %."""
+    from medfusion.eval.stats import cluster_mean, resample_counts
+
+    patients = sorted({r["case_id"] for r in rows})
+    pidx = {p: i for i, p in enumerate(patients)}
+    counts = resample_counts(len(patients), n_boot, seed)
+    out: dict[str, Any] = {"n_cases": len(patients), "n_boot": n_boot, "results": []}
+    base = {(r["fraction"], r["seed"], r["case_id"]): r for r in rows if r["augmentation"] == "none"}
+    for fraction in sorted({r["fraction"] for r in rows}):
+        for aug in dict.fromkeys(r["augmentation"] for r in rows):
+            sel = [r for r in rows if r["fraction"] == fraction and r["augmentation"] == aug]
+            if not sel:
+                continue
+            g = [pidx[r["case_id"]] for r in sel]
+            seeds = sorted({r["seed"] for r in sel})
+            per_seed = [float(np.nanmean([r["dice"] for r in sel if r["seed"] == s])) for s in seeds]
+            entry: dict[str, Any] = {
+                "fraction": fraction, "augmentation": aug, "n_labelled": sel[0]["n_labelled"], "seeds": seeds,
+                "dice": cluster_mean([r["dice"] for r in sel], g, counts).as_dict(),
+                "hd95": cluster_mean([r["hd95"] for r in sel], g, counts).as_dict(),
+                "dice_seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan"),
+                "dice_per_class": {str(c): float(np.nanmean([r[f"dice_{c}"] for r in sel]))
+                                   if any(math.isfinite(r[f"dice_{c}"]) for r in sel) else float("nan")
+                                   for c in range(1, num_classes)},
+                "folding_pct": float(np.nanmean([runs[f"{fraction}|{s}|{aug}"]["folding_pct"] for s in seeds]))
+                if any(math.isfinite(runs[f"{fraction}|{s}|{aug}"]["folding_pct"]) for s in seeds) else float("nan"),
+            }  # fmt: skip
+            if aug != "none":
+                diff = [r["dice"] - base[(fraction, r["seed"], r["case_id"])]["dice"] for r in sel]
+                entry["dice_vs_none"] = cluster_mean(diff, g, counts).as_dict()
+            out["results"].append(entry)
+    return out
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the downstream tasks (``segment``, ``register``)."""
+    g = parser.add_argument_group("downstream tasks (--task segment / register)")
+    g.add_argument("--augment", action="append", default=[], metavar="NAME",
+                   help="segment: none, elastic, drdm-random, drdm:DIR (repeatable; none is always run); "
+                        "register: training pairs real, bspline, drdm-random, drdm:DIR, or A+B")  # fmt: skip
+    g.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0],
+                   help="labelled fractions of the training cases (segment; default 0.05 0.2 1.0)")  # fmt: skip
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    g.add_argument("--copies", type=int, default=8, help="deformed copies per training case (default 8)")
+    g.add_argument("--train-steps", type=int, default=1000, help="optimiser steps per run (default 1000)")
+    g.add_argument("--train-batch", type=int, default=8, help="global training batch (default 8)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (segment 2e-3, register 1e-3)")
+    g.add_argument("--channels", type=int, nargs="+", default=None, help="network widths per level")
+    g.add_argument("--roi-size", type=int, nargs="+", default=None, help="3D training patch (default: whole)")
+    g.add_argument(
+        "--hu-window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the images"
+    )
+    g.add_argument("--elastic-magnitude", type=float, nargs=2, default=[2.0, 4.0],
+                   help="MONAI elastic magnitude range (choose on --split validation)")  # fmt: skip
+    g.add_argument("--elastic-spacing", type=float, default=20.0, help="elastic control spacing, voxels")
+    g.add_argument("--bspline-sigma", type=float, default=4.0, help="B-spline coefficient SD, voxels")
+    g.add_argument("--drdm-t-range", type=int, nargs=2, default=[40, 48], help="DRDM level range T'")
+    g.add_argument("--drdm-steps", type=int, default=8, help="DRDM recovery steps")
+    g.add_argument("--smooth-weight", type=float, default=1.0, help="register: smoothness weight (default 1)")
+    g.add_argument("--supervised-weight", type=float, default=1.0,
+                   help="register: weight of the known-field error on synthetic pairs (default 1)")  # fmt: skip
+    g.add_argument(
+        "--accelerator", default="cpu", choices=("cpu", "gpu", "auto"), help="training accelerator"
+    )
+    g.add_argument("--devices", type=int, default=1, help="devices per node (DDP when > 1)")
+    g.add_argument("--num-nodes", type=int, default=1, help="nodes (DDP)")
+    g.add_argument(
+        "--strategy", default="auto", choices=("auto", "ddp", "ddp_spawn"), help="Lightning strategy"
+    )

@@ -1,0 +1,22 @@
+"""Notices that third-party packages print because of how medfusion calls them, not because of the user's data.
+
+One place for the filters, used by the CLI and by the commands that run Lightning in-process (a module outside the
+import layers, so that both ``medfusion.cli`` and ``medfusion.apps`` may use it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+
+def quiet_third_party() -> None:
+    """Silence MONAI's deprecation notices for arguments we do not pass, MONAI's nvImageCodec probe (a GPU JPEG
+    decoder we do not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not
+    installed (our configs log to CSV) and its internal pytree deprecation. Call it inside
+    ``warnings.catch_warnings()``."""
+    import logging
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+    for message in (r".*NvImgCodecPydicomReader.*", r".*tensorboardX.*", r".*isinstance\(treespec, LeafSpec\).*"):
+        warnings.filterwarnings("ignore", message=message)
