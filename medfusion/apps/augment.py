@@ -1,22 +1,35 @@
-"""``medfusion augment``: write DRDM-deformed image / label / field triplets and a manifest.
+"""``medfusion augment``: write DRDM-deformed image / label / field triplets, or registration pairs, and a manifest.
 
 For every entry of the input manifest (one split, default ``training``) and ``k = 0..n-1``, a DRDM
 deformation (Zheng et al., arXiv 2407.07295, Algorithm 2; ``medfusion.transforms.drdm``) is generated
 from the image, and the image (bilinear) and its label (nearest, or one-hot + argmax) are warped with
-the same field. Outputs under ``--output``::
+the same field. Outputs under ``--output`` (``<case>``: the entry's ``case_id``, else its file stem, made unique:
+:func:`case_names`)::
 
     images/<case>_aug<k>.nii.gz   labels/<case>_aug<k>.nii.gz   fields/<case>_aug<k>.nii.gz   manifest.json
-
-(``<case>``: the entry's ``case_id``, else its file stem, made unique: :func:`case_names`)
     fields_itk/<case>_aug<k>.nii.gz   (the same field in mm, LPS: an ITK/ANTs/SimpleITK displacement field)
 
-Fields are stored as ``(*spatial, D)`` float32 NIfTI in **voxels**, component ``d`` along array axis ``d``,
-pull convention (``warped(x) = original(x + u(x))``), with the image's affine. The manifest (task
-``segment``, paths relative to it) lists every triplet under ``training`` with its source image and level.
-Resumable: every file is written atomically, finished triplets are skipped, and sample ``k`` of case ``i``
+With ``--pairs`` the same deformations are written as registration pairs (the DRDM paper's use for registration
+training: an image and its deformation, the field known)::
+
+    moving/<case>.nii.gz   moving_labels/<case>.nii.gz                  (the input image and label, float32 / int16)
+    fixed/<case>_aug<k>.nii.gz   fixed_labels/<case>_aug<k>.nii.gz      (its deformations)
+    fields/<case>_aug<k>.nii.gz   fields_itk/<case>_aug<k>.nii.gz       manifest.json (task ``register``)
+
+Every file shares the input image's grid (affine). Fields (:mod:`medfusion.io.displacement`): ``fields/`` in
+**voxels**, component ``d`` along array axis ``d``, pull (``fixed(x) = moving(x + u(x))``), a NIfTI vector image
+``(X, Y, Z, 1, 3)`` / ``(X, Y, 1, 1, 2)``, which is the ``ddf`` a ``register`` manifest gives
+:class:`medfusion.models.registration.Registration` (its supervised term); ``fields_itk/`` the same field in mm,
+LPS, which SimpleITK reads as a ``DisplacementFieldTransform`` with ``Resample(moving, fixed, transform)`` = fixed.
+The manifest (paths relative to it) lists every sample under ``training``: task ``segment`` with ``image``,
+``label``, ``ddf``; with ``--pairs`` task ``register`` with ``moving``, ``fixed``, ``moving_label``, ``fixed_label``,
+``ddf``; both with ``ddf_itk``, the source image, the sample index and (for this run's samples) the level
+``t_start`` and the folding fraction.
+Resumable: every file is written atomically, finished samples are skipped, and sample ``k`` of case ``i``
 is seeded from ``(seed, i, k)``, so a resumed run writes what an uninterrupted one would.
 Without ``--ckpt`` the forward process alone is used (the random-field baseline). A case that cannot be read or
-deformed is reported with its path and the reason and the others go on; ``augment_report.csv`` in ``--output`` has
+deformed (NaN values, not 2D/3D, a label of another shape, a model of other dimensionality) is reported with its
+path and the reason, nothing of it is written, and the others go on; ``augment_report.csv`` in ``--output`` has
 one row per manifest case (:mod:`medfusion.io.run_report`); exit status: :mod:`medfusion.exit_codes`.
 ``--devices N [--num-nodes M]`` shares the cases among ranks (:mod:`medfusion.apps.predict`).
 """
@@ -27,13 +40,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from medfusion.apps.volume_args import add_launch_arguments, launch_options, report
 from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE
 
 LABEL_MODES = ("nearest", "onehot")
-OUTPUT_DIRS = ("images", "labels", "fields", "fields_itk")
+#: manifest key -> sub-folder of one deformed sample, for the segment layout and the ``--pairs`` layout
+SAMPLE_DIRS = {"image": "images", "label": "labels", "ddf": "fields", "ddf_itk": "fields_itk"}
+PAIR_DIRS = {"fixed": "fixed", "fixed_label": "fixed_labels", "ddf": "fields", "ddf_itk": "fields_itk"}
+#: manifest key -> sub-folder of the input image and label of a case (``--pairs``)
+MOVING_DIRS = {"moving": "moving", "moving_label": "moving_labels"}
+LABEL_OUTPUTS = ("label", "fixed_label", "moving_label")
 
 
 def case_names(entries: list[dict]) -> list[str]:
@@ -83,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-mode", choices=LABEL_MODES, default="nearest", help="label warping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--pairs",
+        action="store_true",
+        help="write registration pairs (moving = the input, fixed = its deformation, the field, labels) and a "
+        "'register' manifest",
+    )
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing outputs")
     add_launch_arguments(parser)
 
@@ -95,11 +119,17 @@ def _load_net(ckpt: str | None, device: str):
     from medfusion.transforms.drdm import load_recovery_net
 
     path = Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt}: no model at this path")
     if path.suffix == ".safetensors" and path.is_file():
         return load_recovery_net(path).to(device)
-    net = getattr(load_model(path, map_location="cpu"), "recovery_net", None)
+    try:
+        model = load_model(path, map_location="cpu")
+    except (OSError, RuntimeError, KeyError, TypeError) as err:
+        raise ValueError(f"{ckpt}: cannot load a model ({type(err).__name__}: {err})") from err
+    net = getattr(model, "recovery_net", None)
     if net is None:
-        raise ValueError(f"{ckpt} is not a DRDM model (no recovery_net)")
+        raise ValueError(f"{ckpt}: a {type(model).__name__} model, not DRDM (augment needs its recovery_net)")
     return net.to(device).eval()
 
 
@@ -128,27 +158,54 @@ def _entries(args: argparse.Namespace) -> list[dict]:
     entries = load_manifest(args.input, allow_outside=True).split(args.split)
     if not entries:
         raise ValueError(f"split {args.split!r} of {args.input} is empty")
+    imageless = [i for i, e in enumerate(entries) if "image" not in e]
+    if imageless:
+        raise ValueError(
+            f"{args.input}: {args.split}[{imageless[0]}] has no 'image' (augment reads a segment or image "
+            f"manifest); its keys: {sorted(entries[imageless[0]])}"
+        )
     return entries
 
 
-def case_tensors(image: Any, label: Any, net: Any, device: str) -> tuple[dict[str, Any], tuple[int, ...]]:
-    """``({"image", "label"} padded to multiples of 8 on ``device``, spatial shape)`` of one image (and label) array;
-    ``ValueError`` when the image's dimensionality does not fit the recovery net."""
+def check_case(
+    image: Any, label: Any, net: Any, names: tuple[str, str] = ("image", "label")
+) -> tuple[Any, Any]:
+    """The image (float32) and label (int64) arrays of one case, reshaped to the spatial shape augment deforms
+    (singleton axes dropped where a model needs fewer); ``ValueError`` naming the file (``names``) when the image
+    has NaN/Inf values, is not 2D/3D or does not fit the model's dimensionality, or the label does not match it."""
     import numpy as np
-    import torch
 
     image = np.asarray(image, dtype=np.float32)
-    if net is not None:
-        nd = net.spatial_dims
-        if image.ndim > nd:
-            image = image.reshape([s for s in image.shape if s != 1] or image.shape)
-        if image.ndim != nd:
-            raise ValueError(f"{image.ndim}D image for a {nd}D model")
+    if not np.all(np.isfinite(image)):
+        raise ValueError(f"{names[0]}: the image has NaN or infinite values")
+    if net is not None and image.ndim > net.spatial_dims:
+        image = image.reshape([s for s in image.shape if s != 1] or image.shape)
+    if image.ndim not in (2, 3):
+        raise ValueError(
+            f"{names[0]}: a {image.ndim}D image of shape {image.shape}; augment deforms 2D or 3D images"
+        )
+    if net is not None and image.ndim != net.spatial_dims:
+        raise ValueError(f"{names[0]}: a {image.ndim}D image for a {net.spatial_dims}D model")
+    if label is None:
+        return image, None
+    label = np.asarray(label)
+    if [s for s in label.shape if s != 1] != [s for s in image.shape if s != 1]:
+        raise ValueError(f"{names[1]}: label of shape {label.shape} for an image of shape {image.shape}")
+    if not np.all(np.isfinite(label)):
+        raise ValueError(f"{names[1]}: the label has NaN or infinite values")
+    return image, label.reshape(image.shape).astype(np.int64)
+
+
+def case_tensors(image: Any, label: Any, net: Any, device: str) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """``({"image", "label"} padded to multiples of 8 on ``device``, spatial shape)`` of one image (and label) array
+    checked by :func:`check_case` (``ValueError`` for bad input)."""
+    import torch
+
+    image, label = check_case(image, label, net)
     shape = image.shape
     data = {"image": _pad8(torch.from_numpy(image)[None].to(device), image.min())}
     if label is not None:
-        lab = torch.from_numpy(np.asarray(label).reshape(shape).astype(np.int64))
-        data["label"] = _pad8(lab[None].to(device), 0)
+        data["label"] = _pad8(torch.from_numpy(label)[None].to(device), 0)
     return data, shape
 
 
@@ -184,10 +241,20 @@ def drdm_transform(
     )  # fmt: skip
 
 
+class CaseSamples(NamedTuple):
+    """What :meth:`AugmentJob.compute` hands to :meth:`AugmentJob.write`: the checked input arrays of one case
+    (:func:`check_case`), its affine, and the missing samples ``[(k, deform(...))]``."""
+
+    image: Any
+    label: Any
+    affine: Any
+    samples: list[tuple[int, dict[str, Any]]]
+
+
 class AugmentJob:
     """The cases of one ``augment`` run as a :class:`medfusion.apps.predict.CaseJob`: case ``i`` is manifest entry
-    ``i``; its ``n`` triplets are seeded from ``(seed, i, k)``, so any rank, and a resumed run, writes what an
-    uninterrupted one-process run would."""
+    ``i``; its ``n`` samples are seeded from ``(seed, i, k)``, so any rank, and a resumed run, writes what an
+    uninterrupted one-process run would. ``settings["pairs"]`` chooses the registration-pair layout."""
 
     def __init__(self, entries: list[dict], net: Any, settings: dict[str, Any]) -> None:
         self.entries, self.model, self.settings = entries, net, settings
@@ -198,30 +265,37 @@ class AugmentJob:
         self._transform: Any = None
 
     def _paths(self, i: int, k: int) -> dict[str, Path]:
+        """Manifest key -> output file of sample ``k`` of case ``i`` (with ``--pairs`` also the case's moving
+        image and label); label files only where the entry has a label."""
+        out = Path(self.settings["output"])
         name = f"{self.names[i]}_aug{k:03d}.nii.gz"
-        return {sub: Path(self.settings["output"]) / sub / name for sub in OUTPUT_DIRS}
+        dirs = PAIR_DIRS if self.settings["pairs"] else SAMPLE_DIRS
+        paths = {key: out / sub / name for key, sub in dirs.items()}
+        if self.settings["pairs"]:
+            paths |= {key: out / sub / f"{self.names[i]}.nii.gz" for key, sub in MOVING_DIRS.items()}
+        if "label" not in self.entries[i]:
+            paths = {key: p for key, p in paths.items() if key not in LABEL_OUTPUTS}
+        return paths
 
     def _finished(self, i: int, k: int) -> bool:
-        needed = ["images", "fields", "fields_itk"] + (["labels"] if "label" in self.entries[i] else [])
-        paths = self._paths(i, k)
-        return not self.settings["overwrite"] and all(paths[s].exists() for s in needed)
+        return not self.settings["overwrite"] and all(p.exists() for p in self._paths(i, k).values())
 
     def _records(self, i: int) -> list[dict]:
         records = []
         for k in range(self.settings["n"]):
-            rel = {
-                sub: path.relative_to(self.settings["output"]).as_posix()
-                for sub, path in self._paths(i, k).items()
+            record: dict[str, Any] = {
+                key: path.relative_to(self.settings["output"]).as_posix()
+                for key, path in self._paths(i, k).items()
             }
-            record = {"image": rel["images"], "ddf": rel["fields"], "ddf_itk": rel["fields_itk"],
-                      "source_image": str(self.entries[i]["image"]), "sample": k}  # fmt: skip
-            if "label" in self.entries[i]:
-                record["label"] = rel["labels"]
+            record |= {"source_image": str(self.entries[i]["image"]), "sample": k}
+            if self.settings["pairs"]:
+                record["case_id"] = self.names[i]
             records.append(record)
         return records
 
     def output_of(self, i: int) -> str:
-        return str(Path(self.settings["output"]) / "images" / f"{self.names[i]}_aug*.nii.gz")
+        sub = "fixed" if self.settings["pairs"] else "images"
+        return str(Path(self.settings["output"]) / sub / f"{self.names[i]}_aug*.nii.gz")
 
     def done_row(self, i: int) -> Any:
         from medfusion.io.run_report import ReportRow
@@ -238,45 +312,53 @@ class AugmentJob:
             )
         return self._transform
 
-    def compute(self, i: int, device: Any) -> tuple[Any, list[tuple[int, dict[str, Any]]]]:
-        """The missing triplets of case ``i``: ``(image volume, [(k, deform(...))])``."""
+    def compute(self, i: int, device: Any) -> CaseSamples:
+        """The missing samples of case ``i``; ``ValueError`` naming the file for bad input (nothing is written)."""
         from medfusion.io.nifti import read_nifti
 
         transform = self._transform_on(device)
         entry = self.entries[i]
         vol = read_nifti(entry["image"])
         label = read_nifti(entry["label"]).array if "label" in entry else None
-        data, shape = case_tensors(vol.array, label, self.model, str(device))
+        image, label = check_case(
+            vol.array, label, self.model, (str(entry["image"]), str(entry.get("label")))
+        )
+        data, shape = case_tensors(image, label, self.model, str(device))
         samples = []
         for k in range(self.settings["n"]):
             if not self._finished(i, k):
                 samples.append((k, deform(transform, data, shape, sample_seed(self.settings["seed"], i, k))))
-        return vol, samples
+        return CaseSamples(image, label, vol.affine, samples)
 
-    def write(
-        self, i: int, result: tuple[Any, list[tuple[int, dict[str, Any]]]]
-    ) -> tuple[Any, tuple[int, dict]]:
+    def write(self, i: int, result: CaseSamples) -> tuple[Any, tuple[int, dict]]:
         import numpy as np
 
-        from medfusion.io.displacement import write_displacement_field
+        from medfusion.io.displacement import write_displacement_field, write_voxel_field
         from medfusion.io.nifti import write_nifti
         from medfusion.io.run_report import ReportRow
 
-        vol, samples = result
+        pairs, affine = self.settings["pairs"], result.affine
+        image_key, label_key = ("fixed", "fixed_label") if pairs else ("image", "label")
+        if pairs and result.samples:  # the moving image and label: the input as augment read it, same grid
+            paths = self._paths(i, result.samples[0][0])
+            write_nifti(paths["moving"], result.image, affine, overwrite=True)
+            if "moving_label" in paths:
+                write_nifti(paths["moving_label"], result.label.astype(np.int16), affine, overwrite=True)
         extra: dict[int, dict] = {}
-        for k, out in samples:
+        for k, out in result.samples:
             paths = self._paths(i, k)
-            write_nifti(paths["images"], out["image"], vol.affine, overwrite=True)
-            if "label" in out:
-                write_nifti(paths["labels"], out["label"].astype(np.int16), vol.affine, overwrite=True)
+            write_nifti(paths[image_key], out["image"], affine, overwrite=True)
+            if label_key in paths:
+                write_nifti(paths[label_key], out["label"].astype(np.int16), affine, overwrite=True)
             ddf = out["ddf"].astype(np.float32)
-            write_nifti(paths["fields"], np.moveaxis(ddf, 0, -1), vol.affine, overwrite=True)
-            write_displacement_field(paths["fields_itk"], ddf, vol.affine, overwrite=True)
+            write_voxel_field(paths["ddf"], ddf, affine, overwrite=True)
+            write_displacement_field(paths["ddf_itk"], ddf, affine, overwrite=True)
             extra[k] = {"t_start": out["t_start"], "folding": out["folding"]}
         return ReportRow(self.inputs[i], "written", output=self.output_of(i)), (i, extra)
 
     def finish(self, extras: list[Any]) -> None:
-        """Write ``manifest.json``: every triplet on disk (this run's with its level ``t_start`` and ``folding``)."""
+        """Write ``manifest.json``: every sample on disk (this run's with its level ``t_start`` and ``folding``);
+        none when no case has its samples (an empty split is no manifest)."""
         from medfusion.io.atomic import write_text_atomic
 
         computed = dict(extras)
@@ -286,7 +368,10 @@ class AugmentJob:
                 continue  # failed in this run
             for k, record in enumerate(self._records(i)):
                 records.append(record | computed.get(i, {}).get(k, {}))
-        doc = {"name": "drdm-augmented", "task": "segment", "training": records}
+        if not records:
+            return
+        name, task = ("drdm-pairs", "register") if self.settings["pairs"] else ("drdm-augmented", "segment")
+        doc = {"name": name, "task": task, "training": records}
         write_text_atomic(
             Path(self.settings["output"]) / "manifest.json", json.dumps(doc, indent=1), overwrite=True
         )
@@ -304,11 +389,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"medfusion augment: error: {err}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     out = Path(args.output)
-    for sub in OUTPUT_DIRS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # the sub-folders come with their first file
     settings = {
         "output": str(out), "n": args.n, "t_range": tuple(args.t_range), "steps": args.steps,
-        "label_mode": args.label_mode, "seed": args.seed, "overwrite": args.overwrite,
+        "label_mode": args.label_mode, "seed": args.seed, "overwrite": args.overwrite, "pairs": args.pairs,
     }  # fmt: skip
     job = AugmentJob(entries, net, settings)
     try:
@@ -318,5 +402,6 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NOTHING_DONE
     if rows is None:  # a rank other than 0: rank 0 reports for every rank
         return 0
-    print(f"manifest {out / 'manifest.json'}", file=sys.stderr)
+    if (out / "manifest.json").is_file():
+        print(f"manifest {out / 'manifest.json'}", file=sys.stderr)
     return report(rows, "augmented", unit="cases")

@@ -65,7 +65,11 @@ PATH_KEYS: tuple[str, ...] = (
     K.MOVING_LABEL,
     K.FIXED_LABEL,
     K.MASK,
+    K.DDF,
 )
+#: keys of displacement fields (voxels, :mod:`medfusion.io.displacement`): loaded for the ``register`` task only
+#: (its supervised term); for other tasks the path passes through unread
+FIELD_KEYS: tuple[str, ...] = (K.DDF,)
 #: keys whose label maps (integers, nearest-neighbour resampling, no HU window)
 LABEL_KEYS: tuple[str, ...] = (K.LABEL, K.MOVING_LABEL, K.FIXED_LABEL, K.MASK)
 #: canonical split names (Decathlon) and the aliases accepted in CSV files and ``Manifest.split``
@@ -118,9 +122,11 @@ class Manifest:
 
     @property
     def path_keys(self) -> tuple[str, ...]:
-        """Path keys present in every entry of every split (the keys a pipeline must load)."""
+        """Path keys present in every entry of every split (the keys a pipeline must load; ``FIELD_KEYS`` only for
+        the ``register`` task)."""
         entries = [e for items in self.splits.values() for e in items]
-        return tuple(k for k in PATH_KEYS if entries and all(k in e for e in entries))
+        loaded = [k for k in PATH_KEYS if self.task == "register" or k not in FIELD_KEYS]
+        return tuple(k for k in loaded if entries and all(k in e for e in entries))
 
 
 def _check_task(task: str | None, where: str) -> None:

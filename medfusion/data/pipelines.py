@@ -17,6 +17,12 @@ orientation); 2D NIfTIs ``(H, W)`` are used as they are.
 Loading: NIfTI through MONAI's ``NibabelReader``; DICOM series folders through ``medfusion.io.dicom.read_series``
 when it is available (sorting by position, rescale, checks), otherwise MONAI's ``PydicomReader``.
 
+Displacement fields (``DEFAULT_FIELD_KEYS``: ``ddf``, a ``register`` manifest's known field; NIfTI vector images
+of :func:`medfusion.io.displacement.write_voxel_field`) load as ``(D, *spatial)`` in voxels, channel ``d`` along
+array axis ``d`` (pull), go through the same spatial transforms as the images (bilinear, padded with 0, no intensity
+window) and are re-expressed on the resulting grid by :class:`VoxelFieldToGridd`, so that warping the loaded moving
+image with the loaded field gives the loaded fixed image.
+
 Hand-written parts and why: the DICOM ``ImageReader`` adapter (MONAI does not know our reader), and
 ``SpatialRankSwitchd`` / ``RandSpatialRankSwitchd``, tiny dispatchers choosing a sub-pipeline (orientation codes,
 crops/slicing) by the rank of the loaded data
@@ -32,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.data import ImageReader
+from monai.data import ImageReader, MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -57,6 +63,10 @@ from medfusion import keys as K
 
 #: keys treated as label maps by default (nearest-neighbour, no intensity window)
 DEFAULT_LABEL_KEYS: tuple[str, ...] = (K.LABEL, K.MOVING_LABEL, K.FIXED_LABEL, K.MASK)
+#: keys treated as voxel displacement fields (``medfusion.io.displacement``): bilinear, padded with 0, no window
+DEFAULT_FIELD_KEYS: tuple[str, ...] = (K.DDF,)
+#: largest out-of-plane displacement (voxels) of a 3D field that may be cut into 2D slices
+FIELD_SLICE_TOLERANCE = 1e-3
 #: margin above the window's lower edge that counts as foreground (in the [-1, 1] scale)
 FOREGROUND_EPS = 1e-3
 
@@ -124,6 +134,92 @@ class MedfusionDicomReader(ImageReader):
             "space": "RAS",
         }
         return array, meta
+
+
+class VoxelFieldReader(ImageReader):
+    """MONAI ``ImageReader`` for voxel displacement fields (:func:`medfusion.io.displacement.read_voxel_field`):
+    hands ``LoadImage`` the field channel-last ``(*spatial, D)`` with its RAS+ affine."""
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        names = ensure_tuple(filename)
+        return len(names) == 1 and str(names[0]).lower().endswith((".nii", ".nii.gz"))
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> list[Any]:
+        from medfusion.io.displacement import read_voxel_field
+
+        return [read_voxel_field(path) for path in ensure_tuple(data)]
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        field = ensure_tuple(img)[0]
+        meta = {
+            "affine": field.affine.copy(),
+            "original_affine": field.affine.copy(),
+            "spatial_shape": np.asarray(field.ddf.shape[1:]),
+            "original_channel_dim": -1,
+            "space": "RAS",
+        }
+        return np.moveaxis(field.ddf, 0, -1), meta
+
+
+class VoxelFieldToGridd(MapTransform):
+    """Re-express voxel displacement fields ``(D, *spatial)`` on the grid the spatial transforms made.
+
+    A displacement is a physical vector ``p = L u`` (``L``: the linear part of the voxel-to-world affine), so when
+    ``Orientationd`` / ``Spacingd`` change ``L0`` (at load, ``original_affine``) to ``L1``, the components become
+    ``u1 = L1^+ L0 u0`` (:func:`medfusion.fields.world.voxel_map`; crops and pads leave ``L`` as it is). With
+    ``spatial_dims=2`` a 3D field loses its component along ``slice_axis`` (the slices are cut there); it must be
+    zero (up to ``FIELD_SLICE_TOLERANCE``), else a 2D slice of the pair is not a 2D registration pair and
+    ``ValueError`` says so.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, slice_axis: int) -> None:
+        MapTransform.__init__(self, keys)
+        self.spatial_dims, self.slice_axis = spatial_dims, slice_axis
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        import torch
+
+        from medfusion.fields.world import voxel_map
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            field = d[key]
+            nd = int(field.shape[0])
+            if field.ndim - 1 != nd:
+                raise ValueError(f"{key}: a field of {nd} components on a {field.ndim - 1}D grid")
+            # the vectors' linear map from the load-time grid to this one (fields.world: L1^+ L0)
+            m = voxel_map(torch.as_tensor(np.asarray(field.meta["original_affine"])), field.affine, nd).matrix
+            m = m.to(torch.float32)
+            u = torch.einsum("ij,j...->i...", m, field.as_tensor().float())
+            if nd == 3 and self.spatial_dims == 2:
+                out_of_plane = float(u[self.slice_axis].abs().max())
+                if out_of_plane > FIELD_SLICE_TOLERANCE:
+                    raise ValueError(
+                        f"{key}: a 3D field cannot be cut into 2D slices along axis {self.slice_axis}: its component "
+                        f"along that axis reaches {out_of_plane:.3g} voxels (use spatial_dims=3, or 2D pairs)"
+                    )
+                u = u[[a for a in range(3) if a != self.slice_axis]]
+            d[key] = MetaTensor(u, meta=dict(field.meta), applied_operations=list(field.applied_operations))
+        return d
+
+
+class SpacingEachd(MapTransform):
+    """MONAI's ``Spacingd`` applied key by key, each on a dict that holds that key alone.
+
+    ``Spacingd`` (MONAI 1.x) also treats every entry named ``<key>_...`` as that key's meta dict and calls
+    ``.update`` on it, which fails for ``moving`` / ``moving_label``, ``fixed`` / ``fixed_label`` and ``ddf`` /
+    ``ddf_itk`` (a register manifest). Keys on the same grid still get the same output grid.
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], mode: Sequence[str]) -> None:
+        MapTransform.__init__(self, keys)
+        self.spacing = {k: Spacingd(k, pixdim=pixdim, mode=m) for k, m in zip(self.keys, mode)}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Any:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.spacing[key]({key: d[key]})[key]
+        return d
 
 
 def _dicom_reader_available() -> bool:
@@ -276,7 +372,7 @@ def _check_keys(
     if label_keys is None:
         label_keys = [k for k in keys if k in DEFAULT_LABEL_KEYS]
     if image_keys is None:
-        image_keys = [k for k in keys if k not in label_keys]
+        image_keys = [k for k in keys if k not in label_keys and k not in DEFAULT_FIELD_KEYS]
     image_keys, label_keys = [str(k) for k in image_keys], [str(k) for k in label_keys]
     unknown = sorted(set(image_keys + label_keys) - set(keys))
     if unknown or set(image_keys) & set(label_keys):
@@ -299,17 +395,30 @@ def _load_and_normalise(
     pixdim: Sequence[float] | None,
     orientation: str,
     crop_foreground: bool,
+    field_keys: Sequence[str] = (),
+    spatial_dims: int = 3,
+    slice_axis: int = 2,
 ) -> list:
     """Load, orient, resample, window to [-1, 1] and crop to the foreground (the first, cacheable steps)."""
-    load = LoadImaged(keys, image_only=True, ensure_channel_first=True)
+    volumes = [k for k in keys if k not in field_keys]
+    load = LoadImaged(volumes, image_only=True, ensure_channel_first=True)
     if _dicom_reader_available():  # tried first for folders / .dcm; NIfTI falls through to nibabel
         load.register(MedfusionDicomReader())
+    det: list = [load]
+    if field_keys:
+        det.append(
+            LoadImaged(
+                list(field_keys), reader=VoxelFieldReader(), image_only=True, ensure_channel_first=True
+            )
+        )
     # orientation codes per rank (2D NIfTIs take the first two letters: MONAI would warn on every load)
     orient = {r: Compose([Orientationd(keys, axcodes=orientation[:r])]) for r in (2, 3)}
-    det: list = [load, SpatialRankSwitchd(keys, orient)]
+    det.append(SpatialRankSwitchd(keys, orient))
     if pixdim is not None:
         modes = ["nearest" if k in label_keys else "bilinear" for k in keys]
-        det.append(Spacingd(keys, pixdim=tuple(float(p) for p in ensure_tuple(pixdim)), mode=modes))
+        det.append(SpacingEachd(keys, pixdim=tuple(float(p) for p in ensure_tuple(pixdim)), mode=modes))
+    if field_keys:
+        det.append(VoxelFieldToGridd(list(field_keys), spatial_dims=spatial_dims, slice_axis=slice_axis))
     if image_keys:
         low, high = float(hu_window[0]), float(hu_window[1])
         det.append(ScaleIntensityRanged(image_keys, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True))
@@ -336,6 +445,7 @@ def _pad_and_index(
     roi_size: Sequence[int] | None,
     train: bool,
     slice_axis: int,
+    field_keys: Sequence[str] = (),
 ) -> tuple[list, tuple[str, str] | None]:
     """Padding up to the crop size and, for label-aware crops, the cached fg/bg voxel indices (their keys)."""
     ranks = (2, 3) if spatial_dims == 2 else (3,)
@@ -345,7 +455,7 @@ def _pad_and_index(
             r: _padding(
                 r,
                 image_keys=image_keys,
-                label_keys=label_keys,
+                label_keys=label_keys + list(field_keys),  # fields pad with 0 (no displacement), as labels
                 roi=_roi(r, spatial_dims, roi_size, slice_axis)[0],
             )
             for r in ranks
@@ -393,7 +503,8 @@ def build_transforms(
             evaluation: centre crop. Images smaller than ``roi_size`` are padded (images with -1, labels with 0).
         num_samples: random crops / slices drawn per loaded case (training only).
         image_keys / label_keys: which keys are images (bilinear, HU window) and which are label maps (nearest,
-            raw values); default: ``DEFAULT_LABEL_KEYS`` are labels, the others images.
+            raw values); default: ``DEFAULT_LABEL_KEYS`` are labels, ``DEFAULT_FIELD_KEYS`` displacement fields
+            (:class:`VoxelFieldToGridd`), the others images.
         train: random sampling (True) or deterministic centre slice / crop (False).
         slice_axis: for ``spatial_dims=2`` on 3D volumes, the spatial axis (0, 1, 2) that slices are taken along.
         crop_foreground: crop every key to the bounding box of the first image key's foreground (> window low).
@@ -414,6 +525,7 @@ def build_transforms(
         slice_axis=slice_axis,
         crop_foreground=crop_foreground,
     )
+    field_keys = [k for k in keys if k in DEFAULT_FIELD_KEYS and k not in image_keys + label_keys]
     # 1. deterministic (cached): load, orient, resample, window, foreground crop, padding, label indices
     det = _load_and_normalise(
         keys,
@@ -423,6 +535,9 @@ def build_transforms(
         pixdim=pixdim,
         orientation=orientation,
         crop_foreground=crop_foreground,
+        field_keys=field_keys,
+        spatial_dims=spatial_dims,
+        slice_axis=slice_axis,
     )
     tail, index_keys = _pad_and_index(
         keys,
@@ -432,6 +547,7 @@ def build_transforms(
         roi_size=roi_size,
         train=train,
         slice_axis=slice_axis,
+        field_keys=field_keys,
     )
     # 2. random (every epoch): crops / 2D slices by the spatial rank of the loaded data
     ranks = (2, 3) if spatial_dims == 2 else (3,)
