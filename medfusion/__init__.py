@@ -16,6 +16,7 @@ _API = (
     "Volume",
     "augment",
     "convert",
+    "evaluate",
     "load_model",
     "read_series",
     "read_volume",

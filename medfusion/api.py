@@ -40,6 +40,7 @@ __all__ = [
     "Volume",
     "augment",
     "convert",
+    "evaluate",
     "load_model",
     "read_series",
     "read_volume",
@@ -331,3 +332,44 @@ def convert(input_dir: PathLike, output_dir: PathLike, **options: Any) -> Any:
     from medfusion.io.convert import convert_tree
 
     return convert_tree(input_dir, output_dir, **options)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+EVALUATION_TASKS = ("standardize", "restore", "segment", "register")
+
+
+def evaluate(manifest: PathLike, output: PathLike, *, task: str, split: str = "validation", **options: Any) -> dict:
+    """Score methods on one split of a manifest and write ``summary.json``, ``cases.csv``, ``report.md`` and
+    ``figures/`` to ``output``; the API of ``medfusion evaluate``. Returns the summary.
+
+    * ``task="standardize" | "restore"``: models and baselines against the standard scan
+      (:func:`medfusion.apps.evaluate.evaluate`: ``models=[DIR or DIR@key=value]``, ``baselines=["identity",
+      "gaussian", "linear-filter", "supervised:DIR", "noise-matched:DIR"]``, ``samples``, ``n_boot``, ``seed``, ...);
+    * ``task="segment"``: few-shot segmentation with and without augmentation
+      (:func:`medfusion.apps.evaluate_downstream.evaluate_segment`: ``augmentations``, ``fractions``, ``seeds``,
+      ``train_steps``, ...);
+    * ``task="register"``: registration trained on real or synthesised pairs
+      (:func:`medfusion.apps.evaluate_register.evaluate_register`: ``pairs``, ``seeds``, ``train_steps``, ...).
+
+    Choose on ``split="validation"``; a ``split="test"`` evaluation is logged to ``output/test_log.jsonl``.
+
+    >>> summary = api.evaluate(manifest, tmp / "eval", task="standardize", baselines=["identity"], n_boot=50)
+    >>> list(summary["methods"]), summary["run"]["split"]
+    (['identity'], 'validation')
+    """
+    if task in ("standardize", "restore"):
+        from medfusion.apps.evaluate import evaluate as run
+
+        options.setdefault("log", None)
+        return run(manifest, output, task=task, split=split, **options)
+    if task == "segment":
+        from medfusion.apps.evaluate_downstream import evaluate_segment
+
+        options.setdefault("log", None)
+        return evaluate_segment(manifest, output, split=split, **options)
+    if task == "register":
+        from medfusion.apps.evaluate_register import evaluate_register
+
+        options.setdefault("log", None)
+        return evaluate_register(manifest, output, split=split, **options)
+    raise ValueError(f"unknown task {task!r}; valid: {', '.join(EVALUATION_TASKS)}")

@@ -64,6 +64,10 @@ def data(tmp_path_factory):
     write_nifti(root / "ct.nii.gz", ct.array, ct.affine)
     write_dicom_series(ct.array, root / "dicom", affine=ct.affine, series_description="test",
                        derivation_description="synthetic", meta={"Modality": "CT"})  # fmt: skip
+    from medfusion.data.builtin import make_dataset
+
+    make_dataset(root / "builtin", n_patients=5, dim=2, size=32, protocols=["standard", "sharp"], seed=1,
+                 progress=False)  # fmt: skip
     return root
 
 
@@ -71,7 +75,7 @@ def test_docstring_examples_run(data, tmp_path):
     globs = {
         "api": api, "np": np, "ct": _ct(), "ct_path": data / "ct.nii.gz", "dicom_dir": data / "dicom",
         "model_dir": data / "rddm", "standard_model_dir": data / "dct", "tmp": tmp_path,
-        "model": api.load_model(data / "rddm"),
+        "model": api.load_model(data / "rddm"), "manifest": data / "builtin" / "manifests" / "standardize.json",
     }  # fmt: skip
     result = doctest.testmod(api, globs=globs, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 10 and result.failed == 0, result
