@@ -18,6 +18,9 @@ import argparse
 import importlib
 import sys
 import warnings
+from typing import Any
+
+from medfusion.notices import quiet_third_party  # noqa: F401  (re-exported: older scripts import it from here)
 
 # name -> (module implementing add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -101,8 +104,17 @@ def lightning_main(args: list[str], *, from_command_line: bool = False) -> int:
     to another stage's checkpoint in ``model.init_args`` that does not exist stops the run with one line naming
     the key and the path, before anything is built.
     """
-    cli_cls = _medfusion_cli_class()
+    import os
+    from pathlib import Path
+
+    from medfusion.exit_codes import EXIT_NOTHING_DONE, EXIT_OK
+
     config = _config_path(args)
+    if config is not None and not Path(config).is_file():
+        what = "is a folder, not a YAML file" if Path(config).is_dir() else "not found"
+        print(f"medfusion {args[0]}: error: --config {config}: {what}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
+    cli_cls = _medfusion_cli_class()
     with warnings.catch_warnings():
         quiet_third_party()
         try:
@@ -115,23 +127,37 @@ def lightning_main(args: list[str], *, from_command_line: bool = False) -> int:
                 seed_everything_default=0,  # reproducible unless the config sets its own seed
                 checkpoint_dir=checkpoint_dir(config),
             )
-        except MissingStageError as err:
-            print(f"medfusion {args[0]}: error: {err}", file=sys.stderr)
-            return 2
-    return 0
+        # bad config, manifest, data or paths (also wrapped in a RuntimeError by MONAI)
+        except (MissingStageError, ValueError, OSError, RuntimeError) as err:
+            cause = _input_error(err)
+            if cause is None or os.environ.get(TRACEBACK_ENV):
+                raise
+            print(f"medfusion {args[0]}: error: {_one_line(cause)}", file=sys.stderr)
+            return EXIT_NOTHING_DONE
+    return EXIT_OK
 
 
-def quiet_third_party() -> None:
-    """Silence notices that third-party packages print because of how we call them, not because of the user's data:
-    MONAI's deprecation notices for arguments we do not pass, MONAI's nvImageCodec probe (a GPU JPEG decoder we do
-    not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not installed (our configs
-    log to CSV) and its internal pytree deprecation. Call it inside ``warnings.catch_warnings()``."""
-    import logging
+def _input_error(err: BaseException) -> BaseException | None:
+    """The error to report in one line: ``err`` itself when it is a ``ValueError`` / ``OSError`` (bad config, data
+    or paths), else the first such error it was raised from (MONAI wraps a transform's error in ``RuntimeError``
+    "applying transform ..."); None for anything else (a bug: its traceback is shown)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (MissingStageError, ValueError, OSError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-    for message in (r".*NvImgCodecPydicomReader.*", r".*tensorboardX.*", r".*isinstance\(treespec, LeafSpec\).*"):
-        warnings.filterwarnings("ignore", message=message)
+
+TRACEBACK_ENV = "MEDFUSION_TRACEBACK"
+"""Set (to anything) to get the full traceback instead of the one-line error of a Lightning command."""
+
+
+def _one_line(err: BaseException) -> str:
+    """``err``'s message on one line (the lines of a library's message joined with ' | ')."""
+    return " | ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 class MissingStageError(Exception):
@@ -148,6 +174,18 @@ def _stage_paths(init_args: dict, prefix: str = "model.init_args") -> list[tuple
         if isinstance(value, str) and value.endswith(STAGE_SUFFIXES):
             found.append((f"{prefix}.{key}", value))
     return found
+
+
+def check_spatial_dims(model_args: Any, data_args: Any) -> None:
+    """``ValueError`` when ``model.init_args.spatial_dims`` and ``data.init_args.spatial_dims`` are both set and
+    differ (a 3D network fed 2D slices fails deep inside a convolution, without naming the setting)."""
+    model_dims = model_args.get("spatial_dims") if model_args is not None else None
+    data_dims = data_args.get("spatial_dims") if data_args is not None else None
+    if model_dims is not None and data_dims is not None and int(model_dims) != int(data_dims):
+        raise ValueError(
+            f"model.init_args.spatial_dims={model_dims} differs from data.init_args.spatial_dims={data_dims}: "
+            "a model trains on the data's 2D slices or 3D volumes; set both to 2 or both to 3"
+        )
 
 
 def _medfusion_cli_class():
@@ -170,6 +208,8 @@ def _medfusion_cli_class():
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             model = config.get("model") if config is not None else None
             init_args = model.get("init_args") if model is not None else None
+            data = config.get("data") if config is not None else None
+            check_spatial_dims(init_args, data.get("init_args") if data is not None else None)
             for key, path in _stage_paths(dict(init_args or {})):
                 if not Path(path).exists():
                     raise MissingStageError(

@@ -3,7 +3,8 @@
 The command line of :func:`medfusion.io.convert.convert_tree` (discovery, per-series failures, resume, atomic
 writes); it prints one line per series, keeps ``OUTPUT/convert_report.csv`` (one row per input file: status,
 reason, series UID, output, seconds; brought up to date by a rerun) and ends with an exit status of
-:mod:`medfusion.exit_codes`. An OUTPUT that cannot be written is one line on stderr and exit status 2.
+:mod:`medfusion.exit_codes`. On stderr: one line per series that failed (its folder and the reason), one line when
+INPUT holds nothing to convert, one line (and exit status 2) for a missing INPUT or an OUTPUT that cannot be written.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE
+
+if TYPE_CHECKING:
+    from medfusion.io.convert import ConvertReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +58,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"medfusion convert: {exc}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     print_summary(report)
-    if not report.outcomes:
-        print(f"medfusion convert: no DICOM files found under {args.input}", file=sys.stderr)
+    print_errors(report)
     return report.exit_code
+
+
+def print_errors(report: ConvertReport) -> None:
+    """One line on stderr per failed series (its folder and the reason), or one saying that INPUT holds nothing to
+    convert (naming a file that was left out, and why); the full record is on stdout and in the report."""
+    from medfusion.io.convert import source_folder
+
+    for outcome in report.failed:
+        where = source_folder(outcome, report.input_dir)
+        print(f"medfusion convert: failed {report.input_dir / where}: {outcome.reason}", file=sys.stderr)
+    if report.failed or any(o.output is not None for o in report.outcomes):
+        return
+    left_out = [(p, o.reason) for o in report.outcomes for p in o.sources]
+    detail = (
+        f"; {len(left_out)} file(s) left out, e.g. {left_out[0][0]}: {left_out[0][1]}" if left_out else ""
+    )
+    print(f"medfusion convert: nothing to convert under {report.input_dir}{detail}", file=sys.stderr)

@@ -37,6 +37,7 @@ def use_raw_weights(model) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medfusion.apps.volume_args import one_line
     from medfusion.io.atomic import check_not_overwriting
     from medfusion.models.export import export_model, load_model
 
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         if args.raw:
             use_raw_weights(model)
         out = export_model(model, args.output, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"medfusion export: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # FileNotFoundError, FileExistsError, PermissionError are OSErrors
+        print(f"medfusion export: error: {one_line(err)}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {type(model).__name__} ({n / 1e6:.2f} M parameters) to {out}")

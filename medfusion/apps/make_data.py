@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE, EXIT_OK
 
@@ -38,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the dataset and print one manifest path per task. Returns an exit status."""
+    from medfusion.apps.volume_args import one_line
     from medfusion.data.builtin import make_dataset
 
     try:
+        if Path(args.output).exists() and not Path(args.output).is_dir():
+            raise ValueError(f"--output {args.output} is a file, not a folder")
         split = tuple(float(v) for v in str(args.split).split(","))
         protocols = [p.strip() for p in args.protocols.split(",") if p.strip()] if args.protocols else None
         manifests = make_dataset(
@@ -56,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (ValueError, FileExistsError) as err:
-        print(f"medfusion make-data: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # OSError: FileExistsError, PermissionError
+        print(f"medfusion make-data: {one_line(err)}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     for task, path in manifests.items():
         print(f"{task:12s} {path}")

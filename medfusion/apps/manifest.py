@@ -69,9 +69,13 @@ def _relative_extra(extra: dict, folder: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Build and write the manifest; print its path, split sizes, targets and excluded series. Returns an exit
     status."""
+    from medfusion.apps.volume_args import one_line
     from medfusion.data.manifest import ManifestError, build_manifest_from_converted, write_manifest
 
     try:
+        if not Path(args.directory).is_dir():
+            what = "is a file, not a folder" if Path(args.directory).exists() else "not found"
+            raise ValueError(f"{args.directory}: {what} (give the OUTPUT folder of `medfusion convert`)")
         manifest = build_manifest_from_converted(
             args.directory,
             task=args.task,
@@ -92,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
             allow_outside=args.allow_outside,
             extra=record if output.suffix.lower() == ".json" else None,
         )
-    except (ManifestError, FileExistsError, ValueError) as e:
-        print(f"medfusion manifest: {e}", file=sys.stderr)
+    except (ManifestError, OSError, ValueError) as e:  # OSError: FileExistsError, PermissionError
+        print(f"medfusion manifest: {one_line(e)}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     if record["standard"] is not None:
         print(f"standard protocol: {record['standard']}")

@@ -106,6 +106,30 @@ def _window_options(args: argparse.Namespace, spatial_dims: int) -> dict[str, An
     return {k: v for k, v in given.items() if v is not None}
 
 
+COMMAND_OF_MODEL = {"DiffusionCT": "standardize", "RDDM": "restore", "DiffIRStage2": "restore"}
+"""The command each of medfusion's Restorer models belongs to (other Restorer classes are taken by both)."""
+
+
+def check_task(model: Any, path: str, command: str) -> None:
+    """``ValueError`` when ``model`` is one of medfusion's models of the other volume command (a DiffusionCT
+    standardizes, it does not restore; an RDDM or DiffIR restores, it does not standardize)."""
+    name = type(model).__name__
+    home = COMMAND_OF_MODEL.get(name)
+    if home is not None and home != command:
+        takes = " or ".join(sorted(n for n, c in COMMAND_OF_MODEL.items() if c == command))
+        raise ValueError(
+            f"{path} holds a {name}, a model for `medfusion {home}`; `medfusion {command}` takes {takes}"
+        )
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error message on one line (a message of several lines, e.g. from a library, is joined with ' | ')."""
+    text = str(err)
+    if isinstance(err, KeyError) and err.args:  # str(KeyError) quotes its key
+        text = str(err.args[0])
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
+
+
 def run_restorer(args: argparse.Namespace, *, command: str, options: dict[str, Any], verb: str) -> int:
     """Run ``medfusion <command>``: load the model, check ``options`` (the command's flags that were given, as
     the model's option names) and the shared ones, then :func:`~medfusion.apps.volume_job.restore_scans`.
@@ -121,6 +145,7 @@ def run_restorer(args: argparse.Namespace, *, command: str, options: dict[str, A
         launch = launch_options(args)
         device = resolve_device(args.device) if not launch else "cpu"
         model = load_restorer(args.ckpt, device)
+        check_task(model, args.ckpt, command)
         options |= _window_options(args, model.spatial_dims)
         rows = restore_scans(
             model, args.input, args.output, options=options, roi_size=args.roi_size, seed=args.seed,
@@ -131,8 +156,8 @@ def run_restorer(args: argparse.Namespace, *, command: str, options: dict[str, A
             manifest_key=args.manifest_key, split=args.split, show_progress=not args.quiet, launch=launch,
             command=command,
         )  # fmt: skip
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"medfusion {command}: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # FileNotFoundError, FileExistsError, PermissionError are OSErrors
+        print(f"medfusion {command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_NOTHING_DONE
     if rows is None:  # a rank other than 0: rank 0 reports for every rank
         return 0
@@ -147,7 +172,9 @@ def report(rows: Sequence[Any], verb: str, unit: str = "scans") -> int:
     """
     counts = {s: sum(r.status == s for r in rows) for s in ("written", "already done", "skipped", "failed")}
     for r in rows:
-        line = f"{r.status:12} {r.input} -> {r.output or '-'}" + (f"  ({r.reason})" if r.reason else "")
+        line = f"{r.status:12} {r.input} -> {r.output or '-'}" + (
+            f"  ({one_line(r.reason)})" if r.reason else ""
+        )
         print(line, file=sys.stderr if r.status == "failed" else sys.stdout)
     total = counts["written"] + counts["already done"] + counts["failed"]
     extra = [

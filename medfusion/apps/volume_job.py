@@ -21,8 +21,12 @@ over ``(B, 1, *spatial)`` tensors in [-1, 1] (the HU window of training), and th
   (unreadable file, wrong shape, any error while processing it) is reported with its path and the reason and does
   not stop the others; DICOM objects left out by discovery (localizers, derived images, non-image objects,
   unreadable files) are listed as ``skipped``;
+* every scan is checked before the model sees it (:func:`medfusion.io.checks.check_scan`: 2D / 3D, finite, values
+  in HU that the model's window can read), and ``--hu-window`` must be the model's own window where it has one;
 * resumable batches: with ``resume=True`` a scan whose output exists is ``already done``; outputs are written
-  atomically, so an existing output is complete, and a killed run leaves no partial file;
+  atomically, so an existing output is complete, and a killed run leaves no partial file under a final name. Each
+  output is written under a claim (:mod:`medfusion.io.claim`), which also removes the temporaries a killed
+  writer left for it, and a run removes those of its run report;
 * reproducible sampling: the generator handed to the model is seeded with ``seed`` for every scan, so a scan's
   output depends on the seed and the scan only, not on its place in the batch nor on the rank that runs it;
 * one process, or many devices and nodes: the scans form a :class:`RestoreJob` that
@@ -41,7 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medfusion.io.atomic import check_not_overwriting
+from medfusion.io.atomic import check_not_overwriting, remove_temporaries
+from medfusion.io.claim import claim
 from medfusion.models.base import Restorer
 
 FORMATS = ("nifti", "dicom")
@@ -203,11 +208,12 @@ def plan_outputs(items: Sequence[JobItem], output: str | Path, fmt: str) -> list
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     output = Path(output)
     if fmt == "dicom":
-        bad = [it.name for it in items if it.kind != "dicom"]
+        bad = [str(it.path) for it in items if it.kind != "dicom"]
         if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
             raise ValueError(
-                f"--format dicom needs DICOM input (the output series is derived from the input series); "
-                f"not DICOM: {', '.join(bad[:5])}"
+                f"{', '.join(bad[:3])}{more}: not DICOM; --format dicom needs DICOM input (the output series is "
+                "derived from the input series)"
             )
         if len(items) == 1:
             return [output]
@@ -367,6 +373,27 @@ def load_restorer(path: str | Path, device: torch.device | str = "cpu") -> Resto
     return model.to(device).eval()  # type: ignore[attr-defined,no-any-return]
 
 
+def check_hu_window(model: Restorer, hu_window: Sequence[float] | None) -> None:
+    """``ValueError`` unless the window the scans are read through is the model's: a model maps its training
+    window to [-1, 1], so another window feeds it intensities on a scale it never saw. ``hu_window`` (``--hu-window``)
+    is needed only by a model without a window of its own, and must equal the model's otherwise."""
+    from medfusion.io.checks import check_window
+
+    own = model.hu_window
+    if hu_window is None:
+        if own is None:
+            raise ValueError(
+                f"{type(model).__name__} has no HU window of its own; give one (--hu-window LOW HIGH)"
+            )
+        return
+    given = check_window(tuple(hu_window), "--hu-window")  # type: ignore[arg-type]
+    if own is not None and given != tuple(float(v) for v in own):
+        raise ValueError(
+            f"--hu-window {given[0]:g} {given[1]:g} differs from the window {type(model).__name__} was trained "
+            f"with ({float(own[0]):g} {float(own[1]):g}); leave --hu-window out to use the model's"
+        )
+
+
 def check_roi_size(
     roi_size: Sequence[int] | None, spatial_dims: int, divisible_by: int
 ) -> tuple[int, ...] | None:
@@ -439,14 +466,22 @@ class RestoreJob:
         from medfusion.io.run_report import ReportRow
 
         if self.settings["resume"] and self.outputs[i].exists():
+            with claim(self.outputs[i]) as held:
+                if held:  # an earlier --overwrite run killed while replacing it may have left a temporary
+                    remove_temporaries(self.outputs[i])
             return ReportRow(
                 self.inputs[i], "already done", "output exists (resume)", output=self.output_of(i)
             )
         return None
 
     def compute(self, i: int, device: torch.device) -> tuple[Any, np.ndarray]:
+        """Read case ``i``, check its voxels (:func:`medfusion.io.checks.check_scan`) and restore it."""
+        from medfusion.io.checks import check_scan
+
         s = self.settings
         vol = _read(self.items[i])
+        window = s["hu_window"] if s["hu_window"] is not None else self.model.hu_window
+        check_scan(vol.array, spatial_dims=self.model.spatial_dims, hu_window=window)  # type: ignore[arg-type]
         hu = restore_array(
             np.asarray(vol.array), vol.affine, self.model, options=s["options"], roi_size=s["roi_size"],
             seed=s["seed"], hu_window=s["hu_window"], batch_size=s["batch_size"], device=device,
@@ -457,8 +492,12 @@ class RestoreJob:
         from medfusion.io.run_report import ReportRow
 
         vol, hu = result
-        item = self.items[i]
-        _write(item, self.outputs[i], hu, vol.affine, self.settings["fmt"], self.settings)
+        item, out = self.items[i], self.outputs[i]
+        with claim(out) as held:  # one writer per output; a killed writer's temporaries are removed first
+            if not held:
+                raise RuntimeError(f"{out} is being written by another process (it holds {out.name}'s claim)")
+            remove_temporaries(out)
+            _write(item, out, hu, vol.affine, self.settings["fmt"], self.settings)
         uid = item.series.series_uid if item.series is not None else ""
         return ReportRow(self.inputs[i], "written", series_uid=uid, output=self.output_of(i)), None
 
@@ -492,10 +531,7 @@ def plan_restore_job(
     options = dict(options or {})
     model.check_options(**options)
     roi = check_roi_size(roi_size, model.spatial_dims, model.divisible_by)
-    if hu_window is None and model.hu_window is None:
-        raise ValueError(
-            f"{type(model).__name__} has no HU window of its own; give one (--hu-window LOW HIGH)"
-        )
+    check_hu_window(model, hu_window)
     if overwrite and resume:
         raise ValueError(
             "overwrite and resume exclude each other: replace every output, or skip existing ones"
@@ -547,4 +583,5 @@ def restore_scans(
 
     plan = plan_restore_job(model, input_path, output, **job)
     report_file = report_path(report_root(plan.items, output), command)
+    remove_temporaries(report_file)  # left by a killed run while it rewrote the report
     return run_cases(plan, report_file, device=device, show_progress=show_progress, **(launch or {}))

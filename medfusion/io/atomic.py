@@ -174,6 +174,25 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise
 
 
+def remove_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what :func:`atomic_path` / :func:`atomic_dir` left for ``path`` when their process was killed before
+    the rename: the files and folders ``.<name>.*.part*`` next to it. Returns what was removed. Call it only where no
+    live writer can own them (while holding ``path``'s claim, :mod:`medfusion.io.claim`)."""
+    import glob
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for stale in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.part*")):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:

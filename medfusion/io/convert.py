@@ -325,8 +325,13 @@ def convert_tree(
             4D volume ordered by AcquisitionNumber instead of one volume each (contrast phases).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.exists():
+        raise FileNotFoundError(f"INPUT {input_dir} not found")
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"INPUT {input_dir} is not a folder")
+        nifti = (
+            " (a NIfTI file: it needs no conversion)" if input_dir.name.endswith((".nii", ".nii.gz")) else ""
+        )
+        raise ValueError(f"INPUT {input_dir} is a file, not a folder of DICOM files{nifti}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_output_location(input_dir, output_dir)
@@ -503,7 +508,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _source_folder(outcome: SeriesOutcome, input_dir: Path) -> str:
+def source_folder(outcome: SeriesOutcome, input_dir: Path) -> str:
     """Where the outcome's files are, relative to INPUT: their common folder (or the one file)."""
     if not outcome.sources:
         return "-"
@@ -514,7 +519,7 @@ def _source_folder(outcome: SeriesOutcome, input_dir: Path) -> str:
 
 def summary_line(outcome: SeriesOutcome, report: ConvertReport) -> str:
     """One line for one series: status, output (or source folder), description, file count and reason."""
-    source = _source_folder(outcome, report.input_dir)
+    source = source_folder(outcome, report.input_dir)
     what = f"{outcome.description}, " if outcome.description else ""
     what += f"{len(outcome.sources)} file{'s' if len(outcome.sources) != 1 else ''}"
     if outcome.output is not None:

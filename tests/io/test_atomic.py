@@ -123,3 +123,20 @@ def test_exchange_swaps_two_folders(tmp_path):
     if not atomic._exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) not supported here")
     assert [p.name for p in b.iterdir()] == ["from_a"] and list(a.iterdir()) == []
+
+
+def test_remove_temporaries_takes_only_what_a_killed_write_of_that_path_left(tmp_path):
+    """``atomic_path`` / ``atomic_dir`` leave ``.<name>.*.part*`` when killed before the rename; those of ``path``
+    go, files and folders alike, and nothing else does (other outputs, their temporaries, claims)."""
+    from medfusion.io.atomic import remove_temporaries
+
+    mine = [tmp_path / ".a.nii.gz.x1.part.nii.gz", tmp_path / ".a.nii.gz.x2.part"]
+    mine[0].write_bytes(b"half")
+    mine[1].mkdir()
+    (mine[1] / "IM0001.dcm").write_bytes(b"half")
+    others = [tmp_path / "a.nii.gz", tmp_path / ".b.nii.gz.x3.part.nii.gz", tmp_path / ".a.nii.gz.claim"]
+    for p in others:
+        p.write_bytes(b"keep")
+    assert sorted(remove_temporaries(tmp_path / "a.nii.gz")) == sorted(mine)
+    assert sorted(tmp_path.iterdir()) == sorted(others)
+    assert remove_temporaries(tmp_path / "missing" / "a.nii.gz") == []
