@@ -48,8 +48,9 @@ SEGMENT_AUGMENTATIONS = ("none", "elastic", "drdm-random", "drdm:PATH")
 
 
 def check_augmentations(names: Sequence[str]) -> list[str]:
-    """Unique augmentation names (``none`` first, added if missing); ``ValueError`` naming the valid ones."""
-    out = ["none"]
+    """Unique augmentation names, ``none`` first where it is asked for (the paired differences need it);
+    ``ValueError`` naming the valid ones."""
+    out = ["none"] if "none" in names else []
     for n in names:
         if n not in ("none", "elastic", "drdm-random") and not n.startswith("drdm:"):
             raise ValueError(f"unknown augmentation {n!r}; valid: {', '.join(SEGMENT_AUGMENTATIONS)}")
@@ -211,7 +212,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Any], *, see
                 "folding_pct": float(np.nanmean([runs[f"{fraction}|{s}|{aug}"]["folding_pct"] for s in seeds]))
                 if any(math.isfinite(runs[f"{fraction}|{s}|{aug}"]["folding_pct"]) for s in seeds) else float("nan"),
             }  # fmt: skip
-            if aug != "none":
+            if aug != "none" and base:
                 diff = [r["dice"] - base[(fraction, r["seed"], r["case_id"])]["dice"] for r in sel]
                 entry["dice_vs_none"] = cluster_mean(diff, g, counts).as_dict()
             out["results"].append(entry)
@@ -222,7 +223,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the downstream tasks (``segment``, ``register``)."""
     g = parser.add_argument_group("downstream tasks (--task segment / register)")
     g.add_argument("--augment", action="append", default=[], metavar="NAME",
-                   help="segment: none, elastic, drdm-random, drdm:DIR (repeatable; none is always run); "
+                   help="segment: none, elastic, drdm-random, drdm:DIR (repeatable; default none); "
                         "register: training pairs real, bspline, drdm-random, drdm:DIR, or A+B")  # fmt: skip
     g.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2, 1.0],
                    help="labelled fractions of the training cases (segment; default 0.05 0.2 1.0)")  # fmt: skip

@@ -49,7 +49,7 @@ def _segment(manifests, out, *extra, split="validation"):
 
 def test_segment_protocol_writes_every_case_and_paired_differences(manifests, tmp_path):
     out = tmp_path / "seg"
-    rc = _segment(manifests, out, "--augment", "elastic", "--fractions", "0.5", "1.0",
+    rc = _segment(manifests, out, "--augment", "none", "--augment", "elastic", "--fractions", "0.5", "1.0",
                   "--seeds", "0", "--elastic-spacing", "8", split="test")  # fmt: skip
     assert rc == 0
     doc = json.loads(manifests["segment"].read_text())
@@ -83,7 +83,7 @@ def test_segment_protocol_writes_every_case_and_paired_differences(manifests, tm
 
 
 def test_segment_is_reproducible_and_training_changes_the_model(manifests, tmp_path):
-    args = ("--augment", "drdm-random", "--fractions", "1.0", "--seeds", "0")
+    args = ("--augment", "none", "--augment", "drdm-random", "--fractions", "1.0", "--seeds", "0")
     assert _segment(manifests, tmp_path / "a", *args) == 0
     fold = [e["folding_pct"] for e in json.loads((tmp_path / "a" / "summary.json").read_text())["results"]]
     assert fold[0] is None and 0 <= fold[1] < 5  # none has no field; the forward-process fields barely fold
@@ -262,3 +262,25 @@ def test_two_cpu_ranks_give_the_one_rank_summary(manifests, tmp_path):
     a = json.loads((tmp_path / "one" / "summary.json").read_text())["results"]
     b = json.loads((tmp_path / "two" / "summary.json").read_text())["results"]
     assert [e["dice"]["mean"] for e in a] == pytest.approx([e["dice"]["mean"] for e in b], abs=1e-4)
+
+
+def test_segment_and_register_run_in_3d(tmp_path):
+    """3D volumes: the segmenter trains on random patches (--roi-size) and predicts by sliding windows; the
+    registration network takes whole volume pairs."""
+    from medfusion.data.builtin import make_dataset
+
+    m = make_dataset(tmp_path / "d3", n_patients=6, dim=3, size=16, depth=8, protocols=["standard"], seed=2,
+                     split=(0.5, 0.25, 0.25), progress=False)  # fmt: skip
+    rc = main(["evaluate", "--task", "segment", "--manifest", str(m["segment"]), "--split", "validation",
+               "--output", str(tmp_path / "s"), "--augment", "none", "--augment", "drdm-random", "--fractions", "1.0",
+               "--seeds", "0", "--channels", "4", "8", "--roi-size", "8", "8", "8", *TINY])  # fmt: skip
+    assert rc == 0
+    rows = _rows(tmp_path / "s" / "cases.csv")
+    n_val = len(json.loads(m["segment"].read_text())["validation"])
+    assert len(rows) == 2 * n_val and all(0 <= float(r["dice"]) <= 1 for r in rows)
+    rc = main(["evaluate", "--task", "register", "--manifest", str(m["register"]), "--split", "validation",
+               "--output", str(tmp_path / "r"), "--augment", "bspline", "--seeds", "0", "--channels", "4", "4",
+               *TINY])  # fmt: skip
+    assert rc == 0
+    arms = [r["arm"] for r in _rows(tmp_path / "r" / "cases.csv")]
+    assert arms == ["before"] * (len(arms) // 2) + ["bspline"] * (len(arms) // 2) and arms
