@@ -354,7 +354,8 @@ def evaluate(manifest: PathLike, output: PathLike, *, task: str, split: str = "v
     Choose on ``split="validation"``; a ``split="test"`` evaluation is logged to ``output/test_log.jsonl``.
 
     >>> summary = api.evaluate(manifest, tmp / "eval", task="standardize", baselines=["identity"], n_boot=50)
-    >>> list(summary["methods"]), summary["run"]["split"]
+    >>> run = summary["run"]
+    >>> list(summary["methods"]), run["split"]
     (['identity'], 'validation')
     """
     if task in ("standardize", "restore"):
