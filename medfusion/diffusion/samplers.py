@@ -31,6 +31,8 @@ Implemented (notation: α = sqrt(ᾱ), σ = sqrt(1-ᾱ), λ = log(α/σ)):
   DPM-Solver++(2M) predictor plus the UniC-2 corrector that reuses the next model output (no extra NFE).
 * ``plms``, ``pndm`` — PLMS and F-PNDM (Liu et al., ICLR 2022; :mod:`medfusion.diffusion.pndm`).
 * ``deis`` — DEIS-tAB in log ρ, orders 1-3 (Zhang & Chen, ICLR 2023; :mod:`medfusion.diffusion.deis`).
+* ``dpm_v3`` — DPM-Solver-v3, orders 1-3 with the pseudo-order corrector, on the model's empirical model statistics
+  (``stats=``; Zheng et al., NeurIPS 2023; :mod:`medfusion.diffusion.dpm_v3`).
 
 Wrappers: :func:`sample_time_shift` / :func:`time_shift_model` (Time-Shift sampler, Li et al., ICLR 2024;
 :mod:`medfusion.diffusion.time_shift`) runs any of them with the network evaluated at a shifted timestep; DeepCache
@@ -62,6 +64,7 @@ from medfusion.diffusion.denoiser import (
     prepare_steps,
     randn_like,
 )
+from medfusion.diffusion.dpm_v3 import sample_dpm_v3
 from medfusion.diffusion.gaussian import Prediction
 from medfusion.diffusion.pndm import pndm_evaluations, sample_plms, sample_pndm
 from medfusion.diffusion.schedules import NoiseSchedule
@@ -72,7 +75,7 @@ _prepare, _randn = prepare_steps, randn_like
 __all__ = [
     "SAMPLERS", "Callback", "Denoised", "DiffusionModel", "dynamic_threshold", "make_denoiser", "network_evaluations",
     "sample", "sample_ddim", "sample_ddpm", "sample_deis", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_plms",
-    "sample_pndm", "sample_time_shift", "sample_unipc", "time_shift_model",
+    "sample_pndm", "sample_time_shift", "sample_unipc", "time_shift_model", "sample_dpm_v3",
 ]  # fmt: skip
 
 
@@ -314,6 +317,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "plms": sample_plms,
     "pndm": sample_pndm,
     "deis": sample_deis,
+    "dpm_v3": sample_dpm_v3,
 }
 
 

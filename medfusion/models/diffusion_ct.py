@@ -152,6 +152,8 @@ class DiffusionCT(MedfusionModule):
         self.init_ema(ema_decay, "net")
         # r = 1 / std(z_std - z_src): calibrated on the first training batch (0 = not yet)
         self.register_buffer("residual_scale", torch.zeros(()))
+        # DPM-Solver-v3's statistics of these weights (medfusion.models.dpm_v3_stats; set by load_model)
+        self.dpm_v3_stats: Any = None
 
     @staticmethod
     def _stage1(path: str | None, config: dict[str, Any] | None) -> DiffusionCTAutoencoder:
@@ -250,6 +252,16 @@ class DiffusionCT(MedfusionModule):
             var = trainer.strategy.reduce(var, reduce_op="mean")
         self.residual_scale.copy_(var.clamp_min(1e-12).rsqrt())
 
+    @torch.no_grad()
+    def diffusion_sample(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """The clean sample ``x0`` the DDPM learns on a training batch and its condition (for DPM-Solver-v3's
+        statistics, :mod:`medfusion.models.dpm_v3_stats`)."""
+        if self.uses_residual and self.residual_scale <= 0:
+            raise RuntimeError("residual_scale is not calibrated: train the model (or call loss() on a batch) first")
+        z_src, z_tgt = self._latents(batch)
+        mean = self.regressor(z_src) if self.regressor is not None else None
+        return self.diffusion_target(z_src, z_tgt, mean)
+
     def diffusion_target(
         self, z_src: Tensor | None, z_tgt: Tensor, mean: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -347,6 +359,11 @@ class DiffusionCT(MedfusionModule):
             raise ValueError("mean_only=True needs a model trained with a regression (regression=...)")
         given = {k: v for k, v in options.items() if v is not None and k != "mean_only"}
         SamplingConfig(**{**asdict(self.sampling), **given})  # range and name checks of every value
+        if (options.get("sampler") or self.sampling.sampler) == "dpm_v3" and self.dpm_v3_stats is None:
+            raise ValueError(
+                "sampler dpm_v3 needs the model's statistics: compute them with "
+                "medfusion.models.dpm_v3_stats.compute_model_ems(export_folder, training_batches)"
+            )
 
     def describe(self, **options: Any) -> str:
         """One provenance line, e.g. ``DiffusionCT standardization, dpmpp_2m 20 steps, residual decoding``."""
@@ -470,10 +487,11 @@ class DiffusionCT(MedfusionModule):
                 net, self.schedule, prediction=prediction, window=how["time_shift"], cutoff=s.time_shift_cutoff,
                 data_variance=s.time_shift_variance,
             )  # fmt: skip
+        extra = {"stats": self.dpm_v3_stats} if how["sampler"] == "dpm_v3" else {}
         with deep_cache(net, how["cache_interval"]):
             return sample(
                 how["sampler"], model, x_t, ts, schedule=self.schedule, prediction=prediction, cond=cond,
-                generator=generator,
+                generator=generator, **extra,
             )  # fmt: skip
 
     def _translate(self, z_src, steps, how, strength, generator, first, use_ema) -> Tensor:
@@ -486,7 +504,8 @@ class DiffusionCT(MedfusionModule):
         t_start = int(round(strength * (T - 1)))
         if t_start <= 0:
             return z_src
-        ts = timesteps(min(steps, t_start + 1), self.sampling.timestep_spacing, T, t_start=t_start).to(z_src.device)
+        spacing = self.sampling.timestep_spacing
+        ts = timesteps(min(steps, t_start + 1), spacing, T, t_start=t_start, schedule=self.schedule).to(z_src.device)
         t0 = torch.full((z_src.shape[0],), int(ts[0]), device=z_src.device, dtype=torch.long)
         eps = first if first is not None else self._noise(z_src.shape, generator, z_src.device, z_src.dtype)
         return self._sample(q_sample(z_src, t0, eps, self.schedule), ts, how, None, generator, use_ema)
@@ -501,7 +520,7 @@ class DiffusionCT(MedfusionModule):
         if mean_only:
             x0 = mean
         else:
-            ts = timesteps(steps, self.sampling.timestep_spacing, self.hparams.num_train_timesteps).to(z_src.device)
+            ts = timesteps(steps, self.sampling.timestep_spacing, schedule=self.schedule).to(z_src.device)
             start = first if first is not None else self._noise(z_src.shape, generator, z_src.device, z_src.dtype)
             x0 = self._sample(start, ts, how, z_src, generator, use_ema)
             x0 = x0 if mean is None else x0 + mean

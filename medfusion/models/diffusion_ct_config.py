@@ -11,7 +11,7 @@ from medfusion.diffusion.schedules import Spacing
 
 Mode = Literal["conditional", "translate"]
 Decode = Literal["latent", "residual"]
-Sampler = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "plms", "pndm", "deis"]
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "plms", "pndm", "deis", "dpm_v3"]
 MODES: tuple[str, ...] = ("conditional", "translate")
 DECODES: tuple[str, ...] = ("latent", "residual")
 OPTIONS: tuple[str, ...] = (
@@ -64,6 +64,8 @@ class SamplingConfig:
     Args:
         sampler: :data:`medfusion.diffusion.samplers.SAMPLERS` name; ``num_steps``: sampler steps, = network
             evaluations except ``plms`` (N + 1) and ``pndm`` (N + 9) (:func:`~medfusion.diffusion.samplers.network_evaluations`).
+            ``dpm_v3`` needs the model's statistics (:mod:`medfusion.models.dpm_v3_stats`; the paper spaces its
+            steps uniformly in log-SNR: ``timestep_spacing="logsnr"``).
         timestep_spacing: how the steps are spread over ``[0, T)`` (:func:`medfusion.diffusion.schedules.timesteps`).
         strength: translate mode: fraction of T to which the source latent is noised (SDEdit).
         decode: ``"latent"`` (``D(z_hat)``) or ``"residual"`` (module docstring); ``residual_sigma``: low-pass SD of

@@ -5,6 +5,9 @@ An exported model is a folder::
     model.safetensors   every tensor of ``module.state_dict()`` (raw and EMA weights, buffers such as the latent
                         scale, and for DiffusionCT the frozen stage-1 weights under ``autoencoder.*``)
     config.yaml         ``class_path`` + ``init_args`` (the module's hyper-parameters), i.e. the constructor is the config
+    dpm_v3_stats.safetensors  optional: DPM-Solver-v3's statistics of these weights
+                        (:func:`medfusion.models.dpm_v3_stats.compute_model_ems`), loaded into ``module.dpm_v3_stats``;
+                        :func:`export_model` does not write them (they belong to the weights they were computed on)
 
 :func:`load_model` reads such a folder, or a Lightning ``.ckpt`` with ``torch.load(weights_only=True)``; in both cases
 the class is rebuilt from its init args and the weights are loaded strictly. Only classes under
@@ -152,6 +155,11 @@ def _load_exported(folder: Path, map_location: str | torch.device) -> Any:
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise ValueError(f"{w_path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
     _load_state(module, state, w_path)
+    stats = folder / "dpm_v3_stats.safetensors"  # medfusion.models.dpm_v3_stats.STATS_FILE
+    if stats.is_file():
+        from medfusion.diffusion.dpm_v3 import load_ems
+
+        module.dpm_v3_stats = load_ems(stats)
     return module.eval()
 
 
