@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("medfusion.apps.restore", "restore (denoise / super-resolve) scans with RDDM or DiffIR"),
     "augment": ("medfusion.apps.augment", "write DRDM-deformed image/label/field triplets from a manifest"),
     "export": ("medfusion.apps.export", "Lightning .ckpt -> pickle-free model folder (safetensors + YAML)"),
+    "dpm-v3-stats": (
+        "medfusion.apps.dpm_v3_stats",
+        "DPM-Solver-v3 statistics of an exported model, from its training config's data",
+    ),
     "evaluate": (
         "medfusion.apps.evaluate",
         "score models and baselines on a manifest split: intervals, per-case table, report",

@@ -230,3 +230,27 @@ def few_shot_subset(n: int, fraction: float, seed: int) -> list[int]:
     k = max(1, int(round(fraction * n)))
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(n, size=k, replace=False).tolist())
+
+
+def label_scores(
+    pred: torch.Tensor, ref: torch.Tensor, num_classes: int, spacing: Sequence[float]
+) -> dict[str, float]:
+    """Dice and HD95 (mm) of one hard label map ``(1, 1, *spatial)`` against its reference, per class
+    (``dice_<c>``, ``hd95_<c>``, NaN where the class is absent from the reference) and their means over the classes
+    present (``dice``, ``hd95``): :mod:`medfusion.eval.segmentation` (MONAI)."""
+    import warnings
+
+    from medfusion.eval.segmentation import dice_per_case, hd95_per_case
+
+    dice = dice_per_case(pred, ref, num_classes)[0]
+    with warnings.catch_warnings():  # MONAI warns for every class absent from the reference (left out here)
+        warnings.filterwarnings("ignore", message=".*ground truth of class.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        hd = hd95_per_case(pred, ref, num_classes, spacing=list(spacing))[0]
+    row: dict[str, float] = {}
+    for c in range(1, num_classes):
+        row[f"dice_{c}"], row[f"hd95_{c}"] = float(dice[c - 1]), float(hd[c - 1])
+    d, h = dice[torch.isfinite(dice)], hd[torch.isfinite(hd)]
+    row["dice"] = float(d.mean()) if d.numel() else float("nan")
+    row["hd95"] = float(h.mean()) if h.numel() else float("nan")
+    return row

@@ -23,7 +23,6 @@ only, with random B-spline pairs as the baseline, and on synthetic + real pairs)
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,16 @@ import numpy as np
 import torch
 
 from medfusion import keys as K
-from medfusion.apps.downstream import Case, Launch, StreamDataset, StreamSampler, fit, is_writer, score_cases
+from medfusion.apps.downstream import (
+    Case,
+    Launch,
+    StreamDataset,
+    StreamSampler,
+    fit,
+    is_writer,
+    label_scores,
+    score_cases,
+)
 
 REGISTER_PAIRS = ("real", "bspline", "drdm-random", "drdm:PATH", "A+B")
 METRICS = ("dice", "hd95", "sdlogj", "folding_pct")
@@ -80,20 +88,13 @@ def training_pairs(real: Sequence[Case], parts: Sequence[str], copies: int, seed
 
 def score_pair(ddf: torch.Tensor, case: Case, num_classes: int) -> dict[str, float]:
     """Metrics of one field ``(1, D, *spatial)`` (voxels, pull) on one real pair (module docstring)."""
-    from medfusion.eval.segmentation import dice_per_case, hd95_per_case
     from medfusion.fields import folding_fraction, sdlogj, warp_labels
 
     warped = warp_labels(case.arrays[K.MOVING_LABEL][None].long(), ddf, mode="nearest")
-    ref = case.arrays[K.FIXED_LABEL][None].long()
-    dice = dice_per_case(warped, ref, num_classes)[0]
-    with warnings.catch_warnings():  # MONAI warns for every class absent from the reference (left out here)
-        warnings.filterwarnings("ignore", message=".*ground truth of class.*")
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-        hd = hd95_per_case(warped, ref, num_classes, spacing=list(case.spacing))[0]
-    d, h = dice[torch.isfinite(dice)], hd[torch.isfinite(hd)]
+    row = label_scores(warped, case.arrays[K.FIXED_LABEL][None].long(), num_classes, case.spacing)
     return {
-        "dice": float(d.mean()) if d.numel() else float("nan"),
-        "hd95": float(h.mean()) if h.numel() else float("nan"),
+        "dice": row["dice"],
+        "hd95": row["hd95"],
         "sdlogj": float(sdlogj(ddf).mean()),
         "folding_pct": 100.0 * float(folding_fraction(ddf).mean()),
     }

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from medfusion.apps.downstream import (
     StreamSampler,
     few_shot_subset,
     fit,
+    label_scores,
     score_cases,
 )
 
@@ -95,22 +95,8 @@ def _segmenter(num_classes: int, spatial_dims: int, options: Mapping[str, Any], 
 
 def score_case(module: Any, case: Case, num_classes: int) -> dict[str, float]:
     """Dice and HD95 (mm) per class (``dice_<c>``, ``hd95_<c>``) and their means over the classes present."""
-    from medfusion.eval.segmentation import dice_per_case, hd95_per_case
-
     pred = module.predict_labels(case.arrays[K.IMAGE][None])
-    ref = case.arrays[K.LABEL][None].long()
-    dice = dice_per_case(pred, ref, num_classes)[0]
-    with warnings.catch_warnings():  # MONAI warns for every class absent from the reference (left out here)
-        warnings.filterwarnings("ignore", message=".*ground truth of class.*")
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-        hd = hd95_per_case(pred, ref, num_classes, spacing=list(case.spacing))[0]
-    row: dict[str, float] = {}
-    for c in range(1, num_classes):
-        row[f"dice_{c}"], row[f"hd95_{c}"] = float(dice[c - 1]), float(hd[c - 1])
-    d, h = dice[torch.isfinite(dice)], hd[torch.isfinite(hd)]
-    row["dice"] = float(d.mean()) if d.numel() else float("nan")
-    row["hd95"] = float(h.mean()) if h.numel() else float("nan")
-    return row
+    return label_scores(pred, case.arrays[K.LABEL][None].long(), num_classes, case.spacing)
 
 
 def _crop_draw(roi: Sequence[int] | None):

@@ -66,6 +66,16 @@ def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _finite_rows(values, patients) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, patients)`` as arrays, rows with a non-finite value left out."""
+    v = np.asarray(values, dtype=np.float64)
+    g = np.asarray(patients, dtype=np.int64)
+    if v.shape != g.shape:
+        raise ValueError(f"values and patients differ in shape: {v.shape} vs {g.shape}")
+    keep = np.isfinite(v)
+    return v[keep], g[keep]
+
+
 def cluster_mean(
     values: Sequence[float] | np.ndarray,
     patients: Sequence[int] | np.ndarray,
@@ -80,12 +90,7 @@ def cluster_mean(
         counts: :func:`resample_counts` ``(B, P)``.
         level: interval coverage (0.95).
     """
-    v = np.asarray(values, dtype=np.float64)
-    g = np.asarray(patients, dtype=np.int64)
-    if v.shape != g.shape:
-        raise ValueError(f"values and patients differ in shape: {v.shape} vs {g.shape}")
-    keep = np.isfinite(v)
-    v, g = v[keep], g[keep]
+    v, g = _finite_rows(values, patients)
     n_pat = counts.shape[1]
     if v.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, 0)
@@ -158,12 +163,7 @@ def cluster_statistic(
 ) -> Estimate:
     """Any statistic of the rows (``statistic(values) -> float``, e.g. an SD or a percentile) and its
     patient-bootstrap interval: each replicate repeats every row of a patient as often as the patient is drawn."""
-    v = np.asarray(values, dtype=np.float64)
-    g = np.asarray(patients, dtype=np.int64)
-    if v.shape != g.shape:
-        raise ValueError(f"values and patients differ in shape: {v.shape} vs {g.shape}")
-    keep = np.isfinite(v)
-    v, g = v[keep], g[keep]
+    v, g = _finite_rows(values, patients)
     if v.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, 0)
     reps = np.array(

@@ -76,3 +76,30 @@ def test_dpm_v3_without_stats_names_how_to_compute_them(exported, tmp_path):
         compute_model_ems(tmp_path, [batch])
     with pytest.raises(ValueError, match="no training batches"):
         model_ems(load_model(folder), [])
+
+
+def test_command_computes_the_stats_from_the_training_config(exported, tmp_path, capsys):
+    """``medfusion dpm-v3-stats`` reads batches through the config's data section and writes the statistics."""
+    import shutil
+
+    import yaml
+
+    from medfusion.cli import main
+    from medfusion.data.builtin import make_dataset
+
+    folder = shutil.copytree(exported[0], tmp_path / "model", ignore=shutil.ignore_patterns(STATS_FILE))
+    m = make_dataset(tmp_path / "data", n_patients=4, dim=2, size=32, protocols=["standard", "sharp"], seed=0,
+                     split=(0.5, 0.25, 0.25), progress=False)  # fmt: skip
+    config = tmp_path / "stage2.yaml"
+    config.write_text(yaml.safe_dump({"data": {
+        "class_path": "medfusion.data.datamodule.ManifestDataModule",
+        "init_args": {"manifest": str(m["standardize"]), "task": "standardize", "spatial_dims": 2,
+                      "roi_size": [32, 32], "batch_size": 2, "crop_foreground": False},
+    }}))  # fmt: skip
+    args = ["dpm-v3-stats", "--model", str(folder), "--config", str(config), "--num-batches", "1"]
+    assert main([*args, "--grid-steps", "4"]) == 0
+    assert load_model(folder).dpm_v3_stats.l.shape == (4, 2)
+    assert main([*args, "--grid-steps", "4"]) == 2  # exists: nothing overwritten without --overwrite
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and STATS_FILE in err
+    assert main(["dpm-v3-stats", "--model", str(folder), "--config", str(tmp_path / "none.yaml")]) == 2
