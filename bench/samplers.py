@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
+from medfusion.diffusion.dpm_v3 import compute_ems
 from medfusion.diffusion.samplers import SAMPLERS, network_evaluations, sample_time_shift
 from medfusion.diffusion.schedules import NoiseSchedule, timesteps
 from medfusion.io.atomic import write_text_atomic
@@ -63,6 +65,10 @@ def steps_for(name: str, nfe: int) -> int | None:
 def _runners() -> dict[str, tuple[str, object]]:
     """Column name -> (registered sampler giving the NFE rule, callable)."""
     runs: dict[str, tuple[str, object]] = {name: (name, fn) for name, fn in SAMPLERS.items()}
+    sch = NoiseSchedule.create("linear")  # DPM-Solver-v3's statistics of the exact Gaussian model, estimated
+    data = MU + S * torch.randn(1024, 1, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    stats = compute_ems(gaussian_eps_model(sch), data, sch, timesteps(100, "logsnr", schedule=sch))
+    runs["dpm_v3"] = ("dpm_v3", partial(SAMPLERS["dpm_v3"], stats=stats))
     for base in ("ddim", "dpmpp_2m", "pndm"):
 
         def ts_run(model, x, ts, base=base, **kw):
@@ -177,7 +183,7 @@ def train_tiny(num_images: int, size: int, steps: int, seed: int):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return net.eval(), sch, float(loss.detach())
+    return net.eval(), sch, float(loss.detach()), data
 
 
 def trained_table(nfes: list[int], num_images: int, size: int, steps: int, seed: int) -> str:
@@ -186,7 +192,10 @@ def trained_table(nfes: list[int], num_images: int, size: int, steps: int, seed:
     from medfusion.nets.deepcache import deep_cache
 
     t0 = time.perf_counter()
-    net, sch, loss = train_tiny(num_images, size, steps, seed)
+    net, sch, loss, data = train_tiny(num_images, size, steps, seed)
+    with torch.no_grad():  # DPM-Solver-v3's statistics from the training images (paper: from training data)
+        stats = compute_ems(net, data, sch, timesteps(100, "logsnr", schedule=sch), prediction="v",
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
     train_s = time.perf_counter() - t0
     x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
@@ -194,6 +203,7 @@ def trained_table(nfes: list[int], num_images: int, size: int, steps: int, seed:
             net, x, timesteps(100, "logsnr", schedule=sch), schedule=sch, prediction="v"
         )
     runs = {name: (name, fn, 1) for name, fn in SAMPLERS.items() if name != "ddpm"}
+    runs["dpm_v3"] = ("dpm_v3", partial(SAMPLERS["dpm_v3"], stats=stats), 1)
     for base in ("ddim", "dpmpp_2m", "plms"):
         runs[f"ts_{base}"] = (
             base,
