@@ -164,12 +164,25 @@ def _run_restorer(
     device: str,
     options: dict[str, Any],
 ) -> Volume:
-    from medfusion.apps.volume_job import check_roi_size, restore_array
+    """What ``medfusion standardize`` / ``restore`` do for one scan, with the same refusals: the options, the ROI
+    and the HU window against the model (:func:`~medfusion.apps.volume_job.check_hu_window`), then the voxels
+    (:func:`~medfusion.io.checks.check_scan`: 2D / 3D, finite, values in HU); ``ValueError`` saying what is wrong
+    (and naming the file when a path was given)."""
+    from medfusion.apps.volume_job import check_hu_window, check_roi_size, restore_array
+    from medfusion.io.checks import check_scan
 
     model = _restorer(model, device)
     model.check_options(**options)
     roi = check_roi_size(roi_size, model.spatial_dims, model.divisible_by)
+    check_hu_window(model, hu_window)
     vol = _as_volume(volume_or_path)
+    window = hu_window if hu_window is not None else model.hu_window
+    try:
+        check_scan(np.asarray(vol.array), spatial_dims=model.spatial_dims, hu_window=window)
+    except ValueError as err:
+        if isinstance(volume_or_path, Volume):
+            raise
+        raise ValueError(f"{volume_or_path}: {err}") from err
     hu = restore_array(
         np.asarray(vol.array), vol.affine, model, options=options, roi_size=roi, seed=seed, hu_window=hu_window,
         batch_size=batch_size, device=device,
@@ -199,7 +212,8 @@ def standardize(
         seed: sampler seed for this volume.
         roi_size: 3D models: sliding-window size in voxels (``sw_batch_size`` / ``overlap`` go in ``options``).
         batch_size: 2D models: axial slices per model call.
-        hu_window: ``(low, high)`` HU mapped to [-1, 1] (default: the model's).
+        hu_window: ``(low, high)`` HU mapped to [-1, 1]: the model's (the default); needed only by a model without
+            a window of its own, and ``ValueError`` when it differs from the model's.
         device: ``cpu``, ``cuda``, ``cuda:N``.
         options: the method's options (``model.inference_options()`` names them, e.g. ``num_steps``, ``sampler``,
             ``strength``, ``decode``, ``mean_only``); options the model cannot take raise ``ValueError``.
@@ -207,6 +221,11 @@ def standardize(
     Returns:
         A :class:`Volume` of the input's shape, voxel order and affine, float32 HU; ``meta`` is the input's plus
         ``DerivationDescription`` (method, sampler, steps).
+
+    Raises:
+        ValueError: for the scans the command line refuses (:func:`medfusion.io.checks.check_scan`: not 2D / 3D,
+            a 2D image for a 3D model, NaN or infinite voxels, no voxel in the HU window, a constant or normalised
+            image), naming the file when a path was given.
 
     >>> std = api.standardize(ct, api.load_model(standard_model_dir), seed=1, num_steps=2)
     >>> std.array.dtype, std.array.shape, std.meta["DerivationDescription"].split()[0]

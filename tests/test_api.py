@@ -137,6 +137,37 @@ def test_bad_arguments_raise_clearly(data):
         api.standardize(3, data / "dct")
 
 
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("nan", "NaN and 0 infinite voxels"),
+        ("4d", "a 4D series (time points or channels) of shape (24, 24, 3, 2)"),
+        ("constant", "a constant image, or one already normalised"),
+        ("raw", "no voxel inside the model's HU window"),
+    ],
+)
+def test_restore_refuses_what_the_command_line_refuses(data, tmp_path, bad, says):
+    """The voxel checks of ``medfusion restore`` (:func:`medfusion.io.checks.check_scan`), in memory and from a
+    file (then the message names it); a given HU window must be the model's, as ``--hu-window``."""
+    ct = _ct().array
+    array = {
+        "nan": np.where(ct > 0, np.nan, ct),
+        "4d": np.stack([ct, ct], axis=-1),
+        "constant": np.full(ct.shape, 40.0),
+        "raw": ct + 3000.0,
+    }[bad].astype(np.float32)
+    model = api.load_model(data / "rddm")
+    with pytest.raises(ValueError) as info:
+        api.restore(api.Volume(array, AFFINE.copy()), model)
+    assert says in str(info.value)
+    path = write_nifti(tmp_path / f"{bad}.nii.gz", array, AFFINE)
+    with pytest.raises(ValueError) as info:
+        api.standardize(path, data / "dct")
+    assert str(info.value).startswith(f"{path}: ") and says in str(info.value)
+    with pytest.raises(ValueError, match=r"differs from the window RDDM was trained with \(-1000 1000\)"):
+        api.restore(_ct(), model, hu_window=(-500.0, 500.0))
+
+
 def test_import_medfusion_is_cheap_and_the_api_is_reexported():
     code = "import sys, medfusion; assert 'torch' not in sys.modules and 'medfusion.api' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

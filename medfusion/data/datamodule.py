@@ -10,10 +10,15 @@ Batches are dicts keyed by ``medfusion.keys`` names: image/label keys are plain 
 
 Distributed training, all without relying on Lightning's sampler injection:
 
-* training: a ``DistributedSampler`` (shuffled with ``seed``, reshuffled by Lightning's ``set_epoch``) gives each
-  rank different cases; the random transforms are seeded per rank, per dataloader worker and per epoch (the
-  loader's generator is seeded with ``(seed, rank)``; each epoch draws a fresh base seed from it, and every worker
-  reseeds the transforms with ``base_seed + worker_id`` through MONAI's ``set_rnd``). Runs are reproducible.
+* training: an :class:`EpochSeededSampler` (a ``DistributedSampler``, also with one rank) gives each rank
+  different cases, shuffled anew every epoch; its ``set_epoch``, which Lightning calls at the start of every epoch,
+  reseeds the random transforms from ``(seed, rank, epoch)`` and the loader's generator, from which each epoch's
+  dataloader workers take their seeds (``base_seed + worker_id``, applied through MONAI's ``set_rnd``), from the
+  same triple. An epoch's order and crops are thus a function of ``(seed, rank, epoch)`` alone: a run resumed
+  from a checkpoint at epoch ``k`` replays epoch ``k``'s stream, as the uninterrupted run does (not with
+  ``persistent_workers``, whose workers are seeded once). The epoch is the one Lightning passes to ``set_epoch``;
+  Lightning 2.6 restarts a ``max_steps`` run from an end-of-epoch checkpoint with an epoch count one batch (no
+  validation) or one epoch (with validation) off the uninterrupted run's, which no sampler can undo.
 * validation / test / predict: :class:`UnpaddedDistributedSampler` hands rank ``r`` the cases ``r, r + W, ...``,
   so every case is evaluated exactly once: no padding duplicates biasing the metrics. Ranks may then run a
   different number of steps: log metrics with ``on_epoch=True, sync_dist=True, batch_size=B`` (Lightning then
@@ -34,7 +39,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_colla
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, EnsureTyped
 from monai.utils.misc import MAX_SEED
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from medfusion.data.manifest import LABEL_KEYS, TASK_KEYS, Manifest, load_manifest
 from medfusion.data.pipelines import build_transforms
@@ -68,13 +73,58 @@ def _derive_seed(*parts: int) -> int:
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn``: reseed the dataset's random transforms from this worker's torch seed.
 
-    The torch seed is ``base_seed + worker_id`` with ``base_seed`` drawn from the loader's generator at every
-    epoch, so it differs across workers, epochs and (the generator is seeded per rank) ranks.
+    The torch seed is ``base_seed + worker_id`` with ``base_seed`` drawn from the loader's generator when an
+    epoch's workers start; :class:`EpochSeededSampler` reseeds that generator from ``(seed, rank, epoch)``, so the
+    seed differs across workers, epochs and ranks and is a function of them alone.
     """
     info = torch.utils.data.get_worker_info()
     if info is not None:
         set_rnd(getattr(info.dataset, "transform", info.dataset), seed=int(info.seed) % MAX_SEED)
         np.random.seed(int(info.seed) % MAX_SEED)
+
+
+class EpochSeededSampler(DistributedSampler):
+    """Training sampler whose epoch ``e`` is a function of ``(seed, rank, e)`` alone, whatever ran before it.
+
+    The order is ``DistributedSampler``'s (a permutation drawn with ``seed + e``, the same on every rank, rank
+    ``r`` of ``W`` taking every ``W``-th index). :meth:`set_epoch` also reseeds the in-process random transforms
+    (``num_workers=0``) and ``generator``, the loader's, from which the epoch's workers take their seeds.
+
+    Args:
+        dataset: a MONAI dataset (its ``transform`` is reseeded).
+        generator: the ``DataLoader``'s ``generator``.
+        seed: the run's seed.
+        rank / num_replicas: this process's rank and the world size (1 without distributed training).
+        epoch: the epoch the first iteration belongs to (a resumed run starts at its checkpoint's epoch).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        generator: torch.Generator,
+        seed: int,
+        rank: int = 0,
+        num_replicas: int = 1,
+        epoch: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
+        self.generator = generator
+        self._seeded_epoch: int | None = None
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch``: its order, its transforms' and workers' seeds. Calling it again for the epoch
+        already set changes nothing (Lightning starts the first epoch's iterator, which may have drawn a batch
+        already, before it calls ``set_epoch``)."""
+        super().set_epoch(epoch)
+        if epoch == self._seeded_epoch:
+            return
+        self._seeded_epoch = epoch
+        set_rnd(self.dataset.transform, seed=_derive_seed(self.seed, self.rank, epoch))
+        self.generator.manual_seed(_derive_seed(self.seed, self.rank, epoch, 1))
 
 
 class ManifestDataModule(L.LightningDataModule):
@@ -96,11 +146,12 @@ class ManifestDataModule(L.LightningDataModule):
         batch_size: cases per training batch; ``val_batch_size`` for evaluation (default ``batch_size``).
         num_workers: dataloader worker processes.
         persistent_workers: keep the training loader's workers alive across epochs (needs ``num_workers > 0``).
-            Off by default: then every epoch starts fresh workers reseeded from the loader's generator, which makes
-            an epoch's crops a function of (seed, rank, epoch) alone. On: the workers are seeded once and their
-            random transforms continue their streams (crops still differ across epochs, workers and ranks), which
-            saves the worker start-up per epoch: worth it when epochs are a few steps long (small datasets, large
-            batches on a GPU).
+            Off by default: then every epoch starts fresh workers seeded from (seed, rank, epoch) (see
+            :class:`EpochSeededSampler`), which makes an epoch's crops a function of those alone. On: the workers
+            are seeded once and their random transforms continue their streams (crops still differ across epochs,
+            workers and ranks, but a run resumed from a checkpoint draws other crops than the uninterrupted run),
+            which saves the worker start-up per epoch: worth it when epochs are a few steps long (small datasets,
+            large batches on a GPU).
         cache: where to cache the deterministic part: ``none``, ``memory`` (CacheDataset) or ``disk``
             (PersistentDataset in ``cache_dir``, a sub-folder per pipeline configuration).
         cache_dir: folder for ``cache="disk"``.
@@ -248,6 +299,14 @@ class ManifestDataModule(L.LightningDataModule):
 
     # --- distributed context ----------------------------------------------------------------------------
 
+    def _epoch(self) -> int:
+        """The epoch the fit loop is at (restored from a checkpoint on resume; the value it passes to the
+        sampler's ``set_epoch``), 0 without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
@@ -261,11 +320,10 @@ class ManifestDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("training", train=True)
         rank, world = self._rank_world()
-        if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
-        set_rnd(dataset.transform, seed=_derive_seed(self.seed, rank))  # the in-process copy (num_workers=0)
+        generator = torch.Generator()
+        sampler = EpochSeededSampler(
+            dataset, generator=generator, seed=self.seed, rank=rank, num_replicas=world, epoch=self._epoch()
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -273,7 +331,7 @@ class ManifestDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=list_data_collate,
             worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(_derive_seed(self.seed, rank, 1)),
+            generator=generator,
             persistent_workers=self.persistent_workers,
         )
 

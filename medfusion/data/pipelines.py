@@ -16,6 +16,8 @@ orientation); 2D NIfTIs ``(H, W)`` are used as they are.
 
 Loading: NIfTI through MONAI's ``NibabelReader``; DICOM series folders through ``medfusion.io.dicom.read_series``
 when it is available (sorting by position, rescale, checks), otherwise MONAI's ``PydicomReader``.
+Every loaded scan is checked first (:class:`medfusion.data.checks.CheckScand`: one 2D or 3D scan per file, finite
+voxels, one rank per case); a bad one raises ``ValueError`` naming its file.
 
 Displacement fields (``DEFAULT_FIELD_KEYS``: ``ddf``, a ``register`` manifest's known field; NIfTI vector images
 of :func:`medfusion.io.displacement.write_voxel_field`) load as ``(D, *spatial)`` in voxels, channel ``d`` along
@@ -60,6 +62,7 @@ from monai.utils import ensure_tuple
 from monai.utils.misc import MAX_SEED
 
 from medfusion import keys as K
+from medfusion.data.checks import CheckScand
 
 #: keys treated as label maps by default (nearest-neighbour, no intensity window)
 DEFAULT_LABEL_KEYS: tuple[str, ...] = (K.LABEL, K.MOVING_LABEL, K.FIXED_LABEL, K.MASK)
@@ -404,7 +407,7 @@ def _load_and_normalise(
     load = LoadImaged(volumes, image_only=True, ensure_channel_first=True)
     if _dicom_reader_available():  # tried first for folders / .dcm; NIfTI falls through to nibabel
         load.register(MedfusionDicomReader())
-    det: list = [load]
+    det: list = [load, CheckScand(volumes, spatial_dims=spatial_dims)]  # one line naming a bad file
     if field_keys:
         det.append(
             LoadImaged(

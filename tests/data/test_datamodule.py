@@ -120,6 +120,32 @@ def test_training_is_reproducible_and_augmentation_varies_by_epoch(
     assert not torch.equal(first[0], other[0])
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_epoch_is_a_function_of_seed_rank_and_epoch_alone(manifest: Path, num_workers: int) -> None:
+    """Epoch 2 drawn by a fresh loader (a run resumed at epoch 2) equals epoch 2 drawn after epochs 0 and 1, and
+    differs from epoch 0: the sampler's ``set_epoch`` (Lightning calls it every epoch) reseeds the order, the
+    in-process transforms and the workers' seeds."""
+
+    def epochs(dm: ManifestDataModule, which: list[int]) -> list[tuple[list[str], torch.Tensor]]:
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        drawn = []
+        for epoch in which:
+            loader.sampler.set_epoch(epoch)
+            batches = list(loader)
+            drawn.append(
+                ([c for b in batches for c in b["case_id"]], torch.cat([b["source"] for b in batches]))
+            )
+        return drawn
+
+    kw = dict(seed=5, num_workers=num_workers)
+    e0, _, e2 = epochs(_dm(manifest, **kw), [0, 1, 2])
+    (resumed,) = epochs(_dm(manifest, **kw), [2])
+    assert resumed[0] == e2[0]  # the same order
+    torch.testing.assert_close(resumed[1], e2[1], rtol=0, atol=0)  # the same crops
+    assert e0[0] != e2[0] or not torch.equal(e0[1], e2[1])
+
+
 def test_dataloader_workers_draw_different_augmentations(manifest: Path) -> None:
     root = manifest.parent
     one_case = {

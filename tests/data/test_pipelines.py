@@ -172,16 +172,61 @@ def test_bad_arguments_raise_value_error() -> None:
         build_transforms(["image"], spatial_dims=2, label_keys=["label"])
 
 
+def _refusal(pipeline, data: dict) -> str:
+    """The ``ValueError`` a pipeline raises on ``data`` (MONAI's ``Compose`` wraps it in a ``RuntimeError``)."""
+    with pytest.raises(RuntimeError) as info:
+        _run(pipeline, data)
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError), repr(cause)
+    return str(cause)
+
+
 def test_2d_data_in_a_3d_pipeline_is_refused(tmp_path: Path, volume: np.ndarray) -> None:
     path = _save(tmp_path / "slice.nii.gz", volume[..., 0])
-    with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps the ValueError
-        _run(build_transforms(["image"], spatial_dims=3, roi_size=(8, 8, 4)), {"image": path})
-    cause = info.value.__cause__
-    assert (
-        isinstance(cause, ValueError)
-        and "spatial rank 2" in str(cause)
-        and "supported ranks: [3]" in str(cause)
+    message = _refusal(build_transforms(["image"], spatial_dims=3, roi_size=(8, 8, 4)), {"image": path})
+    assert message.startswith(f"{path} (image): a 2D image of shape (20, 24) given to a 3D pipeline"), message
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("nan", "of 5760: every voxel must be a finite value"),
+        ("inf", "0 NaN and 1 infinite voxels"),
+        ("4d", "a 4D series (time points or channels) of shape (20, 24, 12, 2)"),
+        ("empty", "empty image"),
+    ],
+)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_bad_scan_is_refused_naming_its_file(
+    tmp_path: Path, volume: np.ndarray, bad: str, says: str, spatial_dims: int
+) -> None:
+    """NaN / infinite voxels, a 4D series, no voxels: ``ValueError`` naming the file and key, in train and eval."""
+    broken = {
+        "nan": np.where(volume > 0, np.nan, volume),
+        "inf": np.where(volume == volume.max(), np.inf, volume),
+        "4d": np.stack([volume, volume], axis=-1),
+        "empty": np.zeros((0, 24, 12)),
+    }[bad]
+    good, path = _save(tmp_path / "good.nii.gz", volume), _save(tmp_path / "bad.nii.gz", broken)
+    for train in (True, False):
+        pipe = build_transforms(["source", "target"], spatial_dims=spatial_dims, train=train)
+        message = _refusal(pipe, {"source": good, "target": path})
+        assert message.startswith(f"{path} (target): "), message
+        assert says in message, message
+    ok = _run(
+        build_transforms(["source", "target"], spatial_dims=spatial_dims), {"source": good, "target": good}
     )
+    assert torch.isfinite(ok[0]["source"]).all()
+
+
+def test_scans_of_different_ranks_in_one_case_are_refused(tmp_path: Path, volume: np.ndarray) -> None:
+    """A 2D slice paired with a 3D volume, even in a 2D pipeline (which slices 3D volumes): both files named."""
+    flat, vol = _save(tmp_path / "flat.nii.gz", volume[..., 0]), _save(tmp_path / "vol.nii.gz", volume)
+    message = _refusal(
+        build_transforms(["source", "target"], spatial_dims=2), {"source": flat, "target": vol}
+    )
+    assert "the scans of one case must have the same rank" in message
+    assert f"{flat} (source) is 2D (20, 24)" in message and f"{vol} (target) is 3D (20, 24, 12)" in message
 
 
 def test_dicom_series_folder_loads_as_a_volume(tmp_path: Path, monkeypatch) -> None:
