@@ -10,12 +10,19 @@ throughput ratio medfusion / dcm2niix (> 1: medfusion faster).
     PATH=.venv/bin:$PATH .venv/bin/python bench/convert.py --real-header --slices 200 --size 512 --repeats 5
 
 ``--real-header`` converts a series written with pydicom from a real scanner's header (CT_small.dcm; air outside
-the body, stored values with RescaleIntercept -1024) with both tools in alternating pairs.
+the body, stored values with RescaleIntercept -1024) with dcm2niix, the ``medfusion convert`` command line (a fresh
+process: imports included) and ``convert_tree`` in this process, in rounds of rotating order; ``--before DIR``
+adds the command line of an older copy of the package in the same rounds:
+
+    git archive HEAD medfusion | tar -x -C /tmp/before
+    PATH=.venv/bin:$PATH .venv/bin/python bench/convert.py --real-header --slices 200 --size 512 --repeats 5 \
+        --before /tmp/before/medfusion
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -99,28 +106,46 @@ def make_series_real_header(folder: Path, slices: int, size: int, seed: int = 0)
         ds.save_as(folder / f"IM{k:05d}")
 
 
+def rotated(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Times of every run in ``runs`` (name -> callable), ``repeats`` rounds, the order rotating from round to round,
+    so that every tool sees the same load on average (the machine is shared)."""
+    names, times = list(runs), {name: [] for name in runs}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def paired(first, second, repeats: int) -> tuple[list[float], list[float]]:
     """Times of ``first`` and ``second`` run in pairs (the order alternating), so that both see the same load."""
-    a, b = [], []
-    for r in range(repeats):
-        for fn, out in ((first, a), (second, b)) if r % 2 == 0 else ((second, b), (first, a)):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return a, b
+    times = rotated({"a": first, "b": second}, repeats)
+    return times["a"], times["b"]
 
 
-def run_real_header(slices: int, size: int, repeats: int, work: Path) -> dict:
-    """``convert`` (``.nii.gz``) against ``dcm2niix -z y`` on :func:`make_series_real_header`, paired."""
+def run_real_header(slices: int, size: int, repeats: int, work: Path, before: Path | None = None) -> dict:
+    """``medfusion convert`` (``.nii.gz``; the command line in a fresh process, imports included, and
+    ``convert_tree`` in this process) against ``dcm2niix -z y`` on :func:`make_series_real_header`, rounds of
+    rotating order. ``before``: a copy of an older medfusion package (e.g. ``git archive HEAD medfusion``) whose
+    command line runs in the same rounds."""
     dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
     src = work / "real" / "dicom"
     make_series_real_header(src, slices, size)
-    out_m, out_d = work / "real" / "medfusion", work / "real" / "dcm2niix"
+    out_m, out_c, out_d, out_b = (work / "real" / name for name in ("medfusion", "cli", "dcm2niix", "before"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def medfusion_gz() -> None:
         shutil.rmtree(out_m, ignore_errors=True)
         if convert_tree(src, out_m, progress=False).exit_code:
             raise RuntimeError("medfusion failed")
+
+    def cli(out: Path, pythonpath: Path | None) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        extra = {"PYTHONPATH": str(pythonpath)} if pythonpath else {}
+        cmd = [sys.executable, "-m", "medfusion.cli", "convert", "--no-progress", str(src), str(out)]
+        # run from ``work``: ``python -m`` puts the working folder first on sys.path
+        subprocess.run(cmd, check=True, capture_output=True, env={**env, **extra}, cwd=work)
 
     def dcm2niix_gz() -> None:
         shutil.rmtree(out_d, ignore_errors=True)
@@ -128,22 +153,39 @@ def run_real_header(slices: int, size: int, repeats: int, work: Path) -> dict:
         cmd = [dcm2niix, "-z", "y", "-b", "y", "-f", "%s", "-o", str(out_d), str(src)]
         subprocess.run(cmd, check=True, capture_output=True)
 
-    t_m, t_d = paired(medfusion_gz, dcm2niix_gz, repeats)
-    a_ours, aff_ours = canonical(next(out_m.rglob("*.nii.gz")))
+    runs = {"dcm2niix": dcm2niix_gz, "cli": lambda: cli(out_c, None), "in-process": medfusion_gz}
+    if before is not None:
+        runs["before"] = lambda: cli(out_b, before)
+    load = os.getloadavg()[0]
+    t = rotated(runs, repeats)
+    load = (load, os.getloadavg()[0])
     a_theirs, aff_theirs = canonical(next(out_d.glob("*.nii.gz")))
-    return {
-        "case": "real header (CT_small.dcm), air outside",
+    identical, affine_diff = True, 0.0
+    for out in [out_m, out_c] + ([out_b] if before is not None else []):
+        a_ours, aff_ours = canonical(next(out.rglob("*.nii.gz")))
+        identical &= bool(a_ours.shape == a_theirs.shape and np.array_equal(a_ours, a_theirs))
+        affine_diff = max(affine_diff, float(np.abs(aff_ours - aff_theirs).max()))
+
+    def ratio(name: str) -> float:  # median over rounds of dcm2niix's time / this run's time (> 1: faster)
+        return round(statistics.median(d / m for d, m in zip(t["dcm2niix"], t[name])), 2)
+
+    row = {
         "shape": f"{size}x{size}x{slices}",
-        "medfusion .nii.gz s (median)": round(statistics.median(t_m), 3),
-        "dcm2niix -z y s (median)": round(statistics.median(t_d), 3),
-        "ratio (median of paired dcm2niix / medfusion)": round(
-            statistics.median(d / m for d, m in zip(t_d, t_m)), 2
-        ),
-        "voxel-identical (canonical)": bool(
-            a_ours.shape == a_theirs.shape and np.array_equal(a_ours, a_theirs)
-        ),
-        "max |affine diff| mm": float(np.abs(aff_ours - aff_theirs).max()),
+        "load avg (start, end)": f"{load[0]:.1f}, {load[1]:.1f}",
+        "dcm2niix -z y s": round(statistics.median(t["dcm2niix"]), 2),
+        "medfusion convert (CLI) s": round(statistics.median(t["cli"]), 2),
+        "ratio CLI": ratio("cli"),
+        "convert_tree in-process s": round(statistics.median(t["in-process"]), 2),
+        "ratio in-process": ratio("in-process"),
     }
+    if before is not None:
+        row["before (CLI) s"] = round(statistics.median(t["before"]), 2)
+        row["ratio before"] = ratio("before")
+    sizes = (next(out_c.rglob("*.nii.gz")).stat().st_size, next(out_d.glob("*.nii.gz")).stat().st_size)
+    row["MB medfusion / dcm2niix"] = f"{sizes[0] / 1e6:.1f} / {sizes[1] / 1e6:.1f}"
+    row["voxel-identical (canonical)"] = identical
+    row["max |affine diff| mm"] = affine_diff
+    return row
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
@@ -223,10 +265,17 @@ def main() -> int:
         action="store_true",
         help="only the paired run on a series with a real scanner's header (not written by medfusion)",
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="with --real-header: a folder holding an older medfusion package (its parent goes on PYTHONPATH)",
+    )
     args = parser.parse_args()
     if args.real_header:
+        before = args.before.resolve().parent if args.before is not None else None
         with tempfile.TemporaryDirectory(prefix="medfusion_bench_convert_") as tmp:
-            row = run_real_header(args.slices, args.size, args.repeats, Path(tmp))
+            row = run_real_header(args.slices, args.size, args.repeats, Path(tmp), before)
         print("| " + " | ".join(row) + " |")
         print("|" + "---|" * len(row))
         print("| " + " | ".join(str(v) for v in row.values()) + " |")

@@ -5,9 +5,14 @@ DRDM's registration experiment), ``drdm-random`` (DRDM's forward process alone: 
 ``drdm:PATH`` (a trained DRDM recovery net, Zheng et al., arXiv 2407.07295, Algorithm 2).
 
 Arrays are ``(1, *spatial)`` tensors (images in [-1, 1], labels integer-valued); images are warped bilinearly,
-labels by nearest neighbour. Where the field is known (``bspline`` and the DRDM ones) it is returned in voxels,
-``(D, *spatial)``, channel ``d`` along array axis ``d``, pull (``warped(x) = moving(x + u(x))``), with its folding
-fraction (det J <= 0).
+labels by nearest neighbour. Every deformer returns its field in voxels, ``(D, *spatial)``, channel ``d`` along array
+axis ``d``, pull (``warped(x) = moving(x + u(x))``), with its folding fraction (det J <= 0), so that the arms'
+strengths can be compared (MONAI's elastic field is recovered by passing the voxel coordinates through the same
+draw, bilinearly, with the images).
+
+Units of MONAI's elastic magnitude: in 2D (``Rand2DElasticd``) the control-grid offsets in voxels (``spacing`` in
+voxels); in 3D (``Rand3DElasticd``) the factor on uniform noise in [-1, 1] smoothed by a Gaussian of ``sigma`` voxels,
+so comparable displacements need far larger magnitudes (about 100-200 for ~1 voxel at sigma 5-8).
 """
 
 from __future__ import annotations
@@ -35,18 +40,28 @@ def _elastic(image_keys: Sequence[str], label_keys: Sequence[str], dims: int, ma
     from monai.transforms import Rand2DElasticd, Rand3DElasticd
 
     keys = [*image_keys, *label_keys]
-    modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
+    modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys) + ["bilinear"]
     if dims == 2:
-        tf = Rand2DElasticd(keys, spacing=(spacing, spacing), magnitude_range=magnitude, prob=1.0, mode=modes,
-                            padding_mode="border")  # fmt: skip
+        tf = Rand2DElasticd([*keys, "_ramps"], spacing=(spacing, spacing), magnitude_range=magnitude, prob=1.0,
+                            mode=modes, padding_mode="border")  # fmt: skip
     else:
-        tf = Rand3DElasticd(keys, sigma_range=(spacing / 2, spacing / 2), magnitude_range=magnitude, prob=1.0,
+        tf = Rand3DElasticd([*keys, "_ramps"], sigma_range=(spacing, spacing), magnitude_range=magnitude, prob=1.0,
                             mode=modes, padding_mode="border")  # fmt: skip
 
     def deform(arrays: Mapping[str, torch.Tensor], seed: int) -> Deformed:
-        tf.set_random_state(seed)
-        out = tf({k: arrays[k] for k in keys})
-        return Deformed({k: torch.as_tensor(out[k]).float() for k in keys}, None, float("nan"))
+        from medfusion.fields import folding_fraction
+
+        shape = tuple(arrays[keys[0]].shape[1:])
+        ramps = torch.stack(
+            torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
+        )
+        tf.set_random_state(
+            seed
+        )  # the ramps (voxel coordinates) go through the same draw: the field, in voxels
+        out = tf({**{k: arrays[k] for k in keys}, "_ramps": ramps})
+        ddf = torch.as_tensor(out["_ramps"]).float() - ramps
+        return Deformed({k: torch.as_tensor(out[k]).float() for k in keys}, ddf,
+                        100.0 * float(folding_fraction(ddf[None]).mean()))  # fmt: skip
 
     return deform
 
@@ -90,9 +105,15 @@ def _drdm(image_keys: Sequence[str], label_keys: Sequence[str], net_path: str | 
     from medfusion.transforms.drdm import RandDRDMDeformd
 
     keys = [*image_keys, *label_keys]
+    process = {}  # a trained model's forward process: the one it was trained with (its exported config)
+    if net_path is not None and (Path(net_path) / "config.yaml").is_file():
+        import yaml
+
+        init = (yaml.safe_load((Path(net_path) / "config.yaml").read_text()) or {}).get("init_args") or {}
+        process = {k: init[k] for k in ("sigma", "ctl_size", "legacy_scale") if k in init}
     tf = RandDRDMDeformd(
         keys, mode=["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys), t_range=t_range,
-        recovery_net=net_path, recovery_steps=recovery_steps, padding_mode="border", ddf_key="ddf",
+        recovery_net=net_path, recovery_steps=recovery_steps, padding_mode="border", ddf_key="ddf", **process,
     )  # fmt: skip
 
     def deform(arrays: Mapping[str, torch.Tensor], seed: int) -> Deformed:
@@ -119,9 +140,10 @@ def make_deformer(
     drdm_t_range: tuple[int, int] = (40, 48),
     drdm_steps: int | None = 8,
 ) -> Callable[[Mapping[str, torch.Tensor], int], Deformed]:
-    """The deformer ``name`` (one of :data:`DEFORMERS`; ``drdm:PATH`` names an exported DRDM model folder or its
-    ``.safetensors``). ``elastic_*``: MONAI's magnitude range and control spacing (2D, voxels) / smoothing sigma x 2
-    (3D); ``bspline_sigma``: SD of the B-spline coefficients (voxels) on a ``bspline_mesh`` mesh; ``drdm_*``: the
+    """The deformer ``name`` (one of :data:`DEFORMERS`; ``drdm:PATH`` names an exported DRDM model folder, whose
+    config gives the forward process it was trained with, or its ``.safetensors``). ``elastic_magnitude``: MONAI's
+    magnitude range (units: module docstring); ``elastic_spacing``: the 2D control spacing / the 3D smoothing sigma,
+    voxels; ``bspline_sigma``: SD of the B-spline coefficients (voxels) on a ``bspline_mesh`` mesh; ``drdm_*``: the
     level range T' and recovery steps."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")

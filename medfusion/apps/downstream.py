@@ -107,11 +107,7 @@ class StreamSampler(Sampler):
         self.steps, self.batch_size, self.seed = int(steps), int(batch_size), int(seed)
 
     def _rank_world(self) -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return rank_world()
 
     def stream(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The global stream: ``(steps * batch_size,)`` case indices and draw seeds."""
@@ -197,7 +193,8 @@ def fit(module: Any, dataset: StreamDataset, sampler: StreamSampler, launch: Lau
     return module.cpu().eval()
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """``(global rank, world size)`` of this process; ``(0, 1)`` without a process group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -207,20 +204,25 @@ def _rank_world() -> tuple[int, int]:
 
 def is_writer() -> bool:
     """Global rank 0 (or no process group): the process that writes reports."""
-    return _rank_world()[0] == 0
+    return rank_world()[0] == 0
 
 
 def score_cases(n: int, fn: Callable[[int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Rows of ``fn(i)`` for ``i in range(n)``, each case computed on exactly one rank, in case order on every rank."""
     import torch.distributed as dist
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     mine = [(i, fn(i)) for i in range(rank, n, world)]
     if world > 1:
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, mine)
         mine = [x for part in parts for x in part]
     return [row for _, rows in sorted(mine, key=lambda p: p[0]) for row in rows]
+
+
+def copy_seed(seed: int, case: int, copy: int) -> int:
+    """The seed of deformed copy ``copy`` of training case ``case`` in a run seeded ``seed``."""
+    return (seed * 1_000_003 + case * 1_009 + copy) % 2**31
 
 
 def few_shot_subset(n: int, fraction: float, seed: int) -> list[int]:
@@ -237,7 +239,9 @@ def label_scores(
 ) -> dict[str, float]:
     """Dice and HD95 (mm) of one hard label map ``(1, 1, *spatial)`` against its reference, per class
     (``dice_<c>``, ``hd95_<c>``, NaN where the class is absent from the reference) and their means over the classes
-    present (``dice``, ``hd95``): :mod:`medfusion.eval.segmentation` (MONAI)."""
+    present (``dice``, ``hd95``): :mod:`medfusion.eval.segmentation` (MONAI). A class of the reference missing from
+    the prediction has no distance (MONAI gives NaN): its HD95 counts as the image diagonal (mm), so that missing a
+    structure never improves the mean; ``missed_classes`` counts them."""
     import warnings
 
     from medfusion.eval.segmentation import dice_per_case, hd95_per_case
@@ -250,7 +254,12 @@ def label_scores(
     row: dict[str, float] = {}
     for c in range(1, num_classes):
         row[f"dice_{c}"], row[f"hd95_{c}"] = float(dice[c - 1]), float(hd[c - 1])
-    d, h = dice[torch.isfinite(dice)], hd[torch.isfinite(hd)]
-    row["dice"] = float(d.mean()) if d.numel() else float("nan")
+    present = torch.isfinite(dice)  # classes in the reference
+    missed = present & ~torch.isfinite(hd)  # in the reference, absent from the prediction: no distance (MONAI: nan)
+    diagonal = float(torch.linalg.vector_norm(torch.tensor(pred.shape[2:], dtype=torch.float64) * torch.tensor(
+        [float(v) for v in spacing], dtype=torch.float64)))  # fmt: skip
+    h = torch.where(missed, torch.full_like(hd, diagonal), hd)[present]
+    row["dice"] = float(dice[present].mean()) if present.any() else float("nan")
     row["hd95"] = float(h.mean()) if h.numel() else float("nan")
+    row["missed_classes"] = float(missed.sum())
     return row

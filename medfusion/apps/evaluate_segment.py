@@ -38,6 +38,7 @@ from medfusion.apps.downstream import (
     Launch,
     StreamDataset,
     StreamSampler,
+    copy_seed,
     few_shot_subset,
     fit,
     label_scores,
@@ -47,36 +48,43 @@ from medfusion.apps.downstream import (
 SEGMENT_AUGMENTATIONS = ("none", "elastic", "drdm-random", "drdm:PATH")
 
 
-def check_augmentations(names: Sequence[str]) -> list[str]:
+def check_augmentations(names: Sequence[str], copies: int = 1) -> list[str]:
     """Unique augmentation names, ``none`` first where it is asked for (the paired differences need it);
-    ``ValueError`` naming the valid ones."""
+    ``ValueError`` naming the valid ones, ``FileNotFoundError`` for a missing ``drdm:`` model, before any training."""
     out = ["none"] if "none" in names else []
     for n in names:
         if n not in ("none", "elastic", "drdm-random") and not n.startswith("drdm:"):
             raise ValueError(f"unknown augmentation {n!r}; valid: {', '.join(SEGMENT_AUGMENTATIONS)}")
+        if n.startswith("drdm:") and not Path(n.split(":", 1)[1]).exists():
+            raise FileNotFoundError(f"DRDM model not found: {n.split(':', 1)[1]}")
         if n not in out:
             out.append(n)
+    if copies < 1 and any(n != "none" for n in out):
+        raise ValueError(
+            f"--copies must be >= 1 with an augmentation (0 would train it as 'none'), got {copies}"
+        )
     return out
 
 
 def augmentation_pool(
     cases: Sequence[Case], name: str, copies: int, seed: int, spatial_dims: int, settings: Mapping[str, Any]
 ) -> tuple[list[dict[str, torch.Tensor]], float]:
-    """The labelled cases plus ``copies`` deformations of each (none for ``none``), and the mean folding % of the
-    fields (NaN where the deformation gives no field)."""
+    """The labelled cases plus ``copies`` deformations of each (none for ``none``), the mean folding % of the
+    fields and their mean displacement |u| in voxels (NaN for ``none``)."""
     from medfusion.apps.deformers import make_deformer
 
     items = [{K.IMAGE: c.arrays[K.IMAGE], K.LABEL: c.arrays[K.LABEL]} for c in cases]
-    if name == "none" or copies == 0:
-        return items, float("nan")
+    if name == "none":
+        return items, float("nan"), float("nan")
     deform = make_deformer(name, [K.IMAGE], [K.LABEL], spatial_dims, **settings)
-    folds = []
+    folds, sizes = [], []
     for i, item in enumerate(list(items)):
         for k in range(copies):
-            d = deform(item, (seed * 1_000_003 + i * 1_009 + k) % 2**31)
+            d = deform(item, copy_seed(seed, i, k))
             items.append(d.arrays)
             folds.append(d.folding_pct)
-    return items, float(np.mean(folds)) if folds else float("nan")
+            sizes.append(float(d.ddf.norm(dim=0).mean()))
+    return items, float(np.mean(folds)), float(np.mean(sizes))
 
 
 def _segmenter(num_classes: int, spatial_dims: int, options: Mapping[str, Any], seed: int) -> Any:
@@ -141,7 +149,7 @@ def run_protocol(
             subset = [training[i] for i in few_shot_subset(len(training), fraction, seed)]
             for aug in augmentations:
                 t0 = time.perf_counter()
-                pool, folding = augmentation_pool(
+                pool, folding, size = augmentation_pool(
                     subset, aug, int(options["copies"]), seed, dims, options["deformer"]
                 )
                 module = _segmenter(ncls, dims, options, seed)
@@ -156,8 +164,8 @@ def run_protocol(
                     rows.append({"fraction": fraction, "n_labelled": len(subset), "seed": seed, "augmentation": aug,
                                  "case_id": case.patient, **r})  # fmt: skip
                 minutes = (time.perf_counter() - t0) / 60
-                runs[f"{fraction}|{seed}|{aug}"] = {"n_labelled": len(subset), "pool": len(pool),
-                                                    "folding_pct": folding, "minutes": minutes}  # fmt: skip
+                runs[f"{fraction}|{seed}|{aug}"] = {"n_labelled": len(subset), "pool": len(pool), "folding_pct": folding,
+                                                    "displacement_vox": size, "minutes": minutes}  # fmt: skip
                 if dims == 2:  # the first case's prediction, for the report's overlays
                     example = module.predict_labels(evaluation[0].arrays[K.IMAGE][None])[0, 0].numpy()
                     runs[f"{fraction}|{seed}|{aug}"]["example"] = example
@@ -165,6 +173,12 @@ def run_protocol(
                 log(f"fraction {fraction:g} ({len(subset)} labelled), seed {seed}, {aug}: Dice {dice:.3f} "
                     f"({minutes:.1f} min)")  # fmt: skip
     return rows, runs
+
+
+def _run_mean(runs: Mapping[str, Any], fraction: float, seeds: Sequence[int], aug: str, key: str) -> float:
+    """Mean of a per-run fact over the seeds (NaN where no run has it)."""
+    v = [runs[f"{fraction}|{s}|{aug}"].get(key, float("nan")) for s in seeds]
+    return float(np.nanmean(v)) if any(math.isfinite(x) for x in v) else float("nan")
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Any], *, seed: int, n_boot: int,
@@ -195,12 +209,18 @@ def summarize(rows: Sequence[Mapping[str, Any]], runs: Mapping[str, Any], *, see
                 "dice_per_class": {str(c): float(np.nanmean([r[f"dice_{c}"] for r in sel]))
                                    if any(math.isfinite(r[f"dice_{c}"]) for r in sel) else float("nan")
                                    for c in range(1, num_classes)},
-                "folding_pct": float(np.nanmean([runs[f"{fraction}|{s}|{aug}"]["folding_pct"] for s in seeds]))
-                if any(math.isfinite(runs[f"{fraction}|{s}|{aug}"]["folding_pct"]) for s in seeds) else float("nan"),
+                "folding_pct": _run_mean(runs, fraction, seeds, aug, "folding_pct"),
             }  # fmt: skip
+            entry["displacement_vox"] = _run_mean(runs, fraction, seeds, aug, "displacement_vox")
+            entry["missed_classes"] = float(np.mean([r.get("missed_classes", np.nan) for r in sel]))
             if aug != "none" and base:
                 diff = [r["dice"] - base[(fraction, r["seed"], r["case_id"])]["dice"] for r in sel]
                 entry["dice_vs_none"] = cluster_mean(diff, g, counts).as_dict()
+                # the interval above resamples cases with the trained models fixed; the seeds' own differences
+                # show the training-seed variation (same sign for every seed or not)
+                entry["dice_vs_none_per_seed"] = [
+                    float(np.nanmean([d for d, r in zip(diff, sel) if r["seed"] == s])) for s in seeds
+                ]
             out["results"].append(entry)
     return out
 
@@ -224,8 +244,9 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
         "--hu-window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the images"
     )
     g.add_argument("--elastic-magnitude", type=float, nargs=2, default=[2.0, 4.0],
-                   help="MONAI elastic magnitude range (choose on --split validation)")  # fmt: skip
-    g.add_argument("--elastic-spacing", type=float, default=20.0, help="elastic control spacing, voxels")
+                   help="MONAI elastic magnitude range: 2D voxels (2 4); 3D a factor on smoothed noise (~100 200 for ~1 voxel); "
+        "choose on --split validation")  # fmt: skip
+    g.add_argument("--elastic-spacing", type=float, default=20.0, help="elastic control spacing (2D) / smoothing sigma (3D), voxels")
     g.add_argument("--bspline-sigma", type=float, default=4.0, help="B-spline coefficient SD, voxels")
     g.add_argument("--drdm-t-range", type=int, nargs=2, default=[40, 48], help="DRDM level range T'")
     g.add_argument("--drdm-steps", type=int, default=8, help="DRDM recovery steps")

@@ -24,6 +24,7 @@ the nodes (the part reports meet there).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -93,6 +94,68 @@ def check_launch(
         raise ValueError("--accelerator gpu requested but CUDA is not available")
 
 
+class CaseMemory:
+    """Peak memory of one case, for the run report's ``cpu_peak_mb`` / ``gpu_peak_mb`` (MiB).
+
+    CPU: the growth of this process's peak resident set size during the case. On Linux the peak is reset at the
+    start (``5`` written to ``/proc/self/clear_refs``, Linux >= 4.0, proc(5)) and read from ``VmHWM`` in
+    ``/proc/self/status`` at the end, minus ``VmRSS`` at the start: the true peak growth, memory freed inside the
+    case included. Where the reset is not allowed (other systems, restricted /proc) ``getrusage``'s ``ru_maxrss``
+    is used, a lifetime high-water mark: its growth counts only what exceeds every earlier case, a lower bound
+    (0 once a larger case ran). Resident memory of this process only (threads included, child processes not).
+    GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start: tensors allocated by
+    PyTorch on the case's device, the resident model included; the caching allocator's reserve and other
+    libraries' memory are not counted (``nvidia-smi`` shows more). None off CUDA.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.reset = _reset_peak_rss()
+        self.start_kib = _status_kib("VmRSS") if self.reset else _maxrss_kib()
+
+    def stop(self, row: ReportRow) -> ReportRow:
+        """Put the case's peaks into ``row`` (returned)."""
+        peak = _status_kib("VmHWM") if self.reset else _maxrss_kib()
+        if peak is not None and self.start_kib is not None:
+            row.cpu_peak_mb = round(max(peak - self.start_kib, 0) / 1024, 1)
+        if self.cuda:
+            row.gpu_peak_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return row
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def _status_kib(key: str) -> int | None:
+    """A ``kB`` value of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _maxrss_kib() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB elsewhere
+
+
 def _failed(job: CaseJob, i: int, err: BaseException) -> ReportRow:
     return ReportRow(job.inputs[i], "failed", reason=f"{type(err).__name__}: {err}", output=job.output_of(i))
 
@@ -107,12 +170,12 @@ def process_case(job: CaseJob, i: int, device: torch.device) -> tuple[ReportRow,
     done = job.done_row(i)
     if done is not None:
         return done, None
-    t0 = time.perf_counter()
+    t0, memory = time.perf_counter(), CaseMemory(device)
     try:
         row, extra = job.write(i, job.compute(i, device))
     except Exception as err:  # noqa: BLE001 - one bad case (unreadable file, wrong shape) must not stop the batch
-        return _timed(_failed(job, i, err), t0), None
-    return _timed(row, t0), extra
+        return memory.stop(_timed(_failed(job, i, err), t0)), None
+    return memory.stop(_timed(row, t0)), extra
 
 
 def run_local(
@@ -197,15 +260,17 @@ class CasePredictor(L.LightningModule):
         self.job = job
         self.net = job.model  # a sub-module, so Lightning moves it to the rank's device
 
-    def predict_step(self, batch: int, batch_idx: int) -> tuple[int, ReportRow | None, Any, float]:
+    def predict_step(self, batch: int, batch_idx: int) -> tuple[int, ReportRow | None, Any, tuple]:
+        """``(case, row or None, result, (start time, CaseMemory))``: the writer finishes the case's figures."""
         i, t0 = int(batch), time.perf_counter()
         done = self.job.done_row(i)
         if done is not None:
-            return i, done, None, t0
+            return i, done, None, (t0, None)
+        memory = CaseMemory(self.device)
         try:
-            return i, None, self.job.compute(i, self.device), t0
+            return i, None, self.job.compute(i, self.device), (t0, memory)
         except Exception as err:  # noqa: BLE001 - reported per case (process_case)
-            return i, _timed(_failed(self.job, i, err), t0), None, t0
+            return i, memory.stop(_timed(_failed(self.job, i, err), t0)), None, (t0, None)
 
 
 class CaseWriter(BasePredictionWriter):
@@ -220,7 +285,7 @@ class CaseWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
-        i, row, result, t0 = prediction
+        i, row, result, (t0, memory) = prediction
         extra = None
         if row is None:
             try:
@@ -228,6 +293,7 @@ class CaseWriter(BasePredictionWriter):
                 row = _timed(row, t0)
             except Exception as err:  # noqa: BLE001 - reported per case
                 row = _timed(_failed(self.job, i, err), t0)
+            row = memory.stop(row)
         if self.part is None:
             self.part = RunReport(part_path(self.report_file, trainer.global_rank))
         self.part.add(row)

@@ -67,8 +67,10 @@ def hd95_per_case(
         spacing=spacing,
     )
     present = ref.flatten(2).any(-1)
+    predicted = _one_hot(pred, num_classes).flatten(2).any(-1)
     if not include_background:
-        present = present[:, 1:]
+        present, predicted = present[:, 1:], predicted[:, 1:]
+    out = torch.where(present & ~predicted, torch.full_like(out, float("inf")), out)  # MONAI gives NaN there
     return torch.where(present, out, torch.full_like(out, float("nan")))
 
 

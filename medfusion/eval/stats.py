@@ -166,6 +166,8 @@ def cluster_statistic(
     v, g = _finite_rows(values, patients)
     if v.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, 0)
+    if g.min() < 0 or g.max() >= counts.shape[1]:
+        raise ValueError(f"patient indices must lie in [0, {counts.shape[1]}), got [{g.min()}, {g.max()}]")
     reps = np.array(
         [statistic(np.repeat(v, c[g])) if c[g].sum() else np.nan for c in counts], dtype=np.float64
     )

@@ -33,7 +33,6 @@ import re
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from medfusion.exit_codes import EXIT_NOTHING_DONE, batch_exit_code
 from medfusion.io.atomic import write_text_atomic
 from medfusion.io.claim import claim, claim_path, locked_folder
 from medfusion.io.dicom import SIDECAR_KEYS, DicomSeries, discover_series, read_series
+from medfusion.io.dicom.header import quiet_reading
 from medfusion.io.nifti import sidecar_path, write_nifti
 from medfusion.io.run_report import ReportRow, RunReport, report_path
 from medfusion.io.volume import voxel_spacing
@@ -249,9 +249,8 @@ def _convert_claimed(series: DicomSeries, nifti: Path, overwrite: bool) -> Serie
         reason = "already converted" + (f"; warning: {incomplete}" if incomplete else "")
         return SeriesOutcome("skipped", reason, output=nifti, incomplete=incomplete, **common)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            volume = read_series(series)
+        with quiet_reading():
+            volume = read_series(series, keep_int16=True)
         step = volume.meta.get("time_step") if volume.array.ndim == 4 else None
         write_nifti(
             nifti,
@@ -336,12 +335,13 @@ def convert_tree(
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_output_location(input_dir, output_dir)
     check_writable(output_dir)
-    found = discover_series(
-        input_dir,
-        include_derived=include_derived,
-        include_localizers=include_localizers,
-        merge_acquisitions=merge_acquisitions,
-    )
+    with quiet_reading():  # every problem is reported per file or series
+        found = discover_series(
+            input_dir,
+            include_derived=include_derived,
+            include_localizers=include_localizers,
+            merge_acquisitions=merge_acquisitions,
+        )
     report = ConvertReport(input_dir, output_dir)
     log = ReportWriter(input_dir, output_dir)
     for item in found.skipped:

@@ -2,7 +2,10 @@
 
 ``convert``, ``standardize``, ``restore`` and ``augment`` write ``<command>_report.csv`` next to their outputs: every
 input file (or series, or manifest case) appears exactly once with its status, the reason, the DICOM series UID where
-there is one, the output path and the seconds it took. The file is rewritten atomically after each input (so a killed
+there is one, the output path, the seconds it took and, for the commands that run a model (``standardize``,
+``restore``, ``augment``), the peak memory of the case: ``cpu_peak_mb`` (growth of the process's peak resident set
+during the case) and ``gpu_peak_mb`` (``torch.cuda.max_memory_allocated`` after a reset at the case's start; empty
+off CUDA), measured by :class:`medfusion.apps.predict.CaseMemory`. The file is rewritten atomically after each input (so a killed
 run leaves a report of what it finished), and a resumed run reads the old report first and brings it up to date:
 inputs it skips because their output exists keep their earlier row with status ``already done``.
 """
@@ -34,6 +37,8 @@ class ReportRow:
     output: str = ""
     seconds: float = 0.0
     time: str = ""  # when the row was written (UTC, ISO 8601)
+    cpu_peak_mb: float | None = None  # peak resident set growth of the process during the case (MiB)
+    gpu_peak_mb: float | None = None  # torch.cuda.max_memory_allocated during the case (MiB); None off CUDA
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -41,6 +46,9 @@ class ReportRow:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ReportRow))
+MEMORY_COLUMNS: tuple[str, ...] = ("cpu_peak_mb", "gpu_peak_mb")
+# reports written before the memory columns existed are still read (their rows have no memory figures)
+_OLD_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in MEMORY_COLUMNS)
 
 
 def report_path(output_root: str | Path, command: str) -> Path:
@@ -99,12 +107,13 @@ def read_report(path: str | Path) -> list[ReportRow]:
     path = Path(path)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
+        if tuple(reader.fieldnames or ()) not in (COLUMNS, _OLD_COLUMNS):
             raise ValueError(f"{path}: not a medfusion run report (columns {reader.fieldnames}, expected {COLUMNS})")
         rows = []
         for line in reader:
             try:
-                rows.append(ReportRow(**{**line, "seconds": float(line["seconds"] or 0.0)}))
+                numbers = {key: float(line[key]) if line.get(key) else None for key in MEMORY_COLUMNS}
+                rows.append(ReportRow(**{**line, **numbers, "seconds": float(line["seconds"] or 0.0)}))
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from err
     return rows

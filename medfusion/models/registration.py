@@ -167,7 +167,11 @@ class Registration(EvaluationHooks, MedfusionModule):
         if hp.supervised_weight > 0 and keys.DDF in batch:
             err = ((ddf - batch[keys.DDF]) ** 2).flatten(1).mean(1)  # per pair
             if keys.DDF_WEIGHT in batch:  # pairs without a known field carry weight 0
-                err = err * torch.as_tensor(batch[keys.DDF_WEIGHT], dtype=err.dtype, device=err.device)
+                w = torch.as_tensor(batch[keys.DDF_WEIGHT], dtype=err.dtype, device=err.device)
+                if w.shape != err.shape:
+                    raise ValueError(f"{keys.DDF_WEIGHT!r} must have shape {tuple(err.shape)} (one per pair), "
+                                     f"got {tuple(w.shape)}")  # fmt: skip
+                err = err * w
             out["supervised"] = err.mean()
             total = total + hp.supervised_weight * out["supervised"]
         out["total"] = total

@@ -74,7 +74,11 @@ def test_segment_protocol_writes_every_case_and_paired_differences(manifests, tm
             assert e["dice_vs_none"]["mean"] == pytest.approx(
                 e["dice"]["mean"] - none["dice"]["mean"], abs=1e-9
             )
-        assert e["folding_pct"] is None  # neither arm has a field (NaN is written as null)
+        if e["augmentation"] == "none":  # no field (NaN is written as null)
+            assert e["folding_pct"] is None and e["displacement_vox"] is None
+        else:  # MONAI's elastic field, recovered through the same draw
+            assert 0 <= e["folding_pct"] < 50 and e["displacement_vox"] > 0.1
+            assert len(e["dice_vs_none_per_seed"]) == 1
     assert (out / "figures" / "dice_vs_fraction.png").stat().st_size > 0
     assert (out / "figures" / "overlays.png").stat().st_size > 0
     assert f"| 0.5 | {max(1, round(0.5 * n_train))} | elastic |" in (out / "report.md").read_text()
@@ -110,10 +114,11 @@ def test_register_protocol_scores_before_and_every_arm(manifests, tmp_path):
         results["before"]["folding_pct"]["mean"]["mean"] == 0
         and results["before"]["sdlogj"]["mean"]["mean"] == 0
     )
+    assert results["real"]["sdlogj"]["mean"]["mean"] > 0  # trained: the field is no longer the identity
     assert "dice_vs_real" in results["bspline"] and "dice_vs_real" not in results["real"]
     for e in results.values():
         for m in ("dice", "hd95", "sdlogj", "folding_pct"):
-            assert set(e[m]) == {"mean", "sd", "p30"}
+            assert set(e[m]) == {"mean", "sd", "worst30"}
     assert "| real+drdm-random |" in (out / "report.md").read_text()
 
 
@@ -123,6 +128,7 @@ def test_register_protocol_scores_before_and_every_arm(manifests, tmp_path):
         (["--augment", "mixup"], "unknown augmentation 'mixup'; valid: none, elastic"),
         (["--augment", "drdm:/no/such/model"], "DRDM model not found: /no/such/model"),
         (["--fractions", "0"], "labelled fractions must lie in (0, 1]"),
+        (["--augment", "elastic", "--copies", "0"], "--copies must be >= 1 with an augmentation"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(manifests, tmp_path, capsys, argv, message):
@@ -235,7 +241,33 @@ def test_deformers_are_seeded_and_keep_label_values(name):
     )
     assert set(a.arrays["label"].unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}
     assert not torch.equal(a.arrays["image"], img)
-    assert (a.ddf is None) == (name == "elastic") and math.isnan(a.folding_pct) == (name == "elastic")
+    assert a.ddf.shape == (2, 32, 32) and not math.isnan(a.folding_pct)
+
+
+@pytest.mark.parametrize("name", ["elastic", "bspline", "drdm-random"])
+def test_every_deformer_returns_the_field_that_warps_its_image(name):
+    """The returned field (voxels, pull) reproduces the deformed image through medfusion.fields.warp, away from the
+    border: the arms' displacement sizes are comparable."""
+    from medfusion.fields import warp
+
+    img = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 48, 48), 5, 1, 2)[0] * 2 - 1
+    d = make_deformer(name, ["image"], [], 2, elastic_spacing=12)({"image": img}, 7)
+    w = warp(img[None], d.ddf[None], mode="bilinear", padding_mode="border")[0]
+    assert d.ddf.shape == (2, 48, 48) and d.ddf.abs().max() > 0.5
+    assert (w - d.arrays["image"])[:, 8:-8, 8:-8].abs().max() < 1e-3
+
+
+def test_a_missed_class_counts_as_the_image_diagonal():
+    from medfusion.apps.downstream import label_scores
+
+    ref = torch.zeros(1, 1, 30, 40, dtype=torch.long)
+    ref[..., 5:10, 5:10], ref[..., 20:25, 20:30] = 1, 2
+    pred = ref.clone()
+    pred[pred == 2] = 0  # class 2 missed
+    row = label_scores(pred, ref, 3, spacing=(1.0, 2.0))
+    diagonal = math.hypot(30 * 1.0, 40 * 2.0)
+    assert row["dice_1"] == 1 and row["dice_2"] == 0 and row["missed_classes"] == 1
+    assert row["hd95"] == pytest.approx((0 + diagonal) / 2)
 
 
 def test_unknown_deformer_names_the_valid_ones():

@@ -110,6 +110,7 @@ def test_two_cpu_ranks_write_what_one_process_writes(tmp_path):
         "s2.nii.gz",
     ]
     assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")] == []  # parts merged
+    assert all(r.cpu_peak_mb is not None and r.cpu_peak_mb >= 0 for r in rows)  # measured on every rank
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").glob("*.nii.gz")}
     again = restore_scans(_tiny_rddm(), inputs, tmp_path / "two", launch=launch, resume=True, **job)
     assert again is not None and sorted(r.status for r in again) == ["already done"] * 3 + ["failed"]
@@ -145,3 +146,57 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+class _AllocatingJob:
+    """Case ``i`` holds ``sizes[i]`` MiB of fresh (touched) memory while it computes."""
+
+    model = None
+    preamble: list = []
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+        self.inputs = [f"case{i}" for i in range(len(sizes))]
+
+    def done_row(self, i):
+        return None
+
+    def output_of(self, i):
+        return ""
+
+    def compute(self, i, device):
+        block = np.ones(self.sizes[i] * 2**20 // 8)  # np.ones touches every page: resident
+        return float(block[-1])
+
+    def write(self, i, result):
+        return ReportRow(self.inputs[i], "written"), None
+
+    def finish(self, extras):
+        return None
+
+
+def test_report_rows_carry_each_cases_peak_memory(tmp_path):
+    """cpu_peak_mb is the case's own peak: a 96 MiB case after a 160 MiB one still reports about 96 MiB (the peak is
+    reset per case where Linux allows it), a 0 MiB case about 0; gpu_peak_mb is empty on CPU."""
+    if not predict._reset_peak_rss():
+        pytest.skip(
+            "peak RSS cannot be reset here (/proc/self/clear_refs): ru_maxrss gives a lower bound only"
+        )
+    rows = predict.run_local(_AllocatingJob([160, 96, 0]), report_path(tmp_path, "restore"))
+    peaks = [r.cpu_peak_mb for r in rows]
+    assert 150 <= peaks[0] <= 200 and 88 <= peaks[1] <= 130 and peaks[2] < 16, peaks
+    assert all(r.gpu_peak_mb is None for r in rows)
+    on_disk = {r.input: r.cpu_peak_mb for r in read_report(report_path(tmp_path, "restore"))}
+    assert on_disk == {r.input: r.cpu_peak_mb for r in rows}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_peak_is_the_cases_max_memory_allocated():
+    row = ReportRow("a", "written")
+    resident = torch.cuda.memory_allocated() / 2**20
+    memory = predict.CaseMemory("cuda")
+    block = torch.ones(64 * 2**20 // 4, device="cuda")  # 64 MiB
+    del block
+    memory.stop(row)
+    assert 64 <= row.gpu_peak_mb - resident < 80

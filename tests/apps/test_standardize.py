@@ -186,6 +186,7 @@ def test_batch_continues_past_a_corrupt_scan_and_resumes(model_dir, tmp_path, ca
     assert {k: r.status for k, r in rows.items()} == {"a.nii.gz": "written", "b.nii.gz": "failed"}
     assert rows["b.nii.gz"].reason  # why it failed
     assert rows["a.nii.gz"].output == str(out / "a.nii.gz") and rows["a.nii.gz"].seconds > 0
+    assert rows["a.nii.gz"].cpu_peak_mb >= 0 and rows["a.nii.gz"].gpu_peak_mb is None  # per-case peak memory, CPU
     first = (out / "a.nii.gz").stat().st_mtime_ns
     assert main(args) == 2  # without --resume the existing output is refused, nothing is redone
     assert "refusing to overwrite" in capsys.readouterr().err

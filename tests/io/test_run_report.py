@@ -35,3 +35,22 @@ def test_bad_status_and_foreign_files_raise_naming_them(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="x.csv"):
         RunReport(bad)
+
+
+def test_memory_columns_round_trip_and_old_reports_still_read(tmp_path):
+    path = report_path(tmp_path, "restore")
+    report = RunReport(path)
+    report.add(ReportRow("a.nii.gz", "written", output="o/a.nii.gz", cpu_peak_mb=812.5, gpu_peak_mb=1024.0))
+    report.add(ReportRow("b.nii.gz", "failed", reason="bad header"))
+    rows = {r.input: r for r in read_report(path)}
+    assert rows["a.nii.gz"].cpu_peak_mb == 812.5 and rows["a.nii.gz"].gpu_peak_mb == 1024.0
+    assert rows["b.nii.gz"].cpu_peak_mb is None and rows["b.nii.gz"].gpu_peak_mb is None  # empty cells
+    old = tmp_path / "old_report.csv"  # written before the memory columns existed
+    old.write_text(
+        "input,status,reason,series_uid,output,seconds,time\na,written,,,o/a,1.5,2026-01-01T00:00:00Z\n"
+    )
+    (row,) = read_report(old)
+    assert row.seconds == 1.5 and row.cpu_peak_mb is None
+    resumed = RunReport(old)
+    resumed.add(ReportRow("a", "already done"))
+    assert read_report(old)[0].status == "already done"  # rewritten with the new columns

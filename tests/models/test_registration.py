@@ -74,6 +74,14 @@ def test_supervised_term_uses_a_known_field():
     parts = model.losses({**b, keys.DDF: true})
     _, ddf = model(b[keys.MOVING], b[keys.FIXED])
     assert parts["supervised"].item() == pytest.approx(torch.mean((ddf - true) ** 2).item(), rel=1e-5)
+    # a pair whose field is unknown (weight 0) does not count; the weight needs one value per pair
+    w = torch.tensor([1.0, 0.0])
+    parts = model.losses({**b, keys.DDF: true, keys.DDF_WEIGHT: w})
+    assert parts["supervised"].item() == pytest.approx(
+        torch.mean((ddf[0] - true[0]) ** 2).item() / 2, rel=1e-5
+    )
+    with pytest.raises(ValueError, match="one per pair"):
+        model.losses({**b, keys.DDF: true, keys.DDF_WEIGHT: w[:, None]})
 
 
 def test_training_aligns_shifted_shapes(tmp_path):

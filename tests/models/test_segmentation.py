@@ -50,6 +50,10 @@ def test_dice_and_hd95_oracles():
     shifted = torch.roll(target, 3, dims=-1)
     h = hd95_per_case(shifted, target, 3)
     assert h[0, 0] == pytest.approx(3.0) and math.isnan(h[0, 1])
+    empty = target.clone()
+    empty[0] = 0  # class 1 of case 0 missed entirely: no distance exists (inf), not "absent" (NaN)
+    h = hd95_per_case(empty, target, 3)
+    assert math.isinf(h[0, 0]) and math.isnan(h[0, 1]) and h[1, 1] == 0
     with pytest.raises(ValueError, match=r"0\.\.2"):
         dice_per_case(pred + 5, target, 3)
 

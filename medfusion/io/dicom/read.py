@@ -117,7 +117,9 @@ def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
     if problem:
         raise _fail(label, f"{path.name}: {problem}", [path])
     try:
-        pixels = ds.pixel_array
+        pixels = _native_pixels(ds, syntax)
+        if pixels is None:
+            pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - missing plugin, corrupt stream, truncated data
         raise _fail(
             label,
@@ -126,6 +128,60 @@ def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
             [path],
         ) from exc
     return np.asarray(pixels), ds
+
+
+# Implicit VR Little Endian, Explicit VR Little Endian
+_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+def _native_pixels(ds: Any, syntax: Any) -> np.ndarray | None:
+    """The stored values of uncompressed little-endian greyscale pixel data, straight from the bytes (PS3.5 8.1.1:
+    frames of Rows x Columns values, row by row); None where pydicom's decoder is needed (compressed, big endian,
+    colour, 1-bit or float data). Bits above BitsStored are ignored as pydicom does (shifted out, sign-extended
+    for signed data), so the result equals ``ds.pixel_array``, without its per-file set-up cost."""
+    allocated, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    representation = ds.get("PixelRepresentation")
+    if (
+        str(syntax) not in _NATIVE_SYNTAXES
+        or allocated not in (8, 16, 32)
+        or stored is None
+        or representation not in (0, 1)
+        or str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2")
+        or "PixelData" not in ds
+    ):
+        return None
+    rows, columns, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    dtype = np.dtype(f"<{'iu'[representation == 0]}{allocated // 8}")
+    count = rows * columns * frames
+    raw = _deferred_pixel_data(ds)  # deferred by discovery: read the bytes at their offset
+    if raw is not None:
+        with open(ds.filename, "rb") as handle:
+            handle.seek(raw.value_tell)
+            data = handle.read(count * dtype.itemsize)
+    else:
+        data = ds.PixelData
+    pixels = np.frombuffer(data, dtype=dtype, count=count)
+    pixels = pixels.reshape((frames, rows, columns) if frames > 1 else (rows, columns))
+    shift = int(allocated) - int(stored)
+    if shift:
+        pixels = np.right_shift(np.left_shift(pixels, shift), shift)
+    return pixels
+
+
+def _deferred_pixel_data(ds: Any) -> Any | None:
+    """The PixelData element still on disk (deferred by discovery's parse), with its offset; None if read."""
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    if raw is None or raw.value is not None or not getattr(raw, "value_tell", None):
+        return None
+    return raw if isinstance(getattr(ds, "filename", None), str) else None
+
+
+def _pixel_data_length(ds: Any) -> int:
+    """Bytes of PixelData there are: for a deferred value, its stated length, cut where the file ends."""
+    raw = _deferred_pixel_data(ds)
+    if raw is None:
+        return len(ds.PixelData)
+    return max(min(int(raw.length), os.path.getsize(ds.filename) - int(raw.value_tell)), 0)
 
 
 def _pixel_fields(ds: Any) -> str:
@@ -148,7 +204,7 @@ def _pixel_header_problem(ds: Any, syntax: Any) -> str | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
         expected = rows * columns * frames * int(ds.get("SamplesPerPixel", 1) or 1) * int(allocated) // 8
-        have = len(ds.PixelData)
+        have = _pixel_data_length(ds)
         if have < expected:
             return (
                 f"PixelData holds {have} bytes, but Rows x Columns x NumberOfFrames x BitsAllocated/8 = "
@@ -159,12 +215,65 @@ def _pixel_header_problem(ds: Any, syntax: Any) -> str | None:
     return None
 
 
-def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str | os.PathLike]) -> Volume:
+def _frame_pixels(frames: Sequence[FrameInfo], label: str) -> list[np.ndarray]:
+    """The stored 2D pixels of each frame, in order (each file decoded once; frames of a multi-frame file are
+    views into its array), checked against the frame's Rows x Columns."""
+    decoded: dict[Path, np.ndarray] = {}
+    out = []
+    for frame in frames:
+        if frame.path not in decoded:
+            decoded[frame.path], _ = _decode(frame.path, label)
+        pixels = decoded[frame.path]
+        if frame.frame is not None:
+            if pixels.ndim < 3 or frame.frame >= pixels.shape[0]:
+                raise _fail(
+                    label, f"{frame.path.name}: frame {frame.frame} missing from the pixel data", [frame.path]
+                )
+            pixels = pixels[frame.frame]
+        if pixels.shape != (frame.rows, frame.columns):
+            raise _fail(
+                label,
+                f"{frame.path.name}: pixel data shape {pixels.shape} != (Rows, Columns) {(frame.rows, frame.columns)}",
+                [frame.path],
+            )
+        out.append(pixels)
+    return out
+
+
+def _fits_int16(frames: Sequence[FrameInfo], pixels: Sequence[np.ndarray]) -> bool:
+    """Whether every rescaled value ``stored * slope + intercept`` is an integer in int16's range, computed exactly
+    in integers and equal to the float32 result: integer stored values of at most 16 bits, integer slopes and
+    intercepts with ``|intercept| <= 2**15`` (so every intermediate value stays below float32's 2**24)."""
+    for frame, values in zip(frames, pixels):
+        slope, intercept = float(frame.slope), float(frame.intercept)
+        if not (
+            np.issubdtype(values.dtype, np.integer)
+            and values.dtype.itemsize <= 2
+            and slope.is_integer()
+            and intercept.is_integer()
+            and abs(intercept) <= 2**15
+        ):
+            return False
+        if values.size:
+            ends = (float(values.min()) * slope + intercept, float(values.max()) * slope + intercept)
+            if min(ends) < -32768 or max(ends) > 32767:
+                return False
+    return True
+
+
+def read_series(
+    series_or_files: DicomSeries | str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    keep_int16: bool = False,
+) -> Volume:
     """Read one DICOM series to a :class:`Volume` (``array[i, j, k]`` or ``array[i, j, k, t]``, RAS+ affine).
 
     Args:
         series_or_files: a :class:`DicomSeries` from :func:`discover_series`, a folder holding exactly one
             series, a single (multi-frame) file, or a list of files of one series.
+        keep_int16: when every rescaled value is an integer in int16's range (CT in HU from integer pixels,
+            slopes and intercepts), return int16 instead of float32: the same values, half the memory, no
+            float pass (how :func:`medfusion.io.convert.convert_tree` and dcm2niix store CT).
 
     Slices are sorted along the normal of ImageOrientationPatient. RescaleSlope / RescaleIntercept are
     applied per frame: the array is float32 then (CT in HU); otherwise the stored integer type is kept
@@ -181,40 +290,27 @@ def read_series(series_or_files: DicomSeries | str | os.PathLike | Iterable[str 
     ordered = geometry.frames
     n_slices = geometry.shape[2] if len(geometry.shape) > 2 else 1
     rescale = any(f.slope != 1.0 or f.intercept != 0.0 for f in ordered) or meta.get("Modality") == "CT"
-    decoded: dict[Path, np.ndarray] = {}
-    out: np.ndarray | None = None
+    pixels = _frame_pixels(ordered, label)
+    integers = rescale and keep_int16 and _fits_int16(ordered, pixels)
+    dtype = np.int16 if integers else (np.float32 if rescale else pixels[0].dtype)
+    # Fortran order: each slice (a row-major DICOM frame, transposed) is one contiguous block, and the array is
+    # already in NIfTI's on-disk voxel order
     n = len(ordered)
-    for k, frame in enumerate(ordered):
-        if frame.path not in decoded:
-            decoded[frame.path], _ = _decode(frame.path, label)
-        pixels = decoded[frame.path]
-        pixel_type = pixels.dtype
-        if frame.frame is not None:
-            if pixels.ndim < 3 or frame.frame >= pixels.shape[0]:
-                raise _fail(
-                    label, f"{frame.path.name}: frame {frame.frame} missing from the pixel data", [frame.path]
-                )
-            pixels = pixels[frame.frame]
-        if pixels.shape != (frame.rows, frame.columns):
-            raise _fail(
-                label,
-                f"{frame.path.name}: pixel data shape {pixels.shape} != (Rows, Columns) {(frame.rows, frame.columns)}",
-                [frame.path],
-            )
-        if out is None:
-            # Fortran order: each slice (a row-major DICOM frame, transposed) is one contiguous block, and the
-            # array is already in NIfTI's on-disk voxel order
-            out = np.empty(
-                (frame.columns, frame.rows, n_slices, n // n_slices),
-                dtype=np.float32 if rescale else pixels.dtype,
-                order="F",
-            )
+    out = np.empty((ordered[0].columns, ordered[0].rows, n_slices, n // n_slices), dtype=dtype, order="F")
+    for k, (frame, values) in enumerate(zip(ordered, pixels)):
         index = (slice(None), slice(None), k % n_slices, k // n_slices)  # frames are time-major
-        if rescale:
-            out[index] = pixels.T.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
+        if integers:  # exact: checked by _fits_int16
+            work = values.T.astype(np.int32)
+            if frame.slope != 1.0:
+                work *= int(frame.slope)
+            work += int(frame.intercept)
+            out[index] = work
+        elif rescale:
+            out[index] = values.T.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
         else:
-            out[index] = pixels.T
-    assert out is not None  # n >= 1 is guaranteed by series_geometry
+            out[index] = values.T
+    pixel_type = pixels[-1].dtype
+    del pixels
     array = out.reshape(geometry.shape)
     meta = dict(meta)
     meta["source_files"] = [str(p) for p in dict.fromkeys(f.path for f in ordered)]
