@@ -36,7 +36,7 @@ def rate(manifest: Path, cache: str, workers: int, batches: int) -> tuple[float,
     first = time.perf_counter() - t0
     n, t0 = 0, time.perf_counter()
     while n < batches:
-        for b in dm.train_dataloader():
+        for _ in dm.train_dataloader():
             n += 1
             if n >= batches:
                 break
