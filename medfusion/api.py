@@ -365,7 +365,7 @@ def evaluate(manifest: PathLike, output: PathLike, *, task: str, split: str = "v
       (:func:`medfusion.apps.evaluate.evaluate`: ``models=[DIR or DIR@key=value]``, ``baselines=["identity",
       "gaussian", "linear-filter", "supervised:DIR", "noise-matched:DIR"]``, ``samples``, ``n_boot``, ``seed``, ...);
     * ``task="segment"``: few-shot segmentation with and without augmentation
-      (:func:`medfusion.apps.evaluate_downstream.evaluate_segment`: ``augmentations``, ``fractions``, ``seeds``,
+      (:func:`medfusion.apps.evaluate_segment.evaluate_segment`: ``augmentations``, ``fractions``, ``seeds``,
       ``train_steps``, ...);
     * ``task="register"``: registration trained on real or synthesised pairs
       (:func:`medfusion.apps.evaluate_register.evaluate_register`: ``pairs``, ``seeds``, ``train_steps``, ...).
@@ -383,7 +383,7 @@ def evaluate(manifest: PathLike, output: PathLike, *, task: str, split: str = "v
         options.setdefault("log", None)
         return run(manifest, output, task=task, split=split, **options)
     if task == "segment":
-        from medfusion.apps.evaluate_downstream import evaluate_segment
+        from medfusion.apps.evaluate_segment import evaluate_segment
 
         options.setdefault("log", None)
         return evaluate_segment(manifest, output, split=split, **options)

@@ -24,9 +24,8 @@ import numpy as np
 
 def main() -> None:
     from medfusion import keys as K
-    from medfusion.apps.downstream import few_shot_subset, load_cases
-    from medfusion.apps.evaluate_downstream import _safe, segment_report
-    from medfusion.apps.evaluate_segment import augmentation_pool, summarize
+    from medfusion.apps.downstream import few_shot_subset, json_safe, load_cases
+    from medfusion.apps.evaluate_segment import augmentation_pool, segment_report, summarize
     from medfusion.data.manifest import load_manifest
     from medfusion.io.atomic import write_text_atomic
 
@@ -41,7 +40,9 @@ def main() -> None:
     ncls, dims = int(options["num_classes"]), int(options["spatial_dims"])
     man = load_manifest(header["manifest"], task="segment")
     train = load_cases(man.split("training"), [K.IMAGE], [K.LABEL], tuple(options["hu_window"]), dims)
-    first = load_cases(man.split(header["split"])[:1], [K.IMAGE], [K.LABEL], tuple(options["hu_window"]), dims)[0]
+    first = load_cases(
+        man.split(header["split"])[:1], [K.IMAGE], [K.LABEL], tuple(options["hu_window"]), dims
+    )[0]
     shape = np.asarray(first.arrays[K.IMAGE].shape[1:], dtype=np.float64)
     diagonal = float(np.linalg.norm(shape * np.asarray(first.spacing)))
     out_rows = []
@@ -60,14 +61,18 @@ def main() -> None:
     for key, facts in runs.items():
         fraction, seed, aug = key.split("|")
         subset = [train[i] for i in few_shot_subset(len(train), float(fraction), int(seed))]
-        _, folding, size = augmentation_pool(subset, aug, int(options["copies"]), int(seed), dims, options["deformer"])
+        _, folding, size = augmentation_pool(
+            subset, aug, int(options["copies"]), int(seed), dims, options["deformer"]
+        )
         facts.update(folding_pct=folding, displacement_vox=size)
     summary = summarize(out_rows, runs, seed=0, n_boot=int(old["n_boot"]), num_classes=ncls)
     summary["runs"] = runs
     header = {**header, "resummarized_by": "bench/downstream/resummarize.py"}
     args.output.mkdir(parents=True, exist_ok=True)
-    figures = [str(Path("..") / args.run.name / f) for f in ("figures/dice_vs_fraction.png", "figures/overlays.png")]
-    write_text_atomic(args.output / "summary.json", json.dumps(_safe({"run": header, **summary}), indent=1),
+    figures = [
+        str(Path("..") / args.run.name / f) for f in ("figures/dice_vs_fraction.png", "figures/overlays.png")
+    ]
+    write_text_atomic(args.output / "summary.json", json.dumps(json_safe({"run": header, **summary}), indent=1),
                       overwrite=True)  # fmt: skip
     write_text_atomic(args.output / "report.md", segment_report(summary, header, figures), overwrite=True)
     print((args.output / "report.md").read_text())

@@ -14,10 +14,15 @@ fixed training budget that gives the same model on 1 or N ranks, and per-case sc
 * :func:`score_cases`: ``fn(i) -> rows`` for every case, rank ``r`` taking cases ``r, r + W, ...`` (each case once,
   no padding), rows gathered to every rank with ``all_gather_object``; in one process, every case here.
 * :func:`is_writer`: whether this process writes the outputs (global rank 0).
+* :func:`label_scores`: Dice and HD95 of one label map, the one definition both tasks score with.
+* :func:`prepare` / :func:`write_outputs`: read the manifest's cases before any training (refusing to overwrite
+  earlier outputs), and write ``cases.csv``, ``summary.json``, ``report.md`` atomically (plus the test-log line).
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -255,7 +260,9 @@ def label_scores(
     for c in range(1, num_classes):
         row[f"dice_{c}"], row[f"hd95_{c}"] = float(dice[c - 1]), float(hd[c - 1])
     present = torch.isfinite(dice)  # classes in the reference
-    missed = present & ~torch.isfinite(hd)  # in the reference, absent from the prediction: no distance (MONAI: nan)
+    missed = present & ~torch.isfinite(
+        hd
+    )  # in the reference, absent from the prediction: no distance (MONAI: nan)
     diagonal = float(torch.linalg.vector_norm(torch.tensor(pred.shape[2:], dtype=torch.float64) * torch.tensor(
         [float(v) for v in spacing], dtype=torch.float64)))  # fmt: skip
     h = torch.where(missed, torch.full_like(hd, diagonal), hd)[present]
@@ -263,3 +270,83 @@ def label_scores(
     row["hd95"] = float(h.mean()) if h.numel() else float("nan")
     row["missed_classes"] = float(missed.sum())
     return row
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+OUTPUTS = ("cases.csv", "summary.json", "report.md")
+
+
+def fmt_estimate(e: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``mean [low, high]`` of an estimate's dict, ``-`` without one."""
+    if not e or e.get("mean") is None:
+        return "-"
+    lo, hi = e["ci"]
+    return f"{e['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _rows_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    import csv
+    import io
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN as null, keys as strings, tuples as lists: JSON that every reader accepts."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _spatial_dims(entries: Sequence[Mapping[str, Any]], key: str) -> int:
+    import nibabel as nib
+
+    shape = nib.load(str(entries[0][key])).shape
+    return 2 if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1) else 3
+
+
+def write_outputs(
+    out: Path, rows, summary, report: str, header: Mapping[str, Any], test_logs, overwrite: bool
+) -> None:
+    """Write the outputs (and the test-log line for the test split) atomically."""
+    from medfusion.eval.report import append_jsonl
+    from medfusion.io.atomic import write_text_atomic
+
+    summary = {"run": dict(header), **summary}
+    write_text_atomic(out / "cases.csv", _rows_csv(rows), overwrite=overwrite)
+    write_text_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=1), overwrite=overwrite)
+    write_text_atomic(out / "report.md", report, overwrite=overwrite)
+    if header.get("split") == "test":
+        record = {**header, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "output": str(out)}  # fmt: skip
+        for path in [out / "test_log.jsonl", *(Path(p) for p in test_logs)]:
+            append_jsonl(path, record)
+
+
+def prepare(manifest, output, task: str, split: str, overwrite: bool, image_keys, label_keys, hu_window):
+    """Check the split and that no output would be overwritten, read the manifest's training and ``split`` cases:
+    ``(output folder, spatial dims, training cases, evaluation cases)``."""
+    from medfusion.data.manifest import load_manifest
+    from medfusion.io.atomic import check_not_overwriting
+
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    out = Path(output)
+    for name in (*OUTPUTS, "figures"):
+        check_not_overwriting(out / name, overwrite)
+    man = load_manifest(manifest, task=task)
+    train, evaluation = man.split("training"), man.split(split)
+    if not train or not evaluation:
+        raise ValueError(f"{manifest}: the downstream evaluation needs 'training' and {split!r} entries")
+    dims = _spatial_dims(train, image_keys[0])
+    read = [load_cases(e, image_keys, label_keys, tuple(hu_window), dims) for e in (train, evaluation)]
+    return out, dims, read[0], read[1]

@@ -95,9 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace the outputs of an earlier evaluation"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
-    from medfusion.apps.evaluate_segment import add_segment_arguments
+    from medfusion.apps.evaluate_downstream import add_downstream_arguments
 
-    add_segment_arguments(parser)
+    add_downstream_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------- specs
