@@ -147,6 +147,7 @@ def test_augment_command_writes_triplets_and_resumes(tmp_path):
 
     from medfusion.cli import main
     from medfusion.data.manifest import load_manifest
+    from medfusion.io.displacement import read_voxel_field
     from medfusion.io.nifti import read_nifti, write_nifti
     from medfusion.models.export import export_model
 
@@ -175,16 +176,16 @@ def test_augment_command_writes_triplets_and_resumes(tmp_path):
     assert main(args) == 0
     man = load_manifest(tmp_path / "out" / "manifest.json", task="segment")
     assert len(man.split("training")) == 4
-    first = read_nifti(tmp_path / "out" / "fields" / "img0_aug001.nii.gz")
-    assert first.array.shape == (32, 32, 2) and np.allclose(first.affine, affine)
+    first = read_voxel_field(tmp_path / "out" / "fields" / "img0_aug001.nii.gz", spatial_dims=2)
+    assert first.ddf.shape == (2, 32, 32) and np.allclose(first.affine, affine)  # a NIfTI vector image
     lab = read_nifti(tmp_path / "out" / "labels" / "img0_aug001.nii.gz").array
     assert set(np.unique(lab).tolist()) <= {0, 2, 5}
     stamp = (tmp_path / "out" / "images" / "img1_aug000.nii.gz").stat().st_mtime_ns
     (tmp_path / "out" / "images" / "img0_aug001.nii.gz").unlink()  # an interrupted run: one file missing
     assert main(args) == 0
     assert (tmp_path / "out" / "images" / "img1_aug000.nii.gz").stat().st_mtime_ns == stamp  # kept
-    again = read_nifti(tmp_path / "out" / "fields" / "img0_aug001.nii.gz")
-    assert np.allclose(again.array, first.array)  # the resumed sample equals the original run's
+    again = read_voxel_field(tmp_path / "out" / "fields" / "img0_aug001.nii.gz", spatial_dims=2)
+    assert np.allclose(again.ddf, first.ddf)  # the resumed sample equals the original run's
 
 
 def test_augment_names_are_unique_for_the_builtin_layout():
