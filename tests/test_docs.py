@@ -147,3 +147,66 @@ def test_every_constructor_option_is_on_its_method_page():
             if param != "self" and not re.search(rf"`[^`]*\b{param}\b[^`]*`", text):
                 missing.append(f"{name}.{param}")
     assert not missing, f"options not named on their method page: {missing}"
+
+
+def _python_snippets() -> list[tuple[str, str]]:
+    return [
+        (f"{page.relative_to(ROOT)}#{i}", block)
+        for page in PAGES
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+    ]
+
+
+SNIPPETS = _python_snippets()
+
+
+@pytest.mark.parametrize("where, code", SNIPPETS, ids=[w for w, _ in SNIPPETS])
+def test_python_snippets_compile_and_name_what_exists(where, code):
+    """Every Python snippet of the README and the docs is valid Python (``...`` placeholders allowed), and every
+    medfusion module, name and keyword argument it uses exists (the snippets' files and models are the reader's)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(code)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medfusion"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{where}: {node.module} has no {alias.name}"
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "medfusion"
+        ):
+            import medfusion
+
+            assert hasattr(medfusion, node.attr), f"{where}: medfusion has no {node.attr}"
+    namespace: dict = {}
+    for node in tree.body:  # the imports, so that calls below can be checked against their signatures
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            exec(compile(ast.Module([node], []), where, "exec"), namespace)
+    import medfusion
+
+    namespace.setdefault("medfusion", medfusion)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.keywords:
+            continue
+        func = node.func
+        target = None
+        if isinstance(func, ast.Name) and func.id in namespace:
+            target = namespace[func.id]
+        elif (
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "medfusion"
+        ):
+            target = getattr(medfusion, func.attr)
+        if target is None or not callable(target):
+            continue
+        params = inspect.signature(target).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        for kw in node.keywords:
+            assert kw.arg is None or kw.arg in params, (
+                f"{where}: {getattr(target, '__name__', target)} has no {kw.arg!r}"
+            )
