@@ -26,6 +26,11 @@ import torch
 DEFORMERS = ("elastic", "bspline", "drdm-random", "drdm:PATH")
 
 
+def _plain(x) -> torch.Tensor:
+    """A float32 ``torch.Tensor`` (MONAI's transforms return ``MetaTensor``s, which do not collate with plain ones)."""
+    return (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)).float()
+
+
 class Deformed(NamedTuple):
     """A deformed copy: the arrays, the pull field in voxels (None where the method gives none) and the % of
     voxels where it folds (NaN without a field)."""
@@ -59,8 +64,8 @@ def _elastic(image_keys: Sequence[str], label_keys: Sequence[str], dims: int, ma
             seed
         )  # the ramps (voxel coordinates) go through the same draw: the field, in voxels
         out = tf({**{k: arrays[k] for k in keys}, "_ramps": ramps})
-        ddf = torch.as_tensor(out["_ramps"]).float() - ramps
-        return Deformed({k: torch.as_tensor(out[k]).float() for k in keys}, ddf,
+        ddf = _plain(out["_ramps"]) - ramps
+        return Deformed({k: _plain(out[k]) for k in keys}, ddf,
                         100.0 * float(folding_fraction(ddf[None]).mean()))  # fmt: skip
 
     return deform
@@ -119,9 +124,9 @@ def _drdm(image_keys: Sequence[str], label_keys: Sequence[str], net_path: str | 
     def deform(arrays: Mapping[str, torch.Tensor], seed: int) -> Deformed:
         tf.set_random_state(seed)
         out = tf({k: arrays[k] for k in keys})
-        ddf = torch.as_tensor(out["ddf"]).float()
+        ddf = _plain(out["ddf"])
         return Deformed(
-            {k: torch.as_tensor(out[k]).float() for k in keys}, ddf, 100.0 * float(tf.last_folding)
+            {k: _plain(out[k]) for k in keys}, ddf, 100.0 * float(tf.last_folding)
         )
 
     return deform
