@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ SETTINGS = [("ddpm", 1000, {})] + [
 ]  # fmt: skip
 
 
-def _with_stats(model: Path, manifest: Path, out: Path) -> Path:
+def _with_stats(model: Path, manifest: Path, out: Path, batches: int = 8, grid: int = 100) -> Path:
     """A copy of the exported model with DPM-Solver-v3's statistics from the manifest's training split."""
     import yaml
 
@@ -43,7 +44,7 @@ def _with_stats(model: Path, manifest: Path, out: Path) -> Path:
         dm = ManifestDataModule(str(manifest), task="standardize", spatial_dims=2, roi_size=[64, 64], batch_size=8,
                                 hu_window=tuple(window), seed=0)  # fmt: skip
         dm.setup("fit")
-        compute_model_ems(dst, dm.train_dataloader(), num_batches=8, grid_steps=100, seed=0)
+        compute_model_ems(dst, dm.train_dataloader(), num_batches=batches, grid_steps=grid, seed=0)
     return dst
 
 
@@ -57,9 +58,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--results", default=None)
+    p.add_argument("--only", default=None, help="regular expression on setting names (e.g. 'ddim|dpm_v3')")
+    p.add_argument(
+        "--ems-batches", type=int, default=8, help="training batches for DPM-Solver-v3's statistics"
+    )
+    p.add_argument("--ems-grid", type=int, default=100, help="log-SNR grid points of the statistics")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = _with_stats(args.model, args.manifest, args.out)
+    model = _with_stats(args.model, args.manifest, args.out, args.ems_batches, args.ems_grid)
     common = dict(task="standardize", split=args.split, n_boot=2000, seed=0, overwrite=True, log=None)
     t0 = time.perf_counter()
     base = evaluate(args.manifest, args.out / "identity", baselines=["identity"], **common)
@@ -69,6 +75,8 @@ def main() -> None:
         opts = {"sampler": sampler, "num_steps": steps, **extra}
         spec = f"{model}@" + ",".join(f"{k}={v}" for k, v in opts.items())
         name = "_".join(f"{k}{v}" for k, v in opts.items())
+        if args.only and not re.search(args.only, name):
+            continue
         t0 = time.perf_counter()
         s = evaluate(args.manifest, args.out / name, models=[spec], baselines=["identity"], samples=args.samples,
                      **common)  # fmt: skip
@@ -81,7 +89,9 @@ def main() -> None:
                      "noise_sd": m["metrics"]["noise_sd"], "texture_ccc": m["texture_ccc"],
                      "seconds_per_slice": seconds / max(n_slices, 1)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    (args.out / "sweep.json").write_text(json.dumps({"rows": rows, "identity": base["methods"]["identity"]}, indent=1))
+    (args.out / "sweep.json").write_text(
+        json.dumps({"rows": rows, "identity": base["methods"]["identity"]}, indent=1)
+    )
     if args.results:
         Path(args.results).write_text(table(rows, args))
 
@@ -91,7 +101,7 @@ def _f(e, k=2):
 
 
 def table(rows, args) -> str:
-    ref = rows[0]["psnr_body"]
+    ref = rows[0]["psnr_body"] if rows[0]["sampler"] == "ddpm" else None
     lines = [
         f"# Samplers on `make demo`'s DiffusionCT ({args.split} split)", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/sampler_sweep.py --model {args.model} --manifest "
@@ -107,7 +117,12 @@ def table(rows, args) -> str:
     for r in rows:
         extra = ", ".join(f"{k} {r[k]}" for k in ("cache_interval", "time_shift") if k in r) or "-"
         lo, hi = r["psnr_body"]["ci"]
-        overlap = "ref" if r is rows[0] else ("yes" if lo <= ref["ci"][1] and hi >= ref["ci"][0] else "no")
+        if ref is None:
+            overlap = "-"
+        elif r is rows[0]:
+            overlap = "ref"
+        else:
+            overlap = "yes" if lo <= ref["ci"][1] and hi >= ref["ci"][0] else "no"
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {extra} | {_f(r['psnr_body'])} | {_f(r['vs_identity'])} | "
             f"{_f(r['ssim'], 3)} | {_f(r['noise_sd'], 1)} | {_f(r['texture_ccc'], 3)} | "
