@@ -17,8 +17,9 @@ Outputs (``OUT/``): ``cases.csv`` (one row per fraction x seed x augmentation x 
 and augmentation: mean Dice and HD95 with 95% patient-bootstrap intervals over cases and seeds, the SD over seeds,
 the paired difference against ``none`` with its interval, Dice per class, the folding % of the augmenting fields),
 ``report.md`` and ``figures/`` (Dice against the labelled fraction; example overlays). Under ``--devices N`` training
-runs on N ranks (the stream of :mod:`medfusion.apps.downstream`: the same model as on one rank) and scoring splits
-the cases across ranks, each case once.
+runs on N ranks (the stream of :mod:`medfusion.apps.downstream`: the same model as on one rank). With
+``--strategy ddp`` (Lightning's launcher, torchrun, SLURM) every rank stays up and scoring splits the cases across
+ranks, each case once; with ``ddp_spawn`` the trained weights come back to the main process, which scores every case.
 """
 
 from __future__ import annotations
