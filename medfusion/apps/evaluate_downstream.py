@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfusion.apps.downstream import Launch, is_writer
-
 
 def run_downstream(args) -> int:
     """``medfusion evaluate --task segment|register`` (exit codes: :mod:`medfusion.exit_codes`)."""
     import shlex
     import sys
 
+    from medfusion.apps.downstream import Launch, is_writer  # torch: imported only when the command runs
     from medfusion.exit_codes import EXIT_NOTHING_DONE, EXIT_OK
 
     launch = Launch(args.accelerator, args.devices, args.num_nodes, args.strategy)
