@@ -185,20 +185,28 @@ def _tree_files(out):
     }
 
 
+def _written_niftis(out):
+    """Finished NIfTI outputs under ``out`` (temporary ``.part`` files are hidden and not counted)."""
+    return [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".")] if out.exists() else []
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(tree, tmp_path):
     """SIGKILL ``medfusion convert`` at seeded random moments, rerun it: the outputs are bit-identical to an
-    uninterrupted run, no temporary or claim file is left, and the report lists every input once."""
+    uninterrupted run, no temporary or claim file is left, and the report lists every input once.
+
+    Half the kills fall at a random time (start-up included); the other half right after the k-th output appears
+    (k seeded), so that kills in the middle of the work happen however fast the machine is."""
     import subprocess
     import sys
     import time
 
     for k in range(8):
-        ct_small_series(tree / f"more{k}", n=8)
+        ct_small_series(tree / f"more{k}", n=16)
     reference = tmp_path / "reference"
     convert_tree(tree, reference, progress=False)
     expected = _tree_files(reference)
-    reference_niftis = [p for p in expected if p.endswith(".nii.gz")]
+    n_outputs = len([p for p in expected if p.endswith(".nii.gz")])
     command = [
         sys.executable,
         "-m",
@@ -210,20 +218,24 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tree, tmp_path):
     ]
     start = time.perf_counter()
     subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    full = time.perf_counter() - start  # start-up and conversion: the kills fall anywhere in it
+    full = time.perf_counter() - start  # start-up and conversion: the timed kills fall anywhere in it
     rng = np.random.default_rng(0)
     interrupted = 0
     for trial in range(20):
         out = tmp_path / f"killed{trial}"
         command[-2] = str(out)
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(0.2, 1.0)) * full)
+        if trial % 2:
+            time.sleep(float(rng.uniform(0.2, 1.0)) * full)
+        else:
+            after = int(rng.integers(1, n_outputs))
+            while len(_written_niftis(out)) < after and process.poll() is None:
+                time.sleep(0.001)
         process.kill()
         process.wait()
-        left = out.rglob("*") if out.exists() else []
-        interrupted += 0 < len([p for p in left if p.name.endswith(".nii.gz")]) < len(reference_niftis)
+        interrupted += trial % 2 == 0 and 0 < len(_written_niftis(out)) < n_outputs
         subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert _tree_files(out) == expected, trial
         assert _leftovers(out) == []
         assert {r.input for r in read_report(out / "convert_report.csv")} == _inputs(tree)
-    assert interrupted >= 3  # the kills do land in the middle of the work
+    assert interrupted >= 5  # of the 10 output-triggered kills, most land in the middle of the work
