@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,18 +17,15 @@ def test_import_direction_contracts_hold():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_cli_help_is_fast_and_imports_nothing_heavy():
+def test_cli_help_imports_nothing_heavy():
     code = (
         "import sys, medfusion.cli as c; c.main(['--help']);"
         "heavy=[m for m in ('torch','monai','lightning') if m in sys.modules]; assert not heavy, heavy"
     )
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     for name in ("fit", "convert", "make-data", "standardize", "demo"):
         assert name in proc.stdout
-    assert elapsed < 3.0
 
 
 def test_unknown_command_lists_valid_ones():

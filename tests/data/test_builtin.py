@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import nibabel as nib
 import numpy as np
@@ -76,9 +75,7 @@ def test_rerun_is_idempotent_and_resumes(tiny, tmp_path):
     before = nib.load(target).get_fdata()
     stamp = (out / "case_001" / "standard.nii.gz").stat().st_mtime_ns
     target.unlink()  # an interrupted run: one file missing
-    t0 = time.perf_counter()
     make_dataset(out, n_patients=5, size=32, seed=1, progress=False)
-    assert time.perf_counter() - t0 < 30
     np.testing.assert_array_equal(nib.load(target).get_fdata(), before)  # deterministic regeneration
     assert (out / "case_001" / "standard.nii.gz").stat().st_mtime_ns == stamp  # complete cases untouched
     assert not list(out.rglob("*.part*"))
