@@ -34,11 +34,13 @@ from torch.utils.data import Dataset, Sampler
 
 class Case(NamedTuple):
     """One manifest entry in memory: ``arrays`` maps each key to a ``(1, *spatial)`` float tensor (images in
-    [-1, 1]; labels as integer values), ``patient`` the case id, ``spacing`` the voxel size in mm."""
+    [-1, 1]; labels as integer values), ``patient`` the case id, ``spacing`` the voxel size in mm, ``affine`` the
+    first volume's voxel -> RAS+ world matrix (for figures in radiological view)."""
 
     arrays: dict[str, torch.Tensor]
     patient: str
     spacing: tuple[float, ...]
+    affine: np.ndarray | None = None
 
 
 def load_cases(
@@ -59,7 +61,7 @@ def load_cases(
 
     cases = []
     for n, e in enumerate(entries):
-        arrays, spacing = {}, None
+        arrays, spacing, affine = {}, None, None
         for key in (*image_keys, *label_keys):
             path = Path(e[key])
             if not path.name.endswith((".nii", ".nii.gz")):
@@ -84,10 +86,11 @@ def load_cases(
                 t = hu_to_unit(torch.from_numpy(a), hu_window)
             arrays[key] = t[None].float()
             if spacing is None:
+                affine = np.asarray(vol.affine, dtype=np.float64)
                 spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(vol.affine)[:3, :3], axis=0))[
                     :spatial_dims
                 ]
-        cases.append(Case(arrays, str(e.get("case_id", f"case_{n}")), spacing))
+        cases.append(Case(arrays, str(e.get("case_id", f"case_{n}")), spacing, affine))
     return cases
 
 

@@ -298,7 +298,7 @@ def _segment_figures(out: Path, summary: Mapping[str, Any], evaluation, overwrit
         panels += [(k.split("|")[2], v) for k, v in examples if float(k.split("|")[0]) == smallest
                    and k.split("|")[1] == examples[0][0].split("|")[1]]  # fmt: skip
         figs.append(label_overlays(out / "figures" / "overlays.png", evaluation[0].arrays[K.IMAGE][0].numpy(),
-                                   panels, overwrite=overwrite))  # fmt: skip
+                                   panels, affine=evaluation[0].affine, overwrite=overwrite))  # fmt: skip
     for v in summary["runs"].values():
         v.pop("example", None)
     return [str(Path(f).relative_to(out)) for f in figs]

@@ -189,10 +189,12 @@ def label_overlays(
     image: np.ndarray,
     panels: Sequence[tuple[str, np.ndarray]],
     *,
+    affine: np.ndarray | None = None,
     overwrite: bool = False,
 ) -> Path:
     """The image (``(X, Y)`` array order, in [-1, 1]) with one label map per panel drawn over it in colour, side
-    by side (e.g. the reference and each method's prediction). Array axis 0 runs left to right."""
+    by side (e.g. the reference and each method's prediction). With the image's ``affine`` (voxel -> RAS+) the
+    panels are shown in radiological view (:func:`axial_view`); without it array axis 0 runs left to right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,10 +202,13 @@ def label_overlays(
 
     if not panels:
         raise ValueError("label_overlays needs at least one panel")
+    def view(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a).T if affine is None else axial_view(np.asarray(a), affine)
+
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5), squeeze=False)
     for ax, (title, label) in zip(axes[0], panels):
-        ax.imshow(np.asarray(image).T, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-        lab = np.asarray(label).T.astype(np.float64)
+        ax.imshow(view(image), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        lab = view(label).astype(np.float64)
         ax.imshow(
             np.ma.masked_equal(lab, 0), cmap="tab20", vmin=0, vmax=20, alpha=0.5, interpolation="nearest"
         )

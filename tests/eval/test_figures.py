@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medfusion.eval.figures import axial_view, box_plots, example_panels
+from medfusion.eval.figures import axial_view, box_plots, example_panels, label_overlays
 
 
 def _marked_volume(affine: np.ndarray, shape=(12, 10, 8)) -> np.ndarray:
@@ -69,3 +69,31 @@ def test_panels_and_box_plots_write_png_and_refuse_to_overwrite(tmp_path):
     assert b.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="window"):
         example_panels(tmp_path / "c.png", rows, window=(10, 0))
+
+
+def _marker_corner(png) -> tuple[str, str]:
+    """Where the grey marker lies inside the black image of a one-panel overlay figure: (top|bottom, left|right)."""
+    import matplotlib.image as mpimg
+
+    rgb = mpimg.imread(png)[..., :3].mean(axis=-1)
+    dark = np.argwhere(rgb < 0.05)
+    (r0, c0), (r1, c1) = dark.min(axis=0), dark.max(axis=0)
+    box = rgb[r0 : r1 + 1, c0 : c1 + 1]
+    rows, cols = np.nonzero((box > 0.3) & (box < 0.7))
+    vertical = "top" if rows.mean() < box.shape[0] / 2 else "bottom"
+    return vertical, "left" if cols.mean() < box.shape[1] / 2 else "right"
+
+
+def test_label_overlays_show_the_radiological_view_given_the_affine(tmp_path):
+    """Voxel (0, 0) of a RAS+ image is the patient's left-most, posterior-most point: radiologically the bottom
+    right. Without an affine, array axis 0 runs left to
+    right and axis 1 top to bottom (the marker at the top left)."""
+    image = -np.ones((40, 40), dtype=np.float32)
+    image[:10, :10] = 0.0  # grey marker at the smallest voxel indices
+    labels = [("reference", np.zeros((40, 40)))]
+    plain = label_overlays(tmp_path / "plain.png", image, labels)
+    ras = label_overlays(tmp_path / "ras.png", image, labels, affine=np.eye(4))
+    lps = label_overlays(tmp_path / "lps.png", image, labels, affine=np.diag([-1.0, -1.0, 1.0, 1.0]))
+    assert _marker_corner(plain) == ("top", "left")
+    assert _marker_corner(ras) == ("bottom", "right")
+    assert _marker_corner(lps) == ("top", "left")  # voxel 0 is right-anterior in LPS
