@@ -2,7 +2,7 @@
 # Registration trained on pairs synthesised by the trained DRDM (drdm128_model/) against random B-spline pairs, the
 # settings of test_reg.sh (T' as chosen by val_drdm.sh), on the test split: run once, logged.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-T0=${T0:-40} T1=${T1:-48}
+T0=${T0:-60} T1=${T1:-72}  # val_drdm.sh chose 60-72 (session 11)
 medfusion evaluate --task register --manifest seg128/manifests/register.json --split test \
   --augment bspline --augment drdm:drdm128_model --drdm-t-range "$T0" "$T1" --seeds 0 1 --copies 4 \
   --train-steps 200 --train-batch 8 --channels 16 32 32 32 --n-boot 2000 --output test_reg_drdm \
