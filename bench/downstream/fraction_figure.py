@@ -4,8 +4,9 @@ runs (each run may hold one fraction; e.g. test_seg.sh at 5 % and test_seg_f20.s
     .venv/bin/python bench/downstream/fraction_figure.py bench/results/downstream/seg_f05/summary.json \
         bench/results/downstream/seg_f20/summary.json --output bench/results/downstream/dice_vs_fraction.png
 
-Reads only the runs' summaries (mean Dice and its 95% patient-bootstrap interval); a (fraction, augmentation) found
-in two runs is refused, since two separate evaluations of one setting are not one point.
+Reads only the runs' summaries (mean Dice and its 95% patient-bootstrap interval). A (fraction, augmentation) found
+in two runs is refused unless both runs give it the same numbers (a run that reproduces another's arm bit for bit,
+as test_seg_drdm.sh does test_seg.sh's none and elastic arms), since two different evaluations are not one point.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ def main() -> None:
     for path in args.summaries:
         for e in json.loads(path.read_text())["results"]:
             points = series.setdefault(e["augmentation"], {})
-            if e["fraction"] in points:
-                raise ValueError(f"{path}: fraction {e['fraction']} of {e['augmentation']!r} is in two runs")
-            points[e["fraction"]] = (e["fraction"], e["dice"]["mean"], *e["dice"]["ci"])
+            point = (e["fraction"], e["dice"]["mean"], *e["dice"]["ci"])
+            if points.get(e["fraction"], point) != point:
+                raise ValueError(f"{path}: fraction {e['fraction']} of {e['augmentation']!r} differs between runs")
+            points[e["fraction"]] = point
     out = interval_curves(args.output, {k: list(v.values()) for k, v in series.items()},
                           xlabel="labelled fraction of the 60 training patients", ylabel="mean Dice (95% CI)",
                           log_x=True, overwrite=True)  # fmt: skip

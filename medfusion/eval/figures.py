@@ -172,7 +172,12 @@ def interval_curves(
             x, p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], marker="o", capsize=3, label=name
         )
     if log_x:
+        from matplotlib.ticker import FixedLocator, NullLocator
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sorted({float(p[0]) for pts in series.values() for p in pts})))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{v:g}" for v in ax.get_xticks()], fontsize=7)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.legend(fontsize=7)
