@@ -7,7 +7,9 @@ The loader is the one the demo's CUDA budget uses (``configs/demo/cuda.yaml``: t
 :class:`~medfusion.data.datamodule.ManifestDataModule`, with each cache mode and 0 / 2 worker processes. The demand
 is stage 2's measured step rate on one H200 (``bench/results/gpu_h200.md`` section f: 5.5 steps/s at batch 32 =
 176 samples/s); headroom = loader samples/s / demand. Each row: the first epoch (cache filling) and the steady rate
-over ``--batches`` batches after it.
+over ``--batches`` batches after it. The ``meta off`` rows run the same loader with MONAI's metadata tracking off
+(``monai.data.set_track_meta(False)``, process-global, so set only around those rows; forked workers inherit it):
+what the loader would give if the random part after the cache ran on plain tensors.
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ H200_STEPS_PER_S = 5.5  # bench/results/gpu_h200.md, section f (stage 2, batch 3
 BATCH = 32
 
 
-def rate(manifest: Path, cache: str, workers: int, batches: int) -> tuple[float, float]:
+def rate(manifest: Path, cache: str, workers: int, batches: int, track_meta: bool = True) -> tuple[float, float]:
     """``(first-epoch seconds, steady samples/s)``."""
+    from monai.data import get_track_meta, set_track_meta
+
+    previous = get_track_meta()
+    set_track_meta(track_meta)
+    try:
+        return _rate(manifest, cache, workers, batches)
+    finally:
+        set_track_meta(previous)
+
+
+def _rate(manifest: Path, cache: str, workers: int, batches: int) -> tuple[float, float]:
     from medfusion.data.datamodule import ManifestDataModule
 
     dm = ManifestDataModule(str(manifest), task="standardize", spatial_dims=2, roi_size=[96, 96], batch_size=BATCH,
@@ -60,11 +73,12 @@ def main() -> None:
         "samples/s (stage 2 on one H200). Loader: 2D 128² slices, foreground crop, random 96² crops.", "",
         "| cache | workers | first epoch s | steady samples/s | headroom (x demand) |", "|---|---|---|---|---|",
     ]  # fmt: skip
-    for cache in ("none", "memory"):
-        for workers in (0, 2):
-            first, sps = rate(manifest, cache, workers, args.batches)
-            lines.append(f"| {cache} | {workers} | {first:.1f} | {sps:.0f} | {sps / demand:.2f} |")
-            print(lines[-1], flush=True)
+    rows = [(c, w, True) for c in ("none", "memory") for w in (0, 2)] + [("memory", w, False) for w in (0, 2)]
+    for cache, workers, track in rows:
+        first, sps = rate(manifest, cache, workers, args.batches, track_meta=track)
+        name = cache if track else f"{cache}, meta off"
+        lines.append(f"| {name} | {workers} | {first:.1f} | {sps:.0f} | {sps / demand:.2f} |")
+        print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
