@@ -207,12 +207,14 @@ def label_overlays(
 
     if not panels:
         raise ValueError("label_overlays needs at least one panel")
+
     def view(a: np.ndarray) -> np.ndarray:
         return np.asarray(a).T if affine is None else axial_view(np.asarray(a), affine)
 
+    shown = view(image)
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5), squeeze=False)
     for ax, (title, label) in zip(axes[0], panels):
-        ax.imshow(view(image), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.imshow(shown, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
         lab = view(label).astype(np.float64)
         ax.imshow(
             np.ma.masked_equal(lab, 0), cmap="tab20", vmin=0, vmax=20, alpha=0.5, interpolation="nearest"
