@@ -3,7 +3,8 @@
 One class for every task and for 2D and 3D: the manifest's task decides the keys (``TASK_KEYS`` plus any other
 path key present in every entry, e.g. an optional ``label``), ``medfusion.data.pipelines.build_transforms``
 builds the pipeline, and ``cache`` decides where its deterministic half is cached (``CacheDataset`` in memory,
-``PersistentDataset`` on disk); the random half (crops, slice sampling) runs after the cache, every epoch.
+``PersistentDataset`` on disk); the random half (crops, slice sampling) runs after the cache, every epoch, on
+tensors without MONAI's metadata tracking (:class:`UntrackedRandomCompose`: the tracking was most of its time).
 
 Batches are dicts keyed by ``medfusion.keys`` names: image/label keys are plain ``torch.Tensor`` of shape
 ``(B, 1, *spatial)`` (images in [-1, 1], see ``pipelines``); string keys (``protocol``, ``case_id``) become lists.
@@ -35,9 +36,9 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data import CacheDataset, Dataset, PersistentDataset, get_track_meta, list_data_collate, set_track_meta
 from monai.data.utils import set_rnd
-from monai.transforms import Compose, EnsureTyped
+from monai.transforms import Compose, EnsureTyped, RandomizableTrait, Transform
 from monai.utils.misc import MAX_SEED
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
@@ -45,6 +46,42 @@ from medfusion.data.manifest import LABEL_KEYS, TASK_KEYS, Manifest, load_manife
 from medfusion.data.pipelines import build_transforms
 
 CACHE_MODES = ("none", "memory", "disk")
+
+
+def _is_random(t) -> bool:
+    """MONAI's own test for where a dataset's cache ends (``CacheDataset``, ``PersistentDataset``)."""
+    return isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+
+
+class UntrackedRandomCompose(Compose):
+    """A ``Compose`` that runs its transforms from the first random one on without metadata tracking.
+
+    The deterministic half (loading, orientation, spacing, HU window) needs the affines and is what the datasets
+    cache; the random half after it only crops and samples slices, and the training batches are plain tensors
+    anyway (``EnsureTyped(track_meta=False)`` ends the pipeline). In that half MONAI's ``MetaTensor``
+    bookkeeping (``__torch_function__``, ``copy_meta_from``, the applied-operations stack) cost most of the time
+    (``bench/loader_headroom.py``), so it runs under ``set_track_meta(False)``. MONAI's switch is process-global:
+    it is set only for the duration of that call and restored after, which is safe where the pipeline runs in
+    the main thread between training steps or in DataLoader worker processes (not under a ``ThreadDataLoader``).
+
+    The transforms, their order and the way ``set_random_state`` seeds them are those of a plain ``Compose``
+    over the same list, so the batches are the same (tested).
+    """
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        first = self.get_index_of_first(_is_random)
+        stop = len(self.transforms) if end is None else end
+        if first is None or stop <= first:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        if start < first:
+            input_ = super().__call__(input_, start=start, end=first, threading=threading, lazy=lazy)
+            start = first
+        previous = get_track_meta()
+        set_track_meta(False)
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        finally:
+            set_track_meta(previous)
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -258,7 +295,7 @@ class ManifestDataModule(L.LightningDataModule):
         data = [{k: v for k, v in e.items() if k in common} for e in items]
         det, rnd = build_transforms(keys, **self._pipeline_kwargs(train=train))
         to_plain = EnsureTyped(list(keys), data_type="tensor", track_meta=False)
-        transform = Compose([*det.transforms, *rnd.transforms, to_plain])
+        transform = UntrackedRandomCompose([*det.transforms, *rnd.transforms, to_plain])
         if self.cache == "memory":
             # copy_cache=False: the part after the cache only crops (views) / squeezes / drops keys and the
             # collate function stacks into new tensors, so cached items are never modified; deep-copying every

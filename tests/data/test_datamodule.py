@@ -303,3 +303,99 @@ def test_two_process_ddp_gloo(manifest: Path, tmp_path: Path) -> None:
     epoch_orders = [[cs for e, cs, _ in ranks[0]["train"] if e == epoch] for epoch in (0, 1)]
     sums = [[s for e, _, s in ranks[0]["train"] if e == epoch] for epoch in (0, 1)]
     assert epoch_orders[0] != epoch_orders[1] or sums[0] != sums[1]  # reshuffled / re-augmented per epoch
+
+
+def _segment_dataset(root: Path) -> Path:
+    """3D image/label cases (a bright box labelled 1) for the label-aware random crops."""
+    rng = np.random.default_rng(1)
+    entries = []
+    for i in range(5):
+        image = rng.uniform(-300, 300, size=(12, 12, 6)).astype(np.float32)
+        label = np.zeros((12, 12, 6), np.uint8)
+        label[3 + i : 7 + i, 2:6, 1:4] = 1
+        image[label > 0] += 400
+        for name, data in (("image", image), ("label", label)):
+            nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), str(root / f"s{i}_{name}.nii.gz"))
+        entries.append(
+            {"image": str(root / f"s{i}_image.nii.gz"), "label": str(root / f"s{i}_label.nii.gz"), "case_id": f"s{i}"}
+        )
+    return write_manifest(root / "segment.json", {"training": entries[:3], "validation": entries[3:]}, task="segment")
+
+
+@pytest.mark.parametrize("cache", ["none", "memory", "disk"])
+@pytest.mark.parametrize("kind", ["2d-slices", "3d-labels"])
+def test_random_half_without_metadata_tracking_gives_the_same_batches(
+    manifest: Path, tmp_path: Path, monkeypatch, cache: str, kind: str
+) -> None:
+    """The random half runs with MONAI's metadata tracking off (``UntrackedRandomCompose``, for speed): the batches
+    of two epochs equal those of a plain ``Compose`` over the same transforms, bit for bit, and the process-wide
+    switch is back on afterwards."""
+    from monai.data import get_track_meta
+    from monai.transforms import Compose
+
+    import medfusion.data.datamodule as dmod
+
+    if kind == "2d-slices":
+        kw = dict(manifest=str(manifest), task="standardize", spatial_dims=2, roi_size=[8, 8], num_samples=2)
+    else:
+        seg = _segment_dataset(tmp_path)
+        kw = dict(manifest=str(seg), task="segment", spatial_dims=3, roi_size=[6, 6, 4], num_samples=2)
+
+    def epochs(tag: str) -> list[dict]:
+        dm = ManifestDataModule(batch_size=2, cache=cache, cache_dir=str(tmp_path / f"c_{tag}"), seed=5, **kw)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        out = [b for _ in range(2) for b in loader] + list(dm.val_dataloader())
+        assert get_track_meta()
+        return out
+
+    seen = []
+    real_call = dmod.UntrackedRandomCompose.__call__
+
+    def spy(self, input_, start=0, end=None, threading=False, lazy=None):
+        seen.append(get_track_meta())
+        return real_call(self, input_, start, end, threading, lazy)
+
+    monkeypatch.setattr(dmod.UntrackedRandomCompose, "__call__", spy)
+    untracked = epochs("untracked")
+    monkeypatch.setattr(dmod, "UntrackedRandomCompose", Compose)
+    tracked = epochs("tracked")
+    assert seen and all(seen)  # it was called with tracking on and restored it each time
+    assert len(untracked) == len(tracked)
+    for a, b in zip(untracked, tracked):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert type(value) is torch.Tensor, key
+                assert torch.equal(value, b[key]), key
+            else:
+                assert value == b[key], key
+
+
+def test_untracked_compose_turns_tracking_off_only_in_the_random_half() -> None:
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import MapTransform, RandomizableTransform
+
+    import medfusion.data.datamodule as dmod
+
+    states = []
+
+    class Det(MapTransform):
+        def __call__(self, d):
+            states.append(("det", get_track_meta()))
+            return d
+
+    class Rnd(RandomizableTransform):
+        def __call__(self, d):
+            states.append(("rnd", get_track_meta()))
+            return d
+
+    compose = dmod.UntrackedRandomCompose([Det(keys="x"), Rnd(), Det(keys="x")])
+    data = {"x": MetaTensor(torch.zeros(1, 2, 2))}
+    compose(data)
+    assert states == [("det", True), ("rnd", False), ("det", False)]
+    states.clear()
+    compose(data, end=1)  # what a cache computes
+    compose(data, start=1)  # what it runs per draw
+    assert states == [("det", True), ("rnd", False), ("det", False)]
+    assert get_track_meta()
