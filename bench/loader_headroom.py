@@ -24,7 +24,9 @@ H200_STEPS_PER_S = 5.5  # bench/results/gpu_h200.md, section f (stage 2, batch 3
 BATCH = 32
 
 
-def rate(manifest: Path, cache: str, workers: int, batches: int, tracked: bool = False) -> tuple[float, float]:
+def rate(
+    manifest: Path, cache: str, workers: int, batches: int, tracked: bool = False
+) -> tuple[float, float]:
     """``(first-epoch seconds, steady samples/s)``; ``tracked``: a plain ``Compose`` (metadata tracked throughout)."""
     import medfusion.data.datamodule as dmod
 
@@ -61,7 +63,9 @@ def _rate(manifest: Path, cache: str, workers: int, batches: int) -> tuple[float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="a built-in dataset (medfusion make-data --size 128)")
+    p.add_argument(
+        "--data", required=True, type=Path, help="a built-in dataset (medfusion make-data --size 128)"
+    )
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--results", default=None)
     args = p.parse_args()

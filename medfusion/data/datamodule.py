@@ -36,7 +36,14 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset, get_track_meta, list_data_collate, set_track_meta
+from monai.data import (
+    CacheDataset,
+    Dataset,
+    PersistentDataset,
+    get_track_meta,
+    list_data_collate,
+    set_track_meta,
+)
 from monai.data.utils import set_rnd
 from monai.transforms import Compose, EnsureTyped, RandomizableTrait, Transform
 from monai.utils.misc import MAX_SEED
