@@ -13,6 +13,8 @@ exact: sums and counts are summed over ranks (no mean of per-rank means, no padd
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -59,13 +61,15 @@ def hd95_per_case(
             f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
     ref = _one_hot(target, num_classes)
-    out = compute_hausdorff_distance(
-        _one_hot(pred, num_classes),
-        ref,
-        include_background=include_background,
-        percentile=95,
-        spacing=spacing,
-    )
+    with warnings.catch_warnings():  # MONAI warns per class missing from either map: handled below
+        warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0")
+        out = compute_hausdorff_distance(
+            _one_hot(pred, num_classes),
+            ref,
+            include_background=include_background,
+            percentile=95,
+            spacing=spacing,
+        )
     present = ref.flatten(2).any(-1)
     predicted = _one_hot(pred, num_classes).flatten(2).any(-1)
     if not include_background:
