@@ -11,12 +11,18 @@ import warnings
 
 def quiet_third_party() -> None:
     """Silence MONAI's deprecation notices for arguments we do not pass, MONAI's nvImageCodec probe (a GPU JPEG
-    decoder we do not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not
-    installed (our configs log to CSV) and its internal pytree deprecation. Call it inside
-    ``warnings.catch_warnings()``."""
+        decoder we do not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not
+        installed (our configs log to CSV), its internal pytree deprecation, and torch's notice about an indexing idiom
+    inside MONAI's deformation losses (``monai.losses.deform``). Call it inside
+        ``warnings.catch_warnings()``."""
     import logging
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-    for message in (r".*NvImgCodecPydicomReader.*", r".*tensorboardX.*", r".*isinstance\(treespec, LeafSpec\).*"):
+    for message in (
+        r".*NvImgCodecPydicomReader.*",
+        r".*tensorboardX.*",
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*non-tuple sequence for multidimensional indexing.*",
+    ):
         warnings.filterwarnings("ignore", message=message)
