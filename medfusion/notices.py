@@ -11,10 +11,9 @@ import warnings
 
 def quiet_third_party() -> None:
     """Silence MONAI's deprecation notices for arguments we do not pass, MONAI's nvImageCodec probe (a GPU JPEG
-        decoder we do not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not
-        installed (our configs log to CSV), its internal pytree deprecation, and torch's notice about an indexing idiom
-    inside MONAI's deformation losses (``monai.losses.deform``). Call it inside
-        ``warnings.catch_warnings()``."""
+    decoder we do not use; pydicom's own decoders read every file), Lightning's note that TensorBoard is not
+    installed (our configs log to CSV), its internal pytree deprecation, and torch's notice about an indexing idiom
+    inside MONAI's deformation losses (``monai.losses.deform``). Call it inside ``warnings.catch_warnings()``."""
     import logging
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
