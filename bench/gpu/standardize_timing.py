@@ -13,6 +13,7 @@ none). Warm-up first, ``torch.cuda.synchronize`` around each timed call, median 
 memory from ``torch.cuda.max_memory_allocated``. Nothing here is a new method: it times existing code paths.
 
     python3 bench/gpu/standardize_timing.py --out $OUT/standardize_timing.md          # GPU (run_all.sh step c)
+    python3 bench/gpu/standardize_timing.py --model DIR --out $OUT/standardize_trained.md   # an exported model (step i)
     .venv/bin/python bench/gpu/standardize_timing.py --small --out /tmp/st.md         # CPU dry run, tiny sizes
 """
 
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=5, help="timed single-slice calls (median)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast rows")
+    p.add_argument(
+        "--model", default=None, help="an exported DiffusionCT folder (default: the untrained model)"
+    )
     args = p.parse_args(argv)
 
     from medfusion.apps.volume_job import apply_to_array, resolve_device
@@ -96,23 +100,41 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or (64 if args.small else 512)
     depth = args.depth or (6 if args.small else 300)
     batch_sizes = args.batch_sizes or ([2] if args.small else [8, 32])
-    model, b = build_model(args.small)
+    if args.model:
+        from medfusion.models.export import load_model
+
+        model, b = load_model(args.model), None
+    else:
+        model, b = build_model(args.small)
     model = model.to(dev).eval()
     n_ae = sum(p.numel() for p in model.autoencoder.parameters())
     n_unet = sum(p.numel() for p in model.net.parameters())
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     modes = [False] if (args.no_bf16 or dev.type != "cuda") else [False, True]
     rng = np.random.default_rng(0)
+    if b is not None:
+        title = "untrained model of the demo's CUDA-budget size"
+        about = (
+            f"Model: stage 1 channels {b.stage1.channels}, latent {b.stage1.latent_channels} ch, skip from level "
+            f"{b.stage1.skip_from_level} ({n_ae / 1e6:.2f} M params); stage 2 U-Net {b.stage2.channels}, attention "
+            f"{b.stage2.attention_levels} ({n_unet / 1e6:.2f} M params); {b.sampling.sampler} {b.sampling.steps} "
+            f"steps (= {b.sampling.steps} U-Net calls + 1 encode + 1 decode per batch); divisible_by "
+            f"{model.divisible_by}."
+        )
+    else:
+        opts = model.inference_options()
+        title = f"exported model {args.model}"
+        about = (
+            f"Model: `{args.model}` ({n_ae / 1e6:.2f} M autoencoder + {n_unet / 1e6:.2f} M denoiser params), its "
+            f"own inference options {opts}; divisible_by {model.divisible_by}."
+        )
     lines = [
-        "# DiffusionCT standardize timing (untrained model of the demo's CUDA-budget size)",
+        f"# DiffusionCT standardize timing ({title})",
         "",
         f"Device: {card}; torch {torch.__version__}. Command: `python3 bench/gpu/standardize_timing.py"
-        f"{' --small' if args.small else ''} --size {size} --depth {depth} --batch-sizes "
-        f"{' '.join(map(str, batch_sizes))}`.",
-        f"Model: stage 1 channels {b.stage1.channels}, latent {b.stage1.latent_channels} ch, skip from level "
-        f"{b.stage1.skip_from_level} ({n_ae / 1e6:.2f} M params); stage 2 U-Net {b.stage2.channels}, attention "
-        f"{b.stage2.attention_levels} ({n_unet / 1e6:.2f} M params); {b.sampling.sampler} {b.sampling.steps} steps "
-        f"(= {b.sampling.steps} U-Net calls + 1 encode + 1 decode per batch); divisible_by {model.divisible_by}.",
+        f"{' --small' if args.small else ''}{f' --model {args.model}' if args.model else ''} --size {size} "
+        f"--depth {depth} --batch-sizes {' '.join(map(str, batch_sizes))}`.",
+        about,
         "",
         "| case | precision | batch | total s | ms / slice | peak GiB |",
         "|---|---|---|---|---|---|",
@@ -177,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         "Volume rows include the HU -> [-1, 1] window, host <-> device copies and padding (apply_to_array); "
-        "the single-slice row is the model call alone. Untrained weights: timing only, the images mean nothing.",
+        "the single-slice row is the model call alone. Inputs are uniform noise: timing only"
+        + (", with untrained weights." if b is not None else "."),
     ]
     write_text_atomic(args.out, "\n".join(lines) + "\n", overwrite=True)
     print(lines[-1])
