@@ -68,19 +68,23 @@ def main() -> None:
     )
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--results", default=None)
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts (default 0 2)"
+    )
     args = p.parse_args()
     manifest = args.data / "manifests" / "standardize.json"
     demand = H200_STEPS_PER_S * BATCH
     lines = [
         "# Data-loader headroom against the H200's stage-2 step rate", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/loader_headroom.py --data {args.data} --batches "
-        f"{args.batches}`", "",
+        f"{args.batches} --workers {' '.join(map(str, args.workers))}`", "",
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the start. Demand: {H200_STEPS_PER_S} steps/s x batch {BATCH} = {demand:.0f} "
         "samples/s (stage 2 on one H200). Loader: 2D 128² slices, foreground crop, random 96² crops.", "",
         "| cache | workers | first epoch s | steady samples/s | headroom (x demand) |", "|---|---|---|---|---|",
     ]  # fmt: skip
-    rows = [(c, w, False) for c in ("none", "memory") for w in (0, 2)] + [("memory", w, True) for w in (0, 2)]
+    rows = [(c, w, False) for c in ("none", "memory") for w in args.workers]
+    rows += [("memory", w, True) for w in args.workers]
     for cache, workers, tracked in rows:
         first, sps = rate(manifest, cache, workers, args.batches, tracked=tracked)
         name = f"{cache}, tracked" if tracked else cache

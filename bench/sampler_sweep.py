@@ -101,14 +101,17 @@ def _f(e, k=2):
 
 
 def table(rows, args) -> str:
+    import torch
+
     ref = rows[0]["psnr_body"] if rows[0]["sampler"] == "ddpm" else None
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "this CPU (shared, 1 thread)"
     lines = [
         f"# Samplers on `make demo`'s DiffusionCT ({args.split} split)", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/sampler_sweep.py --model {args.model} --manifest "
         f"{args.manifest} --split {args.split} --samples {args.samples} --out {args.out}`", "",
         "Every cell: `medfusion evaluate` over every protocol of the split, "
-        f"{args.samples} sampling seeds, 95% patient-bootstrap interval. Wall time per 128² slice on this CPU "
-        "(shared, 1 thread), the evaluation's own reading and scoring subtracted. `overlaps DDPM-1000`: the PSNR "
+        f"{args.samples} sampling seeds, 95% patient-bootstrap interval. Wall time per 128² slice on {where}, "
+        "the evaluation's own reading and scoring subtracted. `overlaps DDPM-1000`: the PSNR "
         "intervals overlap.", "",
         "| sampler | steps | options | PSNR body dB | vs raw input dB | SSIM | noise SD HU | texture CCC | s / slice | "
         "overlaps DDPM-1000 |",

@@ -17,6 +17,9 @@
 #     bash bench/gpu/prepare.sh BENCH_DIR  # also -> .gpu_carry/dct: data, stage 1, U-Net of a finished CPU run of
 #                                          #    bench/diffusion_ct.py --out BENCH_DIR (step f then trains only
 #                                          #    stage 2 on the card); carry it too: carry=[".gpu_wheels", ".gpu_carry"]
+#     DEMO=runs/demo SEG128=WORK/seg128 bash bench/gpu/prepare.sh
+#                                          # the open issues' steps g-j: make demo's model + data -> .gpu_carry/demo
+#                                          #    (~33 MB), bench/downstream/data.sh's cohort -> .gpu_carry/seg128 (~13 MB)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -59,6 +62,24 @@ if [ $# -ge 1 ]; then
     mkdir -p .gpu_carry/dct
     cp -r "$src/data" "$src/stage1" "$src/unet.safetensors" "$src/results.json" .gpu_carry/dct/
     echo "carried bench models: $(du -sh .gpu_carry | cut -f1) in .gpu_carry/dct (from $src)"
+fi
+# the open issues' steps g-j (run_all.sh): make demo's model and data, the downstream cohort (seg128)
+if [ -n "${DEMO:-}" ]; then
+    for f in models/diffusion_ct/config.yaml data/manifests/standardize.json; do
+        [ -e "$DEMO/$f" ] || { echo "prepare.sh: $DEMO/$f missing (DEMO= a finished make demo folder)" >&2; exit 1; }
+    done
+    rm -rf .gpu_carry/demo
+    mkdir -p .gpu_carry/demo/models
+    cp -r "$DEMO/models/diffusion_ct" .gpu_carry/demo/models/
+    cp -r "$DEMO/data" .gpu_carry/demo/
+    echo "carried make demo's model and data: $(du -sh .gpu_carry/demo | cut -f1)"
+fi
+if [ -n "${SEG128:-}" ]; then
+    [ -e "$SEG128/manifests/segment.json" ] || { echo "prepare.sh: $SEG128 is not bench/downstream/data.sh's cohort" >&2; exit 1; }
+    rm -rf .gpu_carry/seg128
+    mkdir -p .gpu_carry
+    cp -r "$SEG128" .gpu_carry/seg128
+    echo "carried the downstream cohort: $(du -sh .gpu_carry/seg128 | cut -f1)"
 fi
 count=$(ls "$DEST"/*.whl | wc -l)
 [ "$count" = "${#PKGS[@]}" ] || { echo "prepare.sh: expected ${#PKGS[@]} wheels, got $count" >&2; exit 1; }

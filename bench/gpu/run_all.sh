@@ -10,14 +10,21 @@
 #   OUT                    results folder (the run tool sets it; default /tmp/gpu_out)
 #   MEDFUSION_GPU_DRYRUN=1 CPU dry run with toy sizes (checks that every step runs end to end and writes its file)
 #   BUDGET_S               wall seconds for all steps (default 540 on GPU, 420 in a dry run)
-#   STEPS                  which steps, in order (default "c f a b d e"): a train_step, b pytest -m gpu,
-#                          c standardize timing, d DRDM train + evaluate, e restoration lowdose,
-#                          f DiffusionCT bench (shortcut stage 1, GPU-length stage 2; issue 5, the open one)
+#   STEPS                  which steps, in order (default "i j g h": the open issues' steps, below):
+#                          a train_step, b pytest -m gpu, c standardize timing (untrained model),
+#                          d DRDM train + evaluate (bench/drdm.py), e restoration lowdose, f DiffusionCT bench;
+#                          with .gpu_carry/demo and .gpu_carry/seg128 (prepare.sh, DEMO= SEG128=):
+#                          g sampler sweep on make demo's model against DDPM-1000 (issue 22),
+#                          h DRDM trained for what is left of the budget, model back as a tar (issue 19),
+#                          i standardize timing of make demo's trained model (issues 18, 20),
+#                          j loader headroom with 0 / 2 / 6 workers on the device host (issue 20)
 #   DRDM_TRAIN_MIN         DRDM training time guard in minutes (default 2.0)
 #   DCT_BATCH DCT_STEPS DCT_MIN DCT_WORKERS DCT_POOL   step f with a carried stage 1 (bench/gpu/README.md)
 #   PY                     python (default python3 on GPU, .venv/bin/python in a dry run)
-# Files in $OUT (all 8 the run tool returns): summary.txt, log.txt, train_step.md, pytest_gpu.txt,
-# standardize_timing.md, drdm_gpu.md, restoration_gpu.md, diffusion_ct_gpu.md.
+# Files in $OUT (the run tool returns at most 8: choose STEPS accordingly): summary.txt, log.txt, and per step
+# a train_step.md, b pytest_gpu.txt, c standardize_timing.md, d drdm_gpu.md, e restoration_gpu.md,
+# f diffusion_ct_gpu.md, g sampler_sweep_gpu.md, h drdm_long.md + drdm_long_model.tar.gz,
+# i standardize_trained.md, j loader_headroom_gpu.md.
 set -u
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -33,7 +40,7 @@ else
     PY=${PY:-python3}
     BUDGET=${BUDGET_S:-540}
 fi
-STEPS=${STEPS:-c f a b d e}
+STEPS=${STEPS:-i j g h}
 RESERVE=8 # seconds kept for the final summary
 SUMMARY=$OUT/summary.txt
 LOG=$OUT/log.txt
@@ -253,10 +260,68 @@ step_f() { # DiffusionCT 12-patient table: shortcut stage 1, stage 2 with the re
         "${dct_model[@]}" --skip-ddpm1000
 }
 
+CARRY=$ROOT/.gpu_carry
+need_carry() { # STEP-NAME FOLDER: say why a step cannot run without its carried folder
+    [ -d "$CARRY/$2" ] && return 0
+    say "$1: SKIPPED (.gpu_carry/$2 missing: run bench/gpu/prepare.sh with DEMO= / SEG128= here first)"
+    return 1
+}
+step_g() { # issue 22: every sampler on make demo's trained DiffusionCT, DDPM-1000 the reference (validation split)
+    need_carry "g sampler sweep" demo || return 0
+    local extra=()
+    [ "$DRY" = 1 ] && extra=(--only "dpmpp_2m_num_steps5$" --samples 1 --ems-batches 1 --ems-grid 4)
+    step "g sampler sweep" 240 "$OUT/sampler_sweep_gpu.md" "$PY" bench/sampler_sweep.py \
+        --model "$CARRY/demo/models/diffusion_ct" --manifest "$CARRY/demo/data/manifests/standardize.json" \
+        --split validation --out "$WORK/sweep" --results "$OUT/sampler_sweep_gpu.md" "${extra[@]}"
+}
+step_h() { # issue 19: DRDM (configs/drdm/builtin2d.yaml) on the downstream cohort for what is left, exported
+    need_carry "h DRDM long" seg128 || return 0
+    local left=$((BUDGET - $(elapsed) - RESERVE - 45)) batch=16 dev=gpu file=$OUT/drdm_long.md
+    [ "$DRY" = 1 ] && batch=2 dev=cpu && left=$((left < 40 ? left : 40))
+    [ "$left" -lt 30 ] && { say "h DRDM long: SKIPPED (only ${left}s left)"; return 0; }
+    local hms
+    hms=$(printf '00:00:%02d:%02d' $((left / 60)) $((left % 60)))
+    step "h DRDM long" $((left + 40)) "$WORK/drdm_long_fit.txt" bash -c "cd \"$WORK\" && \"$PY\" -m medfusion.cli fit \
+        --config \"$ROOT/configs/drdm/builtin2d.yaml\" --data.init_args.manifest \"$CARRY/seg128/manifests/segment.json\" \
+        --data.init_args.batch_size $batch --data.init_args.cache memory --data.init_args.num_workers 4 \
+        --trainer.accelerator $dev --trainer.max_steps 100000 --trainer.max_time $hms \
+        --trainer.check_val_every_n_epoch 100000 --trainer.default_root_dir drdm_long --trainer.enable_progress_bar false \
+        > drdm_long_fit.txt 2>&1"
+    local ckpt
+    ckpt=$(find "$WORK/drdm_long" -name last.ckpt | head -1)
+    if [ -n "$ckpt" ] && "$PY" -m medfusion.cli export --ckpt "$ckpt" --output "$WORK/drdm_long_model" --overwrite >>"$LOG" 2>&1; then
+        tar -czf "$OUT/drdm_long_model.tar.gz" -C "$WORK" drdm_long_model
+        local steps
+        steps=$("$PY" -c "import torch, sys; print(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['global_step'])" "$ckpt" 2>>"$LOG")
+        { echo "# DRDM trained on the device for the budget left ($left s, batch $batch, $dev): $steps steps"
+          echo; echo "configs/drdm/builtin2d.yaml on .gpu_carry/seg128 (bench/downstream/data.sh's cohort); model in"
+          echo "drdm_long_model.tar.gz: unpack it next to seg128 and run bench/downstream/val_drdm.sh with it (issue 19)."
+          echo; echo '```'; grep -v "^\s*$" "$WORK/drdm_long_fit.txt" | tail -15; echo '```'; } >"$file"
+        say "h DRDM long: $steps steps -> drdm_long_model.tar.gz"
+    else
+        { echo "h DRDM long: no checkpoint / export failed"; tail -40 "$WORK/drdm_long_fit.txt" 2>/dev/null; } >"$file"
+        say "h DRDM long: FAILED (no checkpoint or export)"
+    fi
+}
+step_i() { # issues 18 and 20: the README model's time per 512² slice and per 512² x 300 volume
+    need_carry "i trained timing" demo || return 0
+    local extra=()
+    [ "$DRY" = 1 ] && extra=(--size 64 --depth 4 --batch-sizes 2 --repeats 1)
+    step "i trained timing" 120 "$OUT/standardize_trained.md" "$PY" bench/gpu/standardize_timing.py \
+        --model "$CARRY/demo/models/diffusion_ct" --out "$OUT/standardize_trained.md" "${extra[@]}"
+}
+step_j() { # issue 20: the training loader's samples/s with 0 / 2 / 6 workers on the device host's cores
+    need_carry "j loader headroom" demo || return 0
+    local workers=(0 2 6) batches=20
+    [ "$DRY" = 1 ] && workers=(0) batches=2
+    step "j loader headroom" 150 "$OUT/loader_headroom_gpu.md" "$PY" bench/loader_headroom.py \
+        --data "$CARRY/demo/data" --batches $batches --workers "${workers[@]}" --results "$OUT/loader_headroom_gpu.md"
+}
+
 for s in $STEPS; do
     case $s in
-        a | b | c | d | e | f) "step_$s" ;;
-        *) say "unknown step '$s' (valid: a b c d e f)" ;;
+        a | b | c | d | e | f | g | h | i | j) "step_$s" ;;
+        *) say "unknown step '$s' (valid: a to j)" ;;
     esac
 done
 rm -f "$OUT"/*.part "$OUT"/*.tmp
@@ -265,11 +330,12 @@ say "done at $(elapsed)s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 # the run tool shows the last 12,000 characters: end with the headline figures
 echo
 echo "=================== headline ==================="
-for f in train_step.md standardize_timing.md diffusion_ct_gpu.md; do
+for f in train_step.md standardize_timing.md standardize_trained.md loader_headroom_gpu.md sampler_sweep_gpu.md diffusion_ct_gpu.md; do
     [ -s "$OUT/$f" ] && { echo "--- $f"; grep -E "^\||faster|^Device" "$OUT/$f" | head -30; }
 done
 [ -s "$OUT/pytest_gpu.txt" ] && { echo "--- pytest_gpu.txt"; tail -5 "$OUT/pytest_gpu.txt"; }
 [ -s "$OUT/drdm_gpu.md" ] && { echo "--- drdm_gpu.md"; grep -E "^\{'steps'|^\| (random|DRDM)" "$OUT/drdm_gpu.md" | head -12; }
 [ -s "$OUT/restoration_gpu.md" ] && { echo "--- restoration_gpu.md"; grep -E "^\| " "$OUT/restoration_gpu.md" | head -20; }
+[ -s "$OUT/drdm_long.md" ] && { echo "--- drdm_long.md"; head -3 "$OUT/drdm_long.md"; }
 echo "--- summary.txt"
 cat "$SUMMARY"
