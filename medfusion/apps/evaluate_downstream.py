@@ -76,7 +76,7 @@ def add_downstream_arguments(parser: argparse.ArgumentParser) -> None:
         "--hu-window", type=float, nargs=2, default=[-1000.0, 1000.0], help="HU window of the images"
     )
     g.add_argument("--elastic-magnitude", type=float, nargs=2, default=[2.0, 4.0],
-                   help="MONAI elastic magnitude range: 2D voxels (2 4); 3D a factor on smoothed noise (~100 200 for ~1 voxel); "
+                   help="MONAI elastic magnitude range: 2D voxels (2 4); 3D a factor on smoothed noise (at 64³ with sigma 20, 200 400 gave a mean |u| of 0.34 voxels); "
         "choose on --split validation")  # fmt: skip
     g.add_argument(
         "--elastic-spacing",
