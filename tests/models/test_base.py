@@ -58,11 +58,13 @@ def _fit(module, max_steps, ckpt_path=None, **trainer_kwargs):
 
 
 def _closed_form(steps, decay=DECAY):
-    """AveragedModel copies on its first update, then ema <- d ema + (1 - d) w after each listed step."""
+    """AveragedModel copies on its first update, then ema <- d_n ema + (1 - d_n) w after each listed step, with the
+    warmed-up decay d_n = min(decay, 1 - (1 + n) ** (-2/3)) of the n-th update after the copy."""
     ema = None
-    for k in steps:
+    for n, k in enumerate(steps):
         w = W0 - LR * k
-        ema = w if ema is None else decay * ema + (1 - decay) * w
+        d = min(decay, 1 - (1 + n) ** (-2 / 3))
+        ema = w if ema is None else d * ema + (1 - d) * w
     return ema
 
 
@@ -72,6 +74,34 @@ def test_ema_matches_closed_form_and_sampling_uses_it():
     assert module.net.weight.item() == pytest.approx(W0 - 4 * LR)  # raw weights untouched
     assert module.averaged().weight.item() == pytest.approx(_closed_form(range(1, 5)))
     assert module.averaged(use_ema=False) is module.net
+
+
+def test_ema_warm_up_equals_diffusers_ema_model_and_reaches_the_decay():
+    """Oracle: diffusers' ``EMAModel(use_ema_warmup=True, inv_gamma=1, power=2/3)`` (the warm-up of ``ema_pytorch``,
+    RDDM's official EMA) fed the same weights gives the same average; the decay reaches ``decay`` and stays."""
+    from medfusion.models.base import EMAAvgFn
+
+    diffusers_training_utils = pytest.importorskip("diffusers.training_utils")
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ours = AveragedModel(net, multi_avg_fn=EMAAvgFn(0.99), use_buffers=True)
+    ref = diffusers_training_utils.EMAModel(
+        net.parameters(), decay=0.99, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3, update_after_step=0
+    )
+    for _ in range(60):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(net)
+        ref.step(net.parameters())
+    for a, b in zip(ours.module.parameters(), ref.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fn = EMAAvgFn(0.995)
+    assert fn.decay_at(1) == pytest.approx(1 - 2 ** (-2 / 3))
+    assert fn.decay_at(120) < 0.96  # a 1,200-step run updated every 10 steps averages its recent weights
+    assert fn.decay_at(2900) == 0.995 and fn.decay_at(10**6) == 0.995
 
 
 def test_ema_every_k_steps_and_several_sources():
