@@ -12,7 +12,8 @@ per-step training randomness, weight averaging (EMA), the cosine learning-rate d
   * :meth:`MedfusionModule.step_generator`: the generator of one training step, seeded from (seed, rank, global step,
     micro-batch), so ranks draw different noise and a resumed run draws the same noise as an uninterrupted one;
   * :meth:`MedfusionModule.init_ema` / :meth:`MedfusionModule.averaged`: an exponential moving average of named
-    sub-modules (``torch.optim.swa_utils.AveragedModel``), updated right after each optimiser step, so the
+    sub-modules (``torch.optim.swa_utils.AveragedModel``, its decay warmed up as in :class:`EMAAvgFn`), updated
+    right after each optimiser step, so the
     checkpoint of step k holds the average of step k (Lightning's ``ModelCheckpoint`` writes after this hook);
   * :meth:`MedfusionModule.upgrade_config`: the hook through which models exported by an earlier version load, or
     are refused with a message that names the change.
