@@ -51,13 +51,18 @@ MEMORY_COLUMNS: tuple[str, ...] = ("cpu_peak_mb", "gpu_peak_mb")
 _OLD_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in MEMORY_COLUMNS)
 
 
+_DONE = ("written", "converted", "already done")
+
+
 def report_path(output_root: str | Path, command: str) -> Path:
     """``<output_root>/<command>_report.csv``."""
     return Path(output_root) / f"{command}_report.csv"
 
 
 class RunReport:
-    """The rows of one command's report, keyed by input (a later row of the same input replaces the earlier one).
+    """The rows of one command's report, keyed by input (a later row of the same input replaces the earlier one,
+    except that a ``skipped`` row does not replace one whose output was written: two runs on one OUTPUT race, and
+    the one that found the input claimed by the other reports it skipped, possibly after the other's success).
 
     Args:
         path: the CSV file (:func:`report_path`); an existing one is read first (a resumed run).
@@ -76,6 +81,8 @@ class RunReport:
         previous = self.rows.get(row.input)
         if row.status == "already done" and previous is not None and previous.status in ("written", "converted"):
             row = ReportRow(**{**asdict(previous), "status": "already done", "time": row.time})
+        if row.status == "skipped" and previous is not None and previous.status in _DONE:
+            return previous
         self.rows[row.input] = row
         if write:
             self.write()

@@ -54,3 +54,20 @@ def test_memory_columns_round_trip_and_old_reports_still_read(tmp_path):
     resumed = RunReport(old)
     resumed.add(ReportRow("a", "already done"))
     assert read_report(old)[0].status == "already done"  # rewritten with the new columns
+
+
+def test_a_late_skipped_row_of_a_racing_run_does_not_hide_a_written_output(tmp_path):
+    """Two runs on one OUTPUT: the one that found a series claimed by the other reports it 'skipped', possibly
+    after the other has merged 'converted' into the report on disk; the report keeps 'converted'. A skipped input
+    without an output, and a failure after a skip, are recorded as they come."""
+    path = report_path(tmp_path, "convert")
+    winner, loser = RunReport(path), RunReport(path)
+    winner.add(ReportRow("s/1.dcm", "converted", output="out/s.nii.gz"))
+    loser = RunReport(path)  # re-reads, as ReportWriter does under the folder lock
+    loser.add(ReportRow("s/1.dcm", "skipped", reason="being converted by another process"))
+    loser.add(ReportRow("x.txt", "skipped", reason="not DICOM"))
+    loser.add(ReportRow("t/1.dcm", "skipped", reason="being converted by another process"))
+    loser.add(ReportRow("t/1.dcm", "failed", reason="missing slice"))
+    rows = {r.input: r for r in read_report(path)}
+    assert rows["s/1.dcm"].status == "converted" and rows["s/1.dcm"].output == "out/s.nii.gz"
+    assert rows["x.txt"].status == "skipped" and rows["t/1.dcm"].status == "failed"
