@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/downstream/paired.py WORK/test_reg/cases.csv --column arm --a drdm-random --b bspline
 
-Rows of the two arms are paired by seed and case; the interval is the same 95% patient bootstrap as the tool's
+Also for `medfusion evaluate --task standardize|restore` (``--column method --metric psnr_body``). Rows of the two
+arms are paired by seed and case (evaluations: case, protocol and sampling seed); the interval is the same 95% patient bootstrap as the tool's
 (:func:`medfusion.eval.stats.cluster_mean`, 2000 replicates, seed 0).
 """
 
@@ -18,8 +19,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cases")
     p.add_argument(
-        "--column", default="augmentation", help="the arm column (segment: augmentation; register: arm)"
-    )
+        "--column", default="augmentation",
+        help="the arm column (segment: augmentation; register: arm; standardize / restore: method)",
+    )  # fmt: skip
     p.add_argument("--a", required=True)
     p.add_argument("--b", required=True)
     p.add_argument("--metric", default="dice")
@@ -27,7 +29,9 @@ def main() -> None:
     args = p.parse_args()
     with open(args.cases) as f:
         rows = list(csv.DictReader(f))
-    key = lambda r: (r.get("fraction"), r["seed"], r["case_id"])  # noqa: E731
+    # downstream rows pair by (fraction, seed, case); `medfusion evaluate --task standardize|restore` rows by
+    # (case, protocol, sampling seed)
+    key = lambda r: (r.get("fraction"), r.get("seed"), r["case_id"], r.get("protocol"), r.get("sample"))  # noqa: E731
     b = {key(r): float(r[args.metric]) for r in rows if r[args.column] == args.b}
     pairs = [
         (r["case_id"], float(r[args.metric]) - b[key(r)])
