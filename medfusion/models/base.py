@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from medfusion.models._rng import StepRNG
 from medfusion.models.export import CKPT_CLASS_KEY, class_path
@@ -82,7 +82,13 @@ class EMAAvgFn:
         return min(self.decay, 1.0 - (1.0 + n) ** -self.power)
 
     def __call__(self, ema_params: Any, current_params: Any, num_averaged: Any) -> None:
-        get_ema_multi_avg_fn(self.decay_at(int(num_averaged)))(ema_params, current_params, num_averaged)
+        # the weight 1 - d_n as a tensor on the parameters' device: no host sync in the training step
+        w = torch.clamp((1.0 + num_averaged.to(torch.float32)) ** -self.power, min=1.0 - self.decay)
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, current_params, w.to(ema_params[0].dtype))
+        else:  # integer buffers, as torch's get_ema_multi_avg_fn treats them
+            for e, c in zip(ema_params, current_params):
+                e.copy_(e * (1 - w) + c * w)
 
 
 class MedfusionModule(L.LightningModule):
