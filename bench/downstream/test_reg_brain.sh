@@ -2,7 +2,7 @@
 # The second registration set (issue 19): MNI152 brain phantoms (nilearn's template, seeded warps), 2D central axial
 # slices at 96 x 112, 60 patients (30 / 12 / 18), pairs of different patients within a split. VoxelMorph trained on
 # real pairs, B-spline pairs, DRDM forward-process pairs and real + DRDM pairs, the budget and settings of
-# test_reg.sh (nothing chosen on this set), 3 seeds; the test split once, logged. ~40 min on one CPU thread.
+# test_reg.sh (nothing chosen on this set), 3 seeds; the test split once, logged. ~15 min on one CPU thread.
 set -e
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 HERE="$(cd "$(dirname "$0")" && pwd)"

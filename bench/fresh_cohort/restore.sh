@@ -9,7 +9,7 @@
 # 3. RDDM's sampling steps (2, 5, 10) chosen on the validation split by mean PSNR over the body.
 # 4. The test split once, logged: RDDM (chosen steps), DiffIR, the supervised U-Net, its noise-matched version,
 #    the val-tuned Gaussian, identity.
-# ~40 min on one CPU thread. Run from a working folder: cd WORK && bash .../restore.sh
+# ~50 min on one CPU thread. Run from a working folder: cd WORK && bash .../restore.sh
 set -e
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
 HERE="$(cd "$(dirname "$0")" && pwd)"
