@@ -8,7 +8,7 @@ import pytest
 from io_helpers import ct_small_series, dicom_test_file
 
 from medfusion.io.dicom import read_series
-from medfusion.io.dicom.read import _native_pixels
+from medfusion.io.dicom.pixels import native_pixels as _native_pixels
 
 # greyscale, uncompressed little-endian files of pydicom's test data: 8 / 16 / 32 bits, signed and unsigned,
 # BitsStored < BitsAllocated, single- and multi-frame
@@ -102,3 +102,23 @@ def test_quiet_reading_skips_validation_only_where_it_would_just_warn():
             assert settings.reading_validation_mode == mode  # restored
     finally:
         settings.reading_validation_mode = before
+
+
+@pytest.mark.parametrize(
+    "dtype, slope, intercept",
+    [("<u2", 1, -1024), ("<u2", 1, -32768), ("<i2", 1, 0), ("<i2", 2, -1), ("<u1", 3, -100), ("<i2", 1, 32768)],
+)
+def test_int16_rescale_is_exact_where_results_fit(dtype, slope, intercept):
+    """``stored * slope + intercept`` in wrapped int16 arithmetic equals the exact result whenever that fits int16
+    (uint16 values above 32767 and an intercept of +32768 included)."""
+    from medfusion.io.dicom.read import _rescale_int16
+
+    info = np.iinfo(np.dtype(dtype))
+    lo = max(info.min, -(-(-32768 - intercept) // slope))
+    hi = min(info.max, (32767 - intercept) // slope)
+    values = np.random.default_rng(0).integers(lo, hi, size=(30, 20), endpoint=True).astype(dtype)
+    values[0, :2] = lo, hi  # both ends of the range
+    exact = values.astype(np.int64) * slope + intercept
+    out = np.empty((20, 30), dtype=np.int16, order="F")
+    _rescale_int16(values.T, slope, intercept, out)
+    np.testing.assert_array_equal(out, exact.T)

@@ -15,11 +15,13 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medfusion.io.dicom.pixels import PixelRef, pixel_ref
 
 # Keys of the JSON sidecar written next to every converted NIfTI (None when absent).
 SIDECAR_KEYS: tuple[str, ...] = (
@@ -89,6 +91,8 @@ class FrameInfo:
     trigger_time: float | None = None  # TriggerTime (ms) / NominalCardiacTriggerDelayTime
     content_time: float | None = None  # ContentTime (s since midnight) / FrameReferenceDateTime
     acquisition_time: float | None = None  # AcquisitionTime (s since midnight) / FrameAcquisitionDateTime
+    # where an uncompressed file keeps its stored values (read without parsing the file again); None: decode
+    pixel_ref: PixelRef | None = field(default=None, compare=False, repr=False)
 
 
 def _jsonable(value: Any) -> Any:
@@ -325,8 +329,9 @@ def _legacy_frames(ds: Any, base: FrameInfo) -> list[FrameInfo]:
 
 
 def _frames_from_header(ds: Any, path: Path) -> list[FrameInfo]:
-    """Expand a header to per-frame geometry (single-frame, legacy multi-frame and enhanced objects)."""
-    base = _file_frame(ds, path)
+    """Expand a header to per-frame geometry (single-frame, legacy multi-frame and enhanced objects), each frame
+    carrying where the file's uncompressed pixel values are (:func:`~medfusion.io.dicom.pixels.pixel_ref`)."""
+    base = replace(_file_frame(ds, path), pixel_ref=pixel_ref(ds))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
         return _legacy_frames(ds, base)
@@ -366,6 +371,12 @@ def take_parsed(path: Path) -> Any | None:
     return _PARSED.pop(key, None) if key is not None else None
 
 
+def peek_parsed(path: Path) -> Any | None:
+    """The dataset discovery parsed from ``path`` (left in the cache), or None."""
+    key = _file_key(path)
+    return _PARSED.get(key) if key is not None else None
+
+
 @contextlib.contextmanager
 def quiet_reading() -> Iterator[None]:
     """Read headers without pydicom's value validation and its warnings, for batch jobs that report problems
@@ -389,8 +400,9 @@ def quiet_reading() -> Iterator[None]:
         settings.reading_validation_mode = previous
 
 
-def _read_header(path: Path) -> tuple[Any | None, str | None]:
-    """``(dataset, None)`` or ``(None, reason)`` for a file that is not a readable DICOM object."""
+def _read_header(path: Path, remember: bool = True) -> tuple[Any | None, str | None]:
+    """``(dataset, None)`` or ``(None, reason)`` for a file that is not a readable DICOM object; ``remember``
+    keeps the dataset for :func:`take_parsed` (a worker process that parses for another keeps nothing)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -406,7 +418,8 @@ def _read_header(path: Path) -> tuple[Any | None, str | None]:
             warnings.simplefilter("ignore")
             try:  # the whole file, large values (pixel data) deferred: read_series can use it as it is
                 ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
-                _remember(path, ds)
+                if remember:
+                    _remember(path, ds)
             except InvalidDicomError:
                 raise
             except Exception:  # noqa: BLE001 - e.g. truncated after the pixel data: the header may still do

@@ -28,6 +28,7 @@ from medfusion.io.dicom.header import (
     header_meta,
     take_parsed,
 )
+from medfusion.io.dicom.pixels import native_pixels, pixel_data_length, read_ref
 from medfusion.io.volume import Volume
 
 
@@ -84,12 +85,12 @@ def _resolve(series_or_files: Any) -> tuple[list[FrameInfo], dict, str]:
     return frames, meta, label
 
 
-def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
-    """Full dataset + decoded pixel array (frames first for multi-frame objects)."""
+def _decode(path: Path, label: str, ds: Any | None = None) -> tuple[np.ndarray, Any]:
+    """Full dataset + decoded pixel array (frames first for multi-frame objects); ``ds``: the file's dataset
+    when it was parsed already (pixel data deferred), else the file is read here."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    ds = take_parsed(path)  # parsed once by discovery, pixel data deferred until now
     try:
         if ds is None:
             try:
@@ -117,7 +118,7 @@ def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
     if problem:
         raise _fail(label, f"{path.name}: {problem}", [path])
     try:
-        pixels = _native_pixels(ds, syntax)
+        pixels = native_pixels(ds, syntax)
         if pixels is None:
             pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - missing plugin, corrupt stream, truncated data
@@ -128,60 +129,6 @@ def _decode(path: Path, label: str) -> tuple[np.ndarray, Any]:
             [path],
         ) from exc
     return np.asarray(pixels), ds
-
-
-# Implicit VR Little Endian, Explicit VR Little Endian
-_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
-
-
-def _native_pixels(ds: Any, syntax: Any) -> np.ndarray | None:
-    """The stored values of uncompressed little-endian greyscale pixel data, straight from the bytes (PS3.5 8.1.1:
-    frames of Rows x Columns values, row by row); None where pydicom's decoder is needed (compressed, big endian,
-    colour, 1-bit or float data). Bits above BitsStored are ignored as pydicom does (shifted out, sign-extended
-    for signed data), so the result equals ``ds.pixel_array``, without its per-file set-up cost."""
-    allocated, stored = ds.get("BitsAllocated"), ds.get("BitsStored")
-    representation = ds.get("PixelRepresentation")
-    if (
-        str(syntax) not in _NATIVE_SYNTAXES
-        or allocated not in (8, 16, 32)
-        or stored is None
-        or representation not in (0, 1)
-        or str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2")
-        or "PixelData" not in ds
-    ):
-        return None
-    rows, columns, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
-    dtype = np.dtype(f"<{'iu'[representation == 0]}{allocated // 8}")
-    count = rows * columns * frames
-    raw = _deferred_pixel_data(ds)  # deferred by discovery: read the bytes at their offset
-    if raw is not None:
-        with open(ds.filename, "rb") as handle:
-            handle.seek(raw.value_tell)
-            data = handle.read(count * dtype.itemsize)
-    else:
-        data = ds.PixelData
-    pixels = np.frombuffer(data, dtype=dtype, count=count)
-    pixels = pixels.reshape((frames, rows, columns) if frames > 1 else (rows, columns))
-    shift = int(allocated) - int(stored)
-    if shift:
-        pixels = np.right_shift(np.left_shift(pixels, shift), shift)
-    return pixels
-
-
-def _deferred_pixel_data(ds: Any) -> Any | None:
-    """The PixelData element still on disk (deferred by discovery's parse), with its offset; None if read."""
-    raw = ds.get_item("PixelData", keep_deferred=True)
-    if raw is None or raw.value is not None or not getattr(raw, "value_tell", None):
-        return None
-    return raw if isinstance(getattr(ds, "filename", None), str) else None
-
-
-def _pixel_data_length(ds: Any) -> int:
-    """Bytes of PixelData there are: for a deferred value, its stated length, cut where the file ends."""
-    raw = _deferred_pixel_data(ds)
-    if raw is None:
-        return len(ds.PixelData)
-    return max(min(int(raw.length), os.path.getsize(ds.filename) - int(raw.value_tell)), 0)
 
 
 def _pixel_fields(ds: Any) -> str:
@@ -204,7 +151,7 @@ def _pixel_header_problem(ds: Any, syntax: Any) -> str | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
         expected = rows * columns * frames * int(ds.get("SamplesPerPixel", 1) or 1) * int(allocated) // 8
-        have = _pixel_data_length(ds)
+        have = pixel_data_length(ds)
         if have < expected:
             return (
                 f"PixelData holds {have} bytes, but Rows x Columns x NumberOfFrames x BitsAllocated/8 = "
@@ -222,7 +169,9 @@ def _frame_pixels(frames: Sequence[FrameInfo], label: str) -> list[np.ndarray]:
     out = []
     for frame in frames:
         if frame.path not in decoded:
-            decoded[frame.path], _ = _decode(frame.path, label)
+            ds = take_parsed(frame.path)  # parsed once by discovery, pixel data deferred until now
+            stored = read_ref(frame.pixel_ref, frame.path) if frame.pixel_ref is not None else None
+            decoded[frame.path] = stored if stored is not None else _decode(frame.path, label, ds)[0]
         pixels = decoded[frame.path]
         if frame.frame is not None:
             if pixels.ndim < 3 or frame.frame >= pixels.shape[0]:
@@ -259,6 +208,23 @@ def _fits_int16(frames: Sequence[FrameInfo], pixels: Sequence[np.ndarray]) -> bo
             if min(ends) < -32768 or max(ends) > 32767:
                 return False
     return True
+
+
+def _wrap16(value: int) -> np.int16:
+    return np.int16((value + 2**15) % 2**16 - 2**15)
+
+
+def _rescale_int16(stored: np.ndarray, slope: int, intercept: int, out: np.ndarray) -> None:
+    """``out = stored * slope + intercept`` in int16 arithmetic, in one pass and without a wider copy.
+
+    Exact when the true results fit in int16 (checked by :func:`_fits_int16`): integer arithmetic modulo 2**16 is a
+    ring, so reinterpreting uint16 values and wrapping the slope and intercept to int16 changes every
+    intermediate value by a multiple of 2**16 only, and a result in int16's range is the true one."""
+    values = stored.view(np.int16) if stored.dtype.itemsize == 2 else stored.astype(np.int16)
+    if slope != 1:
+        np.multiply(values, _wrap16(slope), out=out)
+        values = out
+    np.add(values, _wrap16(intercept), out=out)
 
 
 def read_series(
@@ -300,11 +266,7 @@ def read_series(
     for k, (frame, values) in enumerate(zip(ordered, pixels)):
         index = (slice(None), slice(None), k % n_slices, k // n_slices)  # frames are time-major
         if integers:  # exact: checked by _fits_int16
-            work = values.T.astype(np.int32)
-            if frame.slope != 1.0:
-                work *= int(frame.slope)
-            work += int(frame.intercept)
-            out[index] = work
+            _rescale_int16(values.T, int(frame.slope), int(frame.intercept), out[index])
         elif rescale:
             out[index] = values.T.astype(np.float32) * np.float32(frame.slope) + np.float32(frame.intercept)
         else:
