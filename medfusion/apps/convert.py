@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.epilog = EXIT_CODES_HELP
     parser.add_argument("input", type=Path, help="DICOM folder tree (read only)")
     parser.add_argument("output", type=Path, help="output folder (must not be inside INPUT)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes converting series in parallel (default 1); the headers of a large folder are parsed by one process per available core (at most 8) either way",
+    )
     parser.add_argument("--overwrite", action="store_true", help="reconvert series whose outputs exist")
     parser.add_argument(
         "--include-derived", action="store_true", help="also convert ImageType DERIVED series"
