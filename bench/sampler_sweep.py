@@ -63,10 +63,28 @@ def main() -> None:
         "--ems-batches", type=int, default=8, help="training batches for DPM-Solver-v3's statistics"
     )
     p.add_argument("--ems-grid", type=int, default=100, help="log-SNR grid points of the statistics")
+    p.add_argument("--test-log", default=None, help="JSONL that also gets the test-split lines (e.g. "
+                   "bench/results/test_log.jsonl)")  # fmt: skip
+    p.add_argument("--table-only", action="store_true", help="rewrite --results from OUT/sweep.json and the "
+                   "per-setting cases.csv of a finished run (paired differences included)")  # fmt: skip
     args = p.parse_args()
+    if args.table_only:
+        rows = json.loads((args.out / "sweep.json").read_text())["rows"]
+        for row in rows:
+            opts = {"sampler": row["sampler"], "num_steps": row["steps"]}
+            opts.update({k: row[k] for k in ("cache_interval", "time_shift") if k in row})
+            row["dir"] = "_".join(f"{k}{v}" for k, v in opts.items())
+            summary = json.loads((args.out / row["dir"] / "summary.json").read_text())
+            row["method"] = next(k for k in summary["methods"] if k != "identity")
+        _add_paired(rows, args.out)
+        Path(args.results).write_text(table(rows, args))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     model = _with_stats(args.model, args.manifest, args.out, args.ems_batches, args.ems_grid)
-    common = dict(task="standardize", split=args.split, n_boot=2000, seed=0, overwrite=True, log=None)
+    logs = [args.test_log] if args.test_log else []
+    common = dict(
+        task="standardize", split=args.split, n_boot=2000, seed=0, overwrite=True, log=None, test_logs=logs
+    )
     t0 = time.perf_counter()
     base = evaluate(args.manifest, args.out / "identity", baselines=["identity"], **common)
     overhead = time.perf_counter() - t0
@@ -87,13 +105,44 @@ def main() -> None:
         rows.append({"sampler": sampler, "steps": steps, **extra, "psnr_body": m["metrics"]["psnr_body"],
                      "vs_identity": m["vs_identity"]["psnr_body"], "ssim": m["metrics"]["ssim"],
                      "noise_sd": m["metrics"]["noise_sd"], "texture_ccc": m["texture_ccc"],
-                     "seconds_per_slice": seconds / max(n_slices, 1)})  # fmt: skip
+                     "seconds_per_slice": seconds / max(n_slices, 1), "method": method, "dir": name})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
+    _add_paired(rows, args.out)
     (args.out / "sweep.json").write_text(
         json.dumps({"rows": rows, "identity": base["methods"]["identity"]}, indent=1)
     )
     if args.results:
         Path(args.results).write_text(table(rows, args))
+
+
+def _add_paired(rows: list[dict], out: Path) -> None:
+    """Each setting's PSNR over the body minus DDPM-1000's (the first row), paired."""
+    if rows and rows[0]["sampler"] == "ddpm":
+        for row in rows[1:]:
+            row["minus_ddpm"] = paired_difference(out / row["dir"], row["method"], out / rows[0]["dir"],
+                                                  rows[0]["method"])  # fmt: skip
+
+
+def paired_difference(a_dir: Path, a: str, b_dir: Path, b: str, metric: str = "psnr_body") -> dict:
+    """Mean of ``a - b`` over rows paired by case, protocol and sampling seed, with the tool's 95% patient
+    bootstrap (:func:`medfusion.eval.stats.cluster_mean`, 2000 replicates, seed 0)."""
+    import csv
+
+    from medfusion.eval.stats import cluster_mean, resample_counts
+
+    def rows(folder, method):
+        with open(folder / "cases.csv") as f:
+            return {(r["case_id"], r["protocol"], r["sample"]): float(r[metric]) for r in csv.DictReader(f)
+                    if r["method"] == method}  # fmt: skip
+
+    ra, rb = rows(a_dir, a), rows(b_dir, b)
+    pairs = [(k[0], ra[k] - rb[k]) for k in ra if k in rb]
+    patients = sorted({c for c, _ in pairs})
+    idx = {c: i for i, c in enumerate(patients)}
+    e = cluster_mean(
+        [d for _, d in pairs], [idx[c] for c, _ in pairs], resample_counts(len(patients), 2000, 0)
+    )
+    return {"mean": e.mean, "ci": [e.low, e.high], "n": e.n}
 
 
 def _f(e, k=2):
@@ -113,9 +162,9 @@ def table(rows, args) -> str:
         f"{args.samples} sampling seeds, 95% patient-bootstrap interval. Wall time per 128² slice on {where}, "
         "the evaluation's own reading and scoring subtracted. `overlaps DDPM-1000`: the PSNR "
         "intervals overlap.", "",
-        "| sampler | steps | options | PSNR body dB | vs raw input dB | SSIM | noise SD HU | texture CCC | s / slice | "
-        "overlaps DDPM-1000 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sampler | steps | options | PSNR body dB | vs raw input dB | minus DDPM-1000, paired dB | SSIM | noise SD HU | "
+        "texture CCC | s / slice | overlaps DDPM-1000 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         extra = ", ".join(f"{k} {r[k]}" for k in ("cache_interval", "time_shift") if k in r) or "-"
@@ -128,6 +177,7 @@ def table(rows, args) -> str:
             overlap = "yes" if lo <= ref["ci"][1] and hi >= ref["ci"][0] else "no"
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {extra} | {_f(r['psnr_body'])} | {_f(r['vs_identity'])} | "
+            f"{_f(r['minus_ddpm']) if 'minus_ddpm' in r else '-'} | "
             f"{_f(r['ssim'], 3)} | {_f(r['noise_sd'], 1)} | {_f(r['texture_ccc'], 3)} | "
             f"{r['seconds_per_slice']:.2f} | {overlap} |"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -89,6 +90,16 @@ def test_budget_files_load_and_bad_ones_are_refused(tmp_path, monkeypatch):
     assert demo.loader_workers(budgets["cuda"]) == 6 and demo.loader_workers(budgets["cpu"]) == 0
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
     assert demo.loader_workers(budgets["cuda"]) == 2
+    # the long CPU budget is the demo's networks and settings with more patients and steps, nothing else
+    long, cpu = demo.load_budget(demo.BUDGET_DIR / "cpu_long.yaml"), budgets["cpu"]
+    assert long.stage2.steps > cpu.stage2.steps and long.data.patients > cpu.data.patients
+    same = lambda b: dataclasses.replace(  # noqa: E731
+        b,
+        data=dataclasses.replace(b.data, patients=0),
+        stage1=dataclasses.replace(b.stage1, steps=0, minutes=0.0),
+        stage2=dataclasses.replace(b.stage2, steps=0, minutes=0.0),
+    )
+    assert same(long) == same(cpu)
     doc = yaml.safe_load((demo.BUDGET_DIR / "cpu.yaml").read_text())
     doc["stage1"]["steps_typo"] = 3
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
