@@ -118,3 +118,11 @@ def test_parse_workers():
     assert parse_workers(5) == 1  # a small folder is parsed here
     assert parse_workers(10_000, 3) == 3
     assert 1 <= parse_workers(10_000) <= 8
+
+
+def test_metadata_of_a_file_gone_since_parsing_is_empty_not_an_error(tmp_path):
+    (path,) = ct_small_series(tmp_path / "ct", n=1)
+    assert discovery_module._meta(path)["Modality"] == "CT"
+    path.unlink()
+    meta = discovery_module._meta(path)
+    assert meta["Modality"] is None and meta["SeriesInstanceUID"] is None

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from medfusion.io.dicom.geometry import _ORIENT_TOL, _SPACING_TOL, _cluster
 from medfusion.io.dicom.header import (
-    DicomSeriesError,
+    EXTRA_KEYS,
+    SIDECAR_KEYS,
     FrameInfo,
     _frames_from_header,
     _image_type,
@@ -234,12 +235,13 @@ def _drop_copies(
 
 
 def _meta(path: Path) -> dict:
-    """:func:`header_meta` of one file (the dataset discovery kept, else the header read again)."""
+    """:func:`header_meta` of one file (the dataset discovery kept, else the header read again); every key None
+    if the file became unreadable since it was parsed (reading the series then fails and says which file)."""
     ds = peek_parsed(path)
     if ds is None:
-        ds, reason = _read_header(path, remember=False)
-        if ds is None:
-            raise DicomSeriesError(f"{path}: {reason} (it changed while the folder was being read)")
+        ds, _ = _read_header(path, remember=False)
+    if ds is None:
+        return dict.fromkeys([k for k in SIDECAR_KEYS if k != "source_files"] + list(EXTRA_KEYS))
     return header_meta(ds)
 
 
