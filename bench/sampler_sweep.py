@@ -22,11 +22,21 @@ import shutil
 import time
 from pathlib import Path
 
-SETTINGS = [("ddpm", 1000, {})] + [
+SETTINGS = [
     (s, n, {}) for s in ("ddim", "dpmpp_2m", "unipc", "plms", "deis", "dpm_v3") for n in (5, 10, 20)
 ] + [("dpmpp_2m", n, {"cache_interval": 2}) for n in (10, 20)] + [
     ("dpmpp_2m", n, {"time_shift": 10}) for n in (10,)
-]  # fmt: skip
+] + [("ddpm", 1000, {})]  # fmt: skip
+# DDPM-1000 last: the reference costs as much as every other setting together (on a CPU, hours), and a run
+# stopped before it keeps the others (each setting's row is saved beside its evaluation and reused on a rerun).
+
+
+def _options() -> list[dict]:
+    return [{"sampler": sampler, "num_steps": steps, **extra} for sampler, steps, extra in SETTINGS]
+
+
+def _name(opts: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in opts.items())
 
 
 def _with_stats(model: Path, manifest: Path, out: Path, batches: int = 8, grid: int = 100) -> Path:
@@ -56,6 +66,8 @@ def main() -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--reference-samples", type=int, default=None,
+                   help="sampling seeds of the DDPM-1000 reference (default: --samples)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--results", default=None)
     p.add_argument("--only", default=None, help="regular expression on setting names (e.g. 'ddim|dpm_v3')")
@@ -68,14 +80,9 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true", help="rewrite --results from OUT/sweep.json and the "
                    "per-setting cases.csv of a finished run (paired differences included)")  # fmt: skip
     args = p.parse_args()
-    if args.table_only:
-        rows = json.loads((args.out / "sweep.json").read_text())["rows"]
-        for row in rows:
-            opts = {"sampler": row["sampler"], "num_steps": row["steps"]}
-            opts.update({k: row[k] for k in ("cache_interval", "time_shift") if k in row})
-            row["dir"] = "_".join(f"{k}{v}" for k, v in opts.items())
-            summary = json.loads((args.out / row["dir"] / "summary.json").read_text())
-            row["method"] = next(k for k in summary["methods"] if k != "identity")
+    if args.table_only:  # the rows saved so far, in the order of SETTINGS
+        rows = [json.loads(f.read_text()) for f in (args.out / _name(o) / "sweep_row.json" for o in _options())
+                if f.is_file()]  # fmt: skip
         _add_paired(rows, args.out)
         Path(args.results).write_text(table(rows, args))
         return
@@ -89,23 +96,31 @@ def main() -> None:
     base = evaluate(args.manifest, args.out / "identity", baselines=["identity"], **common)
     overhead = time.perf_counter() - t0
     rows = []
-    for sampler, steps, extra in SETTINGS:
-        opts = {"sampler": sampler, "num_steps": steps, **extra}
+    for opts in _options():
+        sampler, steps = opts["sampler"], opts["num_steps"]
+        extra = {k: v for k, v in opts.items() if k not in ("sampler", "num_steps")}
         spec = f"{model}@" + ",".join(f"{k}={v}" for k, v in opts.items())
-        name = "_".join(f"{k}{v}" for k, v in opts.items())
+        name = _name(opts)
         if args.only and not re.search(args.only, name):
             continue
+        saved = args.out / name / "sweep_row.json"
+        if saved.is_file():  # finished by an earlier run of the same command
+            rows.append(json.loads(saved.read_text()))
+            continue
+        samples = args.reference_samples if sampler == "ddpm" and args.reference_samples else args.samples
         t0 = time.perf_counter()
-        s = evaluate(args.manifest, args.out / name, models=[spec], baselines=["identity"], samples=args.samples,
+        s = evaluate(args.manifest, args.out / name, models=[spec], baselines=["identity"], samples=samples,
                      **common)  # fmt: skip
         seconds = time.perf_counter() - t0 - overhead
         method = next(k for k in s["methods"] if k != "identity")
         m = s["methods"][method]
         n_slices = m["metrics"]["psnr_body"]["n"]
-        rows.append({"sampler": sampler, "steps": steps, **extra, "psnr_body": m["metrics"]["psnr_body"],
-                     "vs_identity": m["vs_identity"]["psnr_body"], "ssim": m["metrics"]["ssim"],
-                     "noise_sd": m["metrics"]["noise_sd"], "texture_ccc": m["texture_ccc"],
-                     "seconds_per_slice": seconds / max(n_slices, 1), "method": method, "dir": name})  # fmt: skip
+        rows.append({"sampler": sampler, "steps": steps, **extra, "samples": samples,
+                     "psnr_body": m["metrics"]["psnr_body"], "vs_identity": m["vs_identity"]["psnr_body"],
+                     "ssim": m["metrics"]["ssim"], "noise_sd": m["metrics"]["noise_sd"],
+                     "texture_ccc": m["texture_ccc"], "seconds_per_slice": seconds / max(n_slices, 1),
+                     "method": method, "dir": name})  # fmt: skip
+        saved.write_text(json.dumps(rows[-1]))
         print(json.dumps(rows[-1]), flush=True)
     _add_paired(rows, args.out)
     (args.out / "sweep.json").write_text(
@@ -115,25 +130,35 @@ def main() -> None:
         Path(args.results).write_text(table(rows, args))
 
 
+def _reference(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r["sampler"] == "ddpm"), None)
+
+
 def _add_paired(rows: list[dict], out: Path) -> None:
-    """Each setting's PSNR over the body minus DDPM-1000's (the first row), paired."""
-    if rows and rows[0]["sampler"] == "ddpm":
-        for row in rows[1:]:
-            row["minus_ddpm"] = paired_difference(out / row["dir"], row["method"], out / rows[0]["dir"],
-                                                  rows[0]["method"])  # fmt: skip
+    """Each setting's PSNR over the body minus DDPM-1000's, paired by case and protocol."""
+    ref = _reference(rows)
+    for row in rows:
+        if ref is not None and row is not ref:
+            row["minus_ddpm"] = paired_difference(
+                out / row["dir"], row["method"], out / ref["dir"], ref["method"]
+            )
 
 
 def paired_difference(a_dir: Path, a: str, b_dir: Path, b: str, metric: str = "psnr_body") -> dict:
-    """Mean of ``a - b`` over rows paired by case, protocol and sampling seed, with the tool's 95% patient
-    bootstrap (:func:`medfusion.eval.stats.cluster_mean`, 2000 replicates, seed 0)."""
+    """Mean of ``a - b`` over (case, protocol) pairs, each side first averaged over its sampling seeds (the
+    reference may have fewer), with the tool's 95% patient bootstrap (:func:`medfusion.eval.stats.cluster_mean`,
+    2000 replicates, seed 0)."""
     import csv
 
     from medfusion.eval.stats import cluster_mean, resample_counts
 
     def rows(folder, method):
+        values: dict[tuple[str, str], list[float]] = {}
         with open(folder / "cases.csv") as f:
-            return {(r["case_id"], r["protocol"], r["sample"]): float(r[metric]) for r in csv.DictReader(f)
-                    if r["method"] == method}  # fmt: skip
+            for r in csv.DictReader(f):
+                if r["method"] == method:
+                    values.setdefault((r["case_id"], r["protocol"]), []).append(float(r[metric]))
+        return {k: sum(v) / len(v) for k, v in values.items()}
 
     ra, rb = rows(a_dir, a), rows(b_dir, b)
     pairs = [(k[0], ra[k] - rb[k]) for k in ra if k in rb]
@@ -152,15 +177,19 @@ def _f(e, k=2):
 def table(rows, args) -> str:
     import torch
 
-    ref = rows[0]["psnr_body"] if rows[0]["sampler"] == "ddpm" else None
+    reference = _reference(rows)
+    ref = reference["psnr_body"] if reference is not None else None
+    ref_samples = reference.get("samples", args.samples) if reference is not None else args.samples
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "this CPU (shared, 1 thread)"
     lines = [
         f"# Samplers on `make demo`'s DiffusionCT ({args.split} split)", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/sampler_sweep.py --model {args.model} --manifest "
-        f"{args.manifest} --split {args.split} --samples {args.samples} --out {args.out}`", "",
+        f"{args.manifest} --split {args.split} --samples {args.samples} --reference-samples {ref_samples} "
+        f"--out {args.out}`", "",
         "Every cell: `medfusion evaluate` over every protocol of the split, "
-        f"{args.samples} sampling seeds, 95% patient-bootstrap interval. Wall time per 128² slice on {where}, "
-        "the evaluation's own reading and scoring subtracted. `overlaps DDPM-1000`: the PSNR "
+        f"{args.samples} sampling seeds ({ref_samples} for DDPM-1000), 95% patient-bootstrap interval. Wall time "
+        f"per 128² slice on {where}, the evaluation's own reading and scoring subtracted. `minus DDPM-1000`: "
+        "per case and protocol, each side averaged over its seeds, then paired. `overlaps DDPM-1000`: the PSNR "
         "intervals overlap.", "",
         "| sampler | steps | options | PSNR body dB | vs raw input dB | minus DDPM-1000, paired dB | SSIM | noise SD HU | "
         "texture CCC | s / slice | overlaps DDPM-1000 |",
@@ -171,7 +200,7 @@ def table(rows, args) -> str:
         lo, hi = r["psnr_body"]["ci"]
         if ref is None:
             overlap = "-"
-        elif r is rows[0]:
+        elif r is reference:
             overlap = "ref"
         else:
             overlap = "yes" if lo <= ref["ci"][1] and hi >= ref["ci"][0] else "no"
