@@ -75,6 +75,8 @@ def main() -> None:
         "--ems-batches", type=int, default=8, help="training batches for DPM-Solver-v3's statistics"
     )
     p.add_argument("--ems-grid", type=int, default=100, help="log-SNR grid points of the statistics")
+    p.add_argument("--stats-model", type=Path, default=None, help="a copy of --model that already holds "
+                   "DPM-Solver-v3's statistics (OUT/model_with_stats of the validation run), used as it is")  # fmt: skip
     p.add_argument("--test-log", default=None, help="JSONL that also gets the test-split lines (e.g. "
                    "bench/results/test_log.jsonl)")  # fmt: skip
     p.add_argument("--table-only", action="store_true", help="rewrite --results from OUT/sweep.json and the "
@@ -87,7 +89,10 @@ def main() -> None:
         Path(args.results).write_text(table(rows, args))
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    model = _with_stats(args.model, args.manifest, args.out, args.ems_batches, args.ems_grid)
+    if args.stats_model:  # the statistics belong to the model: computed once, from its own training data
+        model = args.stats_model
+    else:
+        model = _with_stats(args.model, args.manifest, args.out, args.ems_batches, args.ems_grid)
     logs = [args.test_log] if args.test_log else []
     common = dict(
         task="standardize", split=args.split, n_boot=2000, seed=0, overwrite=True, log=None, test_logs=logs
