@@ -26,7 +26,9 @@ SETTINGS = [
     (s, n, {}) for s in ("ddim", "dpmpp_2m", "unipc", "plms", "deis", "dpm_v3") for n in (5, 10, 20)
 ] + [("dpmpp_2m", n, {"cache_interval": 2}) for n in (10, 20)] + [
     ("dpmpp_2m", n, {"time_shift": 10}) for n in (10,)
-] + [("ddpm", 1000, {})]  # fmt: skip
+] + [("plms", n, {}) for n in (3, 4)] + [("ddpm", 1000, {})]  # fmt: skip
+# PLMS 3 and 4 (4 and 5 network evaluations: PLMS spends one more than its steps) were added after the first
+# validation run showed PLMS at 5 steps on DDPM-1000's level: the issue's goal is stated at <= 5 NFE.
 # DDPM-1000 last: the reference costs as much as every other setting together (on a CPU, hours), and a run
 # stopped before it keeps the others (each setting's row is saved beside its evaluation and reused on a rerun).
 
@@ -182,6 +184,8 @@ def _f(e, k=2):
 def table(rows, args) -> str:
     import torch
 
+    from medfusion.diffusion.samplers import network_evaluations
+
     reference = _reference(rows)
     ref = reference["psnr_body"] if reference is not None else None
     ref_samples = reference.get("samples", args.samples) if reference is not None else args.samples
@@ -196,9 +200,9 @@ def table(rows, args) -> str:
         f"per 128² slice on {where}, the evaluation's own reading and scoring subtracted. `minus DDPM-1000`: "
         "per case and protocol, each side averaged over its seeds, then paired. `overlaps DDPM-1000`: the PSNR "
         "intervals overlap.", "",
-        "| sampler | steps | options | PSNR body dB | vs raw input dB | minus DDPM-1000, paired dB | SSIM | noise SD HU | "
+        "| sampler | steps | NFE | options | PSNR body dB | vs raw input dB | minus DDPM-1000, paired dB | SSIM | noise SD HU | "
         "texture CCC | s / slice | overlaps DDPM-1000 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         extra = ", ".join(f"{k} {r[k]}" for k in ("cache_interval", "time_shift") if k in r) or "-"
@@ -210,7 +214,8 @@ def table(rows, args) -> str:
         else:
             overlap = "yes" if lo <= ref["ci"][1] and hi >= ref["ci"][0] else "no"
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {extra} | {_f(r['psnr_body'])} | {_f(r['vs_identity'])} | "
+            f"| {r['sampler']} | {r['steps']} | {network_evaluations(r['sampler'], r['steps'])} | {extra} | "
+            f"{_f(r['psnr_body'])} | {_f(r['vs_identity'])} | "
             f"{_f(r['minus_ddpm']) if 'minus_ddpm' in r else '-'} | "
             f"{_f(r['ssim'], 3)} | {_f(r['noise_sd'], 1)} | {_f(r['texture_ccc'], 3)} | "
             f"{r['seconds_per_slice']:.2f} | {overlap} |"
