@@ -61,6 +61,7 @@ def _with_stats(model: Path, manifest: Path, out: Path, batches: int = 8, grid: 
 
 
 def main() -> None:
+    global REFERENCE
     from medfusion.apps.evaluate import evaluate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +84,11 @@ def main() -> None:
                    "bench/results/test_log.jsonl)")  # fmt: skip
     p.add_argument("--table-only", action="store_true", help="rewrite --results from OUT/sweep.json and the "
                    "per-setting cases.csv of a finished run (paired differences included)")  # fmt: skip
+    p.add_argument("--reference", default=REFERENCE, help="regular expression naming the setting the paired "
+                   "column compares with (default DDPM-1000; e.g. 'samplerdpmpp_2m_num_steps10$' on a test split "
+                   "run without DDPM-1000)")  # fmt: skip
     args = p.parse_args()
+    REFERENCE = args.reference
     if args.table_only:  # the rows saved so far, in the order of SETTINGS
         rows = [json.loads(f.read_text()) for f in (args.out / _name(o) / "sweep_row.json" for o in _options())
                 if f.is_file()]  # fmt: skip
@@ -137,12 +142,16 @@ def main() -> None:
         Path(args.results).write_text(table(rows, args))
 
 
+REFERENCE = "^samplerddpm_num_steps1000$"
+
+
 def _reference(rows: list[dict]) -> dict | None:
-    return next((r for r in rows if r["sampler"] == "ddpm"), None)
+    return next((r for r in rows if re.search(REFERENCE, r["dir"])), None)
 
 
 def _add_paired(rows: list[dict], out: Path) -> None:
-    """Each setting's PSNR over the body minus DDPM-1000's, paired by case and protocol."""
+    """Each setting's PSNR over the body minus the reference setting's (DDPM-1000 by default), paired by case and
+    protocol."""
     ref = _reference(rows)
     for row in rows:
         if ref is not None and row is not ref:
@@ -188,6 +197,12 @@ def table(rows, args) -> str:
 
     reference = _reference(rows)
     ref = reference["psnr_body"] if reference is not None else None
+    ref_name = (
+        f"{reference['sampler']} {reference['steps']}"
+        + (" (" + reference["dir"] + ")" if "cache" in reference["dir"] else "")
+        if reference is not None
+        else "reference"
+    )
     ref_samples = reference.get("samples", args.samples) if reference is not None else args.samples
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "this CPU (shared, 1 thread)"
     lines = [
@@ -196,12 +211,13 @@ def table(rows, args) -> str:
         f"{args.manifest} --split {args.split} --samples {args.samples} --reference-samples {ref_samples} "
         f"--out {args.out}`", "",
         "Every cell: `medfusion evaluate` over every protocol of the split, "
-        f"{args.samples} sampling seeds ({ref_samples} for DDPM-1000), 95% patient-bootstrap interval. Wall time "
-        f"per 128² slice on {where}, the evaluation's own reading and scoring subtracted. `minus DDPM-1000`: "
-        "per case and protocol, each side averaged over its seeds, then paired. `overlaps DDPM-1000`: the PSNR "
+        f"{args.samples} sampling seeds ({ref_samples} for the reference), 95% patient-bootstrap interval. Wall time "
+        f"per 128² slice on {where}, the evaluation's own reading and scoring subtracted. `minus {ref_name}`: "
+        f"per case and protocol, each side averaged over its seeds, then paired. `overlaps {ref_name}`: the PSNR "
         "intervals overlap.", "",
-        "| sampler | steps | NFE | options | PSNR body dB | vs raw input dB | minus DDPM-1000, paired dB | SSIM | noise SD HU | "
-        "texture CCC | s / slice | overlaps DDPM-1000 |",
+        f"| sampler | steps | NFE | options | PSNR body dB | vs raw input dB | minus {ref_name}, paired dB | SSIM | "
+        "noise SD HU | "
+        f"texture CCC | s / slice | overlaps {ref_name} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
