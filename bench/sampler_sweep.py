@@ -33,6 +33,9 @@ SETTINGS = [
 # stopped before it keeps the others (each setting's row is saved beside its evaluation and reused on a rerun).
 
 
+REFERENCE = "^samplerddpm_num_steps1000$"  # the setting the paired column compares with, by default
+
+
 def _options() -> list[dict]:
     return [{"sampler": sampler, "num_steps": steps, **extra} for sampler, steps, extra in SETTINGS]
 
@@ -61,7 +64,6 @@ def _with_stats(model: Path, manifest: Path, out: Path, batches: int = 8, grid: 
 
 
 def main() -> None:
-    global REFERENCE
     from medfusion.apps.evaluate import evaluate
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,11 +90,10 @@ def main() -> None:
                    "column compares with (default DDPM-1000; e.g. 'samplerdpmpp_2m_num_steps10$' on a test split "
                    "run without DDPM-1000)")  # fmt: skip
     args = p.parse_args()
-    REFERENCE = args.reference
     if args.table_only:  # the rows saved so far, in the order of SETTINGS
         rows = [json.loads(f.read_text()) for f in (args.out / _name(o) / "sweep_row.json" for o in _options())
                 if f.is_file()]  # fmt: skip
-        _add_paired(rows, args.out)
+        _add_paired(rows, args.out, args.reference)
         Path(args.results).write_text(table(rows, args))
         return
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def main() -> None:
                      "method": method, "dir": name})  # fmt: skip
         saved.write_text(json.dumps(rows[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    _add_paired(rows, args.out)
+    _add_paired(rows, args.out, args.reference)
     (args.out / "sweep.json").write_text(
         json.dumps({"rows": rows, "identity": base["methods"]["identity"]}, indent=1)
     )
@@ -142,17 +143,14 @@ def main() -> None:
         Path(args.results).write_text(table(rows, args))
 
 
-REFERENCE = "^samplerddpm_num_steps1000$"
+def _reference(rows: list[dict], pattern: str) -> dict | None:
+    return next((r for r in rows if re.search(pattern, r["dir"])), None)
 
 
-def _reference(rows: list[dict]) -> dict | None:
-    return next((r for r in rows if re.search(REFERENCE, r["dir"])), None)
-
-
-def _add_paired(rows: list[dict], out: Path) -> None:
+def _add_paired(rows: list[dict], out: Path, pattern: str) -> None:
     """Each setting's PSNR over the body minus the reference setting's (DDPM-1000 by default), paired by case and
     protocol."""
-    ref = _reference(rows)
+    ref = _reference(rows, pattern)
     for row in rows:
         if ref is not None and row is not ref:
             row["minus_ddpm"] = paired_difference(
@@ -195,7 +193,7 @@ def table(rows, args) -> str:
 
     from medfusion.diffusion.samplers import network_evaluations
 
-    reference = _reference(rows)
+    reference = _reference(rows, args.reference)
     ref = reference["psnr_body"] if reference is not None else None
     ref_name = (
         f"{reference['sampler']} {reference['steps']}"
