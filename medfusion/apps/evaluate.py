@@ -4,6 +4,7 @@
                        --model DIR [--model DIR@option=value,...] --baseline identity --baseline gaussian
                        [--baseline linear-filter] [--baseline supervised:DIR] --output OUT
                        [--seed S] [--samples N] [--n-boot B] [--test-log PATH] [--device auto] [--overwrite]
+                       [--window LO,HI] [--soft-window LO,HI] [--roi-label ID ...]
 
 Every method runs on every case of the split (``source`` -> compared with ``target``, the standard-protocol scan;
 ``label`` gives the body and the uniform ROI) and :func:`medfusion.eval.report.evaluate` writes
@@ -26,6 +27,11 @@ Every method runs on every case of the split (``source`` -> compared with ``targ
   one line to ``OUT/test_log.jsonl`` (and to ``--test-log PATH``, e.g. ``bench/results/test_log.jsonl``): date,
   command, split, manifest, seed and the SHA-256 of every model's weights, so that a reported test number names
   the run it came from and the number of looks at the test split is on record.
+
+* Intensities: CT in HU by default (PSNR/SSIM on [-1000, 1000], soft-tissue window W400/L40, the uniform ROI an
+  eroded liver / muscle / soft-tissue label of the built-in phantoms). Other data give their own range
+  (``--window 0,1 --soft-window 0,1 --roi-label 3`` for the brain MR phantom's [0, 1] intensities and its white
+  matter): :func:`metric_protocol`.
 
 Exit status: :mod:`medfusion.exit_codes` (0 done; 2 nothing written: bad arguments, manifest or model).
 """
@@ -95,12 +101,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace the outputs of an earlier evaluation"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    parser.add_argument(
+        "--window", default=None, metavar="LO,HI",
+        help="intensity range of PSNR/SSIM (default -1000,1000: CT in HU; e.g. 0,1 for normalised MR; write "
+        "--window=LO,HI when LO is negative)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--soft-window", default=None, metavar="LO,HI",
+        help="range of the soft-window PSNR (default -160,240: CT W400/L40) and of the example figures",
+    )  # fmt: skip
+    parser.add_argument(
+        "--roi-label", type=int, action="append", default=None, metavar="ID",
+        help="label id of the uniform ROI for noise SD and texture (repeatable, in order of preference; default "
+        "the built-in phantoms' liver, muscle, soft tissue)",
+    )  # fmt: skip
     from medfusion.apps.evaluate_downstream import add_downstream_arguments
 
     add_downstream_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------------------- specs
+def parse_window(text: str | None, option: str) -> tuple[float, float] | None:
+    """``"LO,HI"`` -> ``(LO, HI)`` with ``HI > LO``; None stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"{option} must be two numbers LO,HI, got {text!r}") from None
+    if not hi > lo:
+        raise ValueError(f"{option} must have HI > LO, got {text!r}")
+    return lo, hi
+
+
+def metric_protocol(
+    window: tuple[float, float] | None = None,
+    soft_window: tuple[float, float] | None = None,
+    roi_labels: Sequence[int] | None = None,
+) -> Any:
+    """The :class:`~medfusion.eval.ct_protocol.CTProtocol` that scores the cases: CT defaults (module docstring)
+    unless a window or the uniform-ROI labels are given."""
+    from medfusion.data.phantoms import LABEL_IDS
+    from medfusion.eval.ct_protocol import METRIC_WINDOW, SOFT_TISSUE_WINDOW, CTProtocol
+
+    base = CTProtocol.for_label_ids(LABEL_IDS)
+    return CTProtocol(
+        roi_labels=tuple(int(v) for v in roi_labels) if roi_labels else base.roi_labels,
+        metric_window=tuple(window) if window else METRIC_WINDOW,
+        soft_window=tuple(soft_window) if soft_window else SOFT_TISSUE_WINDOW,
+    )
+
+
 def parse_model(spec: str, *, baseline: bool = False) -> ModelSpec:
     """``DIR`` or ``DIR@key=value,key=value`` (values parsed as YAML scalars) -> :class:`ModelSpec`."""
     import yaml
@@ -222,14 +273,13 @@ def fit_baselines(names: Sequence[str], manifest: Any, split: str, read: Callabl
     return out
 
 
-def fit_noise(manifest: Any, split: str, read: Callable | None = None) -> Any:
-    """The standard protocol's :class:`~medfusion.eval.baselines.NoiseTexture`, measured in the uniform ROI of the
-    standard scans (``target``) of :func:`fit_splits` (each patient once; 16-pixel patches, else 8)."""
-    from medfusion.data.phantoms import LABEL_IDS
+def fit_noise(manifest: Any, split: str, read: Callable | None = None, protocol: Any = None) -> Any:
+    """The standard protocol's :class:`~medfusion.eval.baselines.NoiseTexture`, measured in the uniform ROI
+    (``protocol``'s, default :func:`metric_protocol`'s) of the standard scans (``target``) of :func:`fit_splits`
+    (each patient once; 16-pixel patches, else 8)."""
     from medfusion.eval.baselines import NoiseTexture
-    from medfusion.eval.ct_protocol import CTProtocol
 
-    protocol = CTProtocol.for_label_ids(LABEL_IDS)
+    protocol = protocol or metric_protocol()
     refs = {}
     for s in fit_splits(split):
         if manifest.split(s):
@@ -303,6 +353,7 @@ def evaluate(
     command: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    protocol: Any = None,
 ) -> dict[str, Any]:
     """``medfusion evaluate`` from Python (module docstring); returns the summary written to ``summary.json``.
 
@@ -311,11 +362,11 @@ def evaluate(
         baselines: names of :data:`BASELINES` (``supervised:DIR`` for a trained supervised restorer).
         test_logs: extra JSONL files that get the test-split line (``OUT/test_log.jsonl`` always does).
         command: the command line recorded in the report and the test log (default: the call's arguments).
+        protocol: the :class:`~medfusion.eval.ct_protocol.CTProtocol` of the metrics (default
+            :func:`metric_protocol`: CT in HU).
     """
     from medfusion.apps.volume_job import load_restorer, resolve_device
     from medfusion.data.manifest import load_manifest
-    from medfusion.data.phantoms import LABEL_IDS
-    from medfusion.eval.ct_protocol import CTProtocol
     from medfusion.eval.report import OUTPUTS, append_jsonl
     from medfusion.eval.report import evaluate as evaluate_cases
     from medfusion.io.atomic import check_not_overwriting
@@ -326,6 +377,7 @@ def evaluate(
         raise ValueError(
             f"samples, n_boot and batch_size must be >= 1; got {samples}, {n_boot}, {batch_size}"
         )
+    protocol = protocol or metric_protocol()
     out = Path(output)
     for name in (*OUTPUTS, "figures"):
         check_not_overwriting(out / name, overwrite)
@@ -339,7 +391,7 @@ def evaluate(
         model.check_options(**s.options)
         loaded.append((s, model))
     methods = fit_baselines(fitted, man, split)
-    noise = fit_noise(man, split) if any(s.noise for s in specs) else None
+    noise = fit_noise(man, split, protocol=protocol) if any(s.noise for s in specs) else None
     methods += [
         model_method(s, m, seed=seed, samples=1 if s.baseline else samples, batch_size=batch_size, device=dev,
                      noise=noise if s.noise else None)
@@ -351,7 +403,7 @@ def evaluate(
               "models": {s.name: {"path": str(s.path), "weights_sha256": weights_sha256(s.path)} for s in specs}}  # fmt: skip
     if split == "test":
         header["test_log"] = str(out / TEST_LOG)
-    summary = evaluate_cases(cases, methods, CTProtocol.for_label_ids(LABEL_IDS), out, seed=seed, n_boot=n_boot,
+    summary = evaluate_cases(cases, methods, protocol, out, seed=seed, n_boot=n_boot,
                              header=header, overwrite=overwrite, log=log)  # fmt: skip
     if split == "test":
         record = {
@@ -413,12 +465,19 @@ def run(args: argparse.Namespace) -> int:
     models, baselines = list(args.model), list(args.baseline) or ["identity"]
     command = _command(args.manifest, args.output, args.task, args.split, models, baselines, args.seed,
                        args.samples, args.n_boot)  # fmt: skip
+    for opt in ("window", "soft_window"):
+        if getattr(args, opt) is not None:
+            command += f" --{opt.replace('_', '-')} {getattr(args, opt)}"
+    command += "".join(f" --roi-label {v}" for v in args.roi_label or [])
     try:
+        protocol = metric_protocol(
+            parse_window(args.window, "--window"), parse_window(args.soft_window, "--soft-window"), args.roi_label
+        )
         summary = evaluate(
             args.manifest, args.output, task=args.task, split=args.split, models=models, baselines=baselines,
             seed=args.seed, samples=args.samples, n_boot=args.n_boot, device=args.device, batch_size=args.batch_size,
             test_logs=[args.test_log] if args.test_log else [], command=command, overwrite=args.overwrite,
-            log=None if args.quiet else print,
+            log=None if args.quiet else print, protocol=protocol,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"medfusion evaluate: error: {err}", file=sys.stderr)

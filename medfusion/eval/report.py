@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from medfusion.eval.ct_protocol import CASE_METRICS, SOFT_TISSUE_WINDOW, Case, CTProtocol
+from medfusion.eval.ct_protocol import CASE_METRICS, METRIC_WINDOW, SOFT_TISSUE_WINDOW, Case, CTProtocol
 from medfusion.eval.image import texture_features
 from medfusion.eval.stats import Estimate, cluster_mean, mean_estimate, median_ccc_replicates, resample_counts
 from medfusion.io.atomic import check_not_overwriting, write_text_atomic
@@ -202,8 +202,10 @@ def summarize(scores: Scores, *, seed: int = 0, n_boot: int = 2000, protocol: CT
             per_proto[p] = {"metrics": v, "vs_identity": d, "texture_ccc": per_tex.get(p)}
         out["methods"][m] = {"samples": samples, "metrics": values, "vs_identity": diffs, "texture_ccc": pooled,
                              "per_protocol": per_proto}  # fmt: skip
-    if protocol is not None and cases:
-        out["reference"] = _reference_stats(protocol, cases, pidx, counts)
+    if protocol is not None:
+        out["windows"] = {"metric": list(protocol.metric_window), "soft": list(protocol.soft_window)}
+        if cases:
+            out["reference"] = _reference_stats(protocol, cases, pidx, counts)
     return out
 
 
@@ -271,12 +273,15 @@ def report_markdown(
 ) -> str:
     """``report.md``: what was run, the tables with 95% patient-bootstrap intervals, the figures."""
     b = summary["bootstrap"]
+    windows = summary.get("windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW})
+    (lo, hi), (slo, shi) = windows["metric"], windows["soft"]
     lines = [f"# Evaluation: {header.get('task', '')} on the {header.get('split', '')} split", ""]
     lines += [f"- {k}: `{v}`" for k, v in header.items()]
     lines += [
         f"- patients: {summary['n_patients']}; protocols: {', '.join(summary['protocols'])}",
         f"- intervals: {int(b['level'] * 100)}% {b['interval']} bootstrap over {b['unit']}s, {b['n_boot']} replicates, "
-        f"seed {b['seed']}; PSNR/SSIM on [-1000, 1000] HU, soft window W400/L40; 'body' = inside the patient",
+        f"seed {b['seed']}; PSNR/SSIM on [{lo:g}, {hi:g}], soft window [{slo:g}, {shi:g}] (CT: HU); "
+        "'body' = inside the patient",
         "", "## All protocols pooled", "",
         *_table(summary, "metrics", [*CASE_METRICS, "texture_ccc"]),
         "", "## Paired difference against identity (method minus raw input, same case)", "",
@@ -352,7 +357,7 @@ def evaluate(
     summary = summarize(scores, seed=seed, n_boot=n_boot, protocol=protocol, cases=cases)
     summary = {"run": dict(header or {}), **summary}
     write_text_atomic(out / "cases.csv", cases_csv(scores.rows), overwrite=overwrite)
-    figs = write_figures(out, summary, scores, overwrite)
+    figs = write_figures(out, summary, scores, overwrite, window=protocol.soft_window)
     summary["figures"] = figs
     write_text_atomic(out / "summary.json", json.dumps(_json_safe(summary), indent=1), overwrite=overwrite)
     write_text_atomic(out / "report.md", report_markdown(summary, figs, header or {}), overwrite=overwrite)

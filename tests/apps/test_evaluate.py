@@ -157,6 +157,8 @@ def test_samples_and_model_options(data, tmp_path):
         (["--baseline", "median"], "unknown baseline"),
         (["--model", "/nonexistent/model"], "model not found"),
         (["--model", "MODEL@bogus=1"], "bogus"),
+        (["--window", "1000,-1000"], "--window must have HI > LO"),
+        (["--soft-window", "0;1"], "--soft-window must be two numbers"),
     ],
 )
 def test_bad_arguments_print_one_line_and_write_nothing(data, tmp_path, capsys, extra, message):
@@ -169,3 +171,30 @@ def test_bad_arguments_print_one_line_and_write_nothing(data, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_intensity_window_and_roi_label_set_the_metrics(data, tmp_path):
+    """Non-CT data give their own range: PSNR over the body recomputed from the images with the given window, the
+    noise SD taken in the given label, both written into the report."""
+    from medfusion.eval.ct_protocol import CTProtocol, read_case
+    from medfusion.eval.image import noise_sd, psnr
+
+    root, manifests = data
+    out = tmp_path / "mr"
+    argv = ["--task", "standardize", "--manifest", str(manifests["standardize"]), "--split", "validation",
+            "--output", str(out), "--device", "cpu", "--n-boot", "50", "--quiet", "--window=-200,300",
+            "--soft-window=-100,100", "--roi-label", "1"]  # fmt: skip
+    assert _run(argv) == 0
+    rows = [r for r in read_cases_csv(out / "cases.csv") if r["method"] == "identity"]
+    man = load_manifest(manifests["standardize"], task="standardize")
+    entry = next(e for e in man.split("validation") if e["case_id"] == rows[0]["case_id"]
+                 and e["protocol"] == rows[0]["protocol"])  # fmt: skip
+    case = read_case(entry)
+    a, b = np.clip(case.source, -200, 300), np.clip(case.reference, -200, 300)
+    assert float(rows[0]["psnr_body"]) == pytest.approx(psnr(a, b, data_range=500, mask=case.label > 0), abs=1e-4)
+    roi = CTProtocol(roi_labels=(1,)).uniform_roi(case.label)
+    assert float(rows[0]["noise_sd"]) == pytest.approx(noise_sd(case.source, roi), abs=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["windows"] == {"metric": [-200.0, 300.0], "soft": [-100.0, 100.0]}
+    report = (out / "report.md").read_text()
+    assert "PSNR/SSIM on [-200, 300], soft window [-100, 100]" in report and "--roi-label 1" in report
