@@ -5,7 +5,8 @@
 #    `standardize` manifest, DiffusionCT's task); the least-squares linear filter per protocol joins the baselines.
 # TASK=sr: brain MR 4x super-resolution (bench/fresh_cohort/sr_data.py: 72 MNI152-based patients, 9 axial slices each,
 #    intensities [0, 1]): every model and the DataModule map [0, 1] to [-1, 1]; PSNR/SSIM on [0, 1], noise SD and
-#    texture in white matter; no noise-matched baseline (the high-resolution scans carry no noise to match).
+#    texture in white matter; the linear filter (a least-squares deblurring filter) joins the baselines, the
+#    noise-matched one does not (the high-resolution scans carry no noise to match).
 # 1. FRESH$SEED (sr: FRESH_SR$SEED): 72 new patients (patient seed SEED, default 37, never used before),
 #    24 training / 24 validation / 24 test. (Seed 31 was the first low-dose run, with the EMA before its warm-up:
 #    bench/results/restoration_fresh.md says why that run is withdrawn.)
@@ -28,7 +29,7 @@ case "$TASK" in
            EXTRA=(--baseline noise-matched:$P/supervised/model) ;;
   kernel) MTASK=standardize; P=kernel$SEED; PROTOCOLS=()
           EXTRA=(--baseline noise-matched:$P/supervised/model --baseline linear-filter) ;;
-  sr) MTASK=restore; P=sr$SEED; D=FRESH_SR$SEED; EXTRA=()
+  sr) MTASK=restore; P=sr$SEED; D=FRESH_SR$SEED; EXTRA=(--baseline linear-filter)
       WINDOW=(--model.init_args.hu_window "[0.0, 1.0]" --data.init_args.hu_window "[0.0, 1.0]")
       METRICS=(--window 0,1 --soft-window 0,1 --roi-label 3) ;;
   *) echo "TASK must be lowdose, kernel or sr, got $TASK" >&2; exit 2 ;;

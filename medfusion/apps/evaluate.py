@@ -268,7 +268,9 @@ def fit_baselines(names: Sequence[str], manifest: Any, split: str, read: Callabl
         else:
             fitted = LinearFilterBaseline.fit(pairs)
             if not fitted.filters:
-                raise ValueError("linear-filter fits 2D slices of one shape; this manifest's scans are not")
+                raise ValueError(
+                    "linear-filter fits 2D slices (or stacks of them) of one slice shape; this manifest's scans are not"
+                )
         out.append(Method(n, lambda case, sample, f=fitted: f(case.source, case.protocol)))
     return out
 

@@ -83,26 +83,42 @@ def apply_linear_filter(
     return np.real(np.fft.ifft2(np.fft.fft2(x) * h)).reshape(src.shape).astype(src.dtype)
 
 
+def axial_slices(img: np.ndarray) -> list[np.ndarray]:
+    """The 2D axial slices of ``img`` (trailing singleton axes squeezed): ``[img]`` for a slice, ``img[..., k]`` for
+    a stack of slices ``(H, W, K)``; nothing for other ranks."""
+    a = np.squeeze(img)
+    if a.ndim == 2:
+        return [a]
+    return [a[..., k] for k in range(a.shape[-1])] if a.ndim == 3 else []
+
+
 @dataclass
 class LinearFilterBaseline:
-    """Per-protocol least-squares filters; protocols whose training slices differ in shape get none."""
+    """Per-protocol least-squares filters on axial slices (volumes are filtered slice by slice); protocols whose
+    training slices differ in shape get none."""
 
     filters: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, pairs: Mapping[str, Sequence[Pair]]) -> LinearFilterBaseline:
-        """One filter per protocol whose training pairs are 2D slices of one shape."""
+        """One filter per protocol whose training pairs are 2D slices, or stacks of them, all of one slice shape."""
         filters = {}
         for proto, ps in pairs.items():
-            shapes = {np.squeeze(a).shape for pair in ps for a in pair}
-            if len(shapes) == 1 and len(next(iter(shapes))) == 2:
-                filters[proto] = fit_linear_filter(ps)
+            sliced = [sl for a, b in ps for sl in zip(axial_slices(a), axial_slices(b))]
+            shapes = {x.shape for pair in sliced for x in pair}
+            if sliced and len(shapes) == 1 and all(np.squeeze(a).ndim in (2, 3) for pair in ps for a in pair):
+                filters[proto] = fit_linear_filter(sliced)
         return cls(filters)
 
     def __call__(self, src: np.ndarray, protocol: str) -> np.ndarray:
         if protocol not in self.filters:
             raise ValueError(f"no linear filter for protocol {protocol!r}; fitted: {sorted(self.filters)}")
-        return apply_linear_filter(np.asarray(src, dtype=np.float32), self.filters[protocol])
+        src = np.asarray(src, dtype=np.float32)
+        h = self.filters[protocol]
+        if np.squeeze(src).ndim == 2:
+            return apply_linear_filter(src, h)
+        out = np.stack([apply_linear_filter(x, h) for x in axial_slices(src)], axis=-1)
+        return out.reshape(src.shape)
 
 
 def noise_power_spectrum(images: Sequence[np.ndarray], rois: Sequence[np.ndarray], patch: int = 16) -> np.ndarray:

@@ -54,6 +54,22 @@ def test_linear_filter_baseline_per_protocol():
         base(src, "mixed")
 
 
+def test_linear_filter_on_stacks_of_slices_is_the_slice_filter():
+    """A volume (H, W, K) is K axial slices: fitted on stacks, the filter equals the one fitted on their slices, and
+    a stack is filtered slice by slice."""
+    rng = np.random.default_rng(3)
+    stacks = [(rng.normal(size=(16, 12, 3)), rng.normal(size=(16, 12, 3))) for _ in range(2)]
+    base = LinearFilterBaseline.fit({"mr_4x": stacks, "other": [(np.zeros((16, 12, 2)), np.zeros((8, 8, 2)))]})
+    assert set(base.filters) == {"mr_4x"}  # slices of two shapes get none
+    h = fit_linear_filter([(a[..., k], b[..., k]) for a, b in stacks for k in range(3)])
+    np.testing.assert_allclose(base.filters["mr_4x"], h)
+    src = stacks[0][0].astype(np.float32)
+    out = base(src, "mr_4x")
+    assert out.shape == src.shape and out.dtype == np.float32
+    for k in range(3):
+        np.testing.assert_allclose(out[..., k], apply_linear_filter(src[..., k], h), atol=1e-5)
+
+
 def test_gaussian_sigma_tuned_on_validation_pairs():
     rng = np.random.default_rng(2)
     clean = [ndi.gaussian_filter(rng.normal(0, 300, (48, 48)), 4) for _ in range(4)]
