@@ -31,7 +31,7 @@ Every method runs on every case of the split (``source`` -> compared with ``targ
 * Intensities: CT in HU by default (PSNR/SSIM on [-1000, 1000], soft-tissue window W400/L40, the uniform ROI an
   eroded liver / muscle / soft-tissue label of the built-in phantoms). Other data give their own range
   (``--window 0,1 --soft-window 0,1 --roi-label 3`` for the brain MR phantom's [0, 1] intensities and its white
-  matter): :func:`metric_protocol`.
+  matter; a given soft window is also the texture features' grey-level window): :func:`metric_protocol`.
 
 Exit status: :mod:`medfusion.exit_codes` (0 done; 2 nothing written: bad arguments, manifest or model).
 """
@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--soft-window", default=None, metavar="LO,HI",
-        help="range of the soft-window PSNR (default -160,240: CT W400/L40) and of the example figures",
+        help="range of the soft-window PSNR (default -160,240: CT W400/L40), of the example figures and (when "
+        "given) of the texture features' grey levels (default -200,300)",
     )  # fmt: skip
     parser.add_argument(
         "--roi-label", type=int, action="append", default=None, metavar="ID",
@@ -140,15 +141,17 @@ def metric_protocol(
     roi_labels: Sequence[int] | None = None,
 ) -> Any:
     """The :class:`~medfusion.eval.ct_protocol.CTProtocol` that scores the cases: CT defaults (module docstring)
-    unless a window or the uniform-ROI labels are given."""
+    unless a window or the uniform-ROI labels are given. A given ``soft_window`` is also the texture features'
+    grey-level window (CT: [-200, 300] HU)."""
     from medfusion.data.phantoms import LABEL_IDS
-    from medfusion.eval.ct_protocol import METRIC_WINDOW, SOFT_TISSUE_WINDOW, CTProtocol
+    from medfusion.eval.ct_protocol import METRIC_WINDOW, SOFT_TISSUE_WINDOW, TEXTURE_WINDOW, CTProtocol
 
     base = CTProtocol.for_label_ids(LABEL_IDS)
     return CTProtocol(
         roi_labels=tuple(int(v) for v in roi_labels) if roi_labels else base.roi_labels,
         metric_window=tuple(window) if window else METRIC_WINDOW,
         soft_window=tuple(soft_window) if soft_window else SOFT_TISSUE_WINDOW,
+        texture_window=tuple(soft_window) if soft_window else TEXTURE_WINDOW,
     )
 
 

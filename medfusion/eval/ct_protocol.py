@@ -38,6 +38,7 @@ from medfusion.eval.image import edge_sharpness, feature_ccc, noise_sd, psnr, ss
 
 METRIC_WINDOW = (-1000.0, 1000.0)
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # W 400 / L 40 HU
+TEXTURE_WINDOW = (-200.0, 300.0)  # grey-level window of the texture features (32 levels over 500 HU)
 UNIFORM_ROI_ORGANS = ("liver", "muscle", "soft_tissue")  # first one large enough is the uniform ROI
 METRICS = ("psnr", "psnr_soft", "ssim", "noise_sd", "edge_sharpness", "texture_ccc")
 CASE_METRICS = ("psnr", "psnr_body", "psnr_soft", "psnr_soft_body", "ssim", "noise_sd", "edge_sharpness")
@@ -88,12 +89,14 @@ class CTProtocol:
     Attributes:
         roi_labels: label ids of the uniform-ROI organs, in order of preference.
         metric_window, soft_window: HU windows of ``psnr``/``ssim`` and of ``psnr_soft``.
+        texture_window: the fixed window the texture features quantise to grey levels (the same for every image).
         erosion, min_pixels: erosion iterations of an organ label and the pixels it must keep to be the ROI.
     """
 
     roi_labels: tuple[int, ...]
     metric_window: tuple[float, float] = METRIC_WINDOW
     soft_window: tuple[float, float] = SOFT_TISSUE_WINDOW
+    texture_window: tuple[float, float] = TEXTURE_WINDOW
     erosion: int = 2
     min_pixels: int = 16
 
@@ -143,7 +146,7 @@ class CTProtocol:
         if len(images) < 2:
             return float("nan")
         rois = [self.uniform_roi(lab) for lab in labels]
-        vals = [v for v in feature_ccc(images, refs, rois).values() if np.isfinite(v)]
+        vals = [v for v in feature_ccc(images, refs, rois, window=self.texture_window).values() if np.isfinite(v)]
         return float(np.median(vals)) if vals else float("nan")
 
     def summarize(self, images: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence) -> dict:

@@ -32,7 +32,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from medfusion.eval.ct_protocol import CASE_METRICS, METRIC_WINDOW, SOFT_TISSUE_WINDOW, Case, CTProtocol
+from medfusion.eval.ct_protocol import (
+    CASE_METRICS,
+    METRIC_WINDOW,
+    SOFT_TISSUE_WINDOW,
+    TEXTURE_WINDOW,
+    Case,
+    CTProtocol,
+)
 from medfusion.eval.image import texture_features
 from medfusion.eval.stats import Estimate, cluster_mean, mean_estimate, median_ccc_replicates, resample_counts
 from medfusion.io.atomic import check_not_overwriting, write_text_atomic
@@ -94,9 +101,10 @@ def score(cases: Sequence[Case], methods: Sequence[Method], protocol: CTProtocol
     textures: dict[tuple[str, str, int], dict[str, dict[str, float]]] = {}
     ref_textures: dict[tuple[str, str], dict[str, float]] = {}
     examples: dict[str, tuple[list[tuple[str, np.ndarray]], np.ndarray]] = {}
+    tw = protocol.texture_window
     for i, case in enumerate(sorted(cases, key=lambda c: (c.protocol, c.case_id))):
         roi = protocol.uniform_roi(case.label)
-        ref_textures[(case.protocol, case.case_id)] = texture_features(case.reference, roi)
+        ref_textures[(case.protocol, case.case_id)] = texture_features(case.reference, roi, window=tw)
         first = case.protocol not in examples
         panels: list[tuple[str, np.ndarray]] = [(f"input ({case.protocol})", case.source)]
         for m in methods:
@@ -108,7 +116,8 @@ def score(cases: Sequence[Case], methods: Sequence[Method], protocol: CTProtocol
                 metrics = protocol.image_metrics(out, case.reference, case.label)
                 rows.append({"case_id": case.case_id, "protocol": case.protocol, "method": m.name, "sample": s,
                              **metrics})  # fmt: skip
-                textures.setdefault((m.name, case.protocol, s), {})[case.case_id] = texture_features(out, roi)
+                tex = texture_features(out, roi, window=tw)
+                textures.setdefault((m.name, case.protocol, s), {})[case.case_id] = tex
                 if first and s == 0 and m.name != IDENTITY:
                     panels.append((m.name, out))
         if first:
@@ -203,7 +212,8 @@ def summarize(scores: Scores, *, seed: int = 0, n_boot: int = 2000, protocol: CT
         out["methods"][m] = {"samples": samples, "metrics": values, "vs_identity": diffs, "texture_ccc": pooled,
                              "per_protocol": per_proto}  # fmt: skip
     if protocol is not None:
-        out["windows"] = {"metric": list(protocol.metric_window), "soft": list(protocol.soft_window)}
+        out["windows"] = {"metric": list(protocol.metric_window), "soft": list(protocol.soft_window),
+                          "texture": list(protocol.texture_window)}  # fmt: skip
         if cases:
             out["reference"] = _reference_stats(protocol, cases, pidx, counts)
     return out
@@ -273,15 +283,15 @@ def report_markdown(
 ) -> str:
     """``report.md``: what was run, the tables with 95% patient-bootstrap intervals, the figures."""
     b = summary["bootstrap"]
-    windows = summary.get("windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW})
-    (lo, hi), (slo, shi) = windows["metric"], windows["soft"]
+    windows = summary.get("windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW, "texture": TEXTURE_WINDOW})
+    (lo, hi), (slo, shi), (tlo, thi) = windows["metric"], windows["soft"], windows["texture"]
     lines = [f"# Evaluation: {header.get('task', '')} on the {header.get('split', '')} split", ""]
     lines += [f"- {k}: `{v}`" for k, v in header.items()]
     lines += [
         f"- patients: {summary['n_patients']}; protocols: {', '.join(summary['protocols'])}",
         f"- intervals: {int(b['level'] * 100)}% {b['interval']} bootstrap over {b['unit']}s, {b['n_boot']} replicates, "
-        f"seed {b['seed']}; PSNR/SSIM on [{lo:g}, {hi:g}], soft window [{slo:g}, {shi:g}] (CT: HU); "
-        "'body' = inside the patient",
+        f"seed {b['seed']}; PSNR/SSIM on [{lo:g}, {hi:g}], soft window [{slo:g}, {shi:g}], texture grey levels "
+        f"on [{tlo:g}, {thi:g}] (CT: HU); 'body' = inside the patient",
         "", "## All protocols pooled", "",
         *_table(summary, "metrics", [*CASE_METRICS, "texture_ccc"]),
         "", "## Paired difference against identity (method minus raw input, same case)", "",

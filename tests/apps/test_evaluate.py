@@ -195,6 +195,23 @@ def test_intensity_window_and_roi_label_set_the_metrics(data, tmp_path):
     roi = CTProtocol(roi_labels=(1,)).uniform_roi(case.label)
     assert float(rows[0]["noise_sd"]) == pytest.approx(noise_sd(case.source, roi), abs=1e-3)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["windows"] == {"metric": [-200.0, 300.0], "soft": [-100.0, 100.0]}
+    assert summary["windows"] == {"metric": [-200.0, 300.0], "soft": [-100.0, 100.0], "texture": [-100.0, 100.0]}
     report = (out / "report.md").read_text()
-    assert "PSNR/SSIM on [-200, 300], soft window [-100, 100]" in report and "--roi-label 1" in report
+    assert "PSNR/SSIM on [-200, 300], soft window [-100, 100], texture grey levels on [-100, 100]" in report
+    assert "--roi-label 1" in report
+
+
+def test_texture_features_quantise_in_the_protocols_texture_window():
+    """Intensities in [0, 1] all fall in one grey level of the CT window, so every feature is constant and the CCC
+    says nothing; in their own window the features see the difference between two images."""
+    from medfusion.eval.ct_protocol import CTProtocol
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((32, 32), np.uint8)
+    label[4:28, 4:28] = 3
+    refs = [0.5 + 0.1 * rng.normal(size=(32, 32)) for _ in range(6)]
+    outs = [r * 0 + 0.5 + 0.02 * (i + 1) * rng.normal(size=r.shape) for i, r in enumerate(refs)]  # other texture
+    ct = CTProtocol(roi_labels=(3,))
+    mr = CTProtocol(roi_labels=(3,), texture_window=(0.0, 1.0))
+    assert mr.texture_ccc(outs, refs, [label] * 6) < 0.9
+    assert not ct.texture_ccc(outs, refs, [label] * 6) < 0.9  # 1 or NaN: one grey level
