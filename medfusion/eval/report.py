@@ -266,16 +266,24 @@ DIGITS = {"ssim": 4, "edge_sharpness": 3, "texture_ccc": 3, "noise_sd": 1}
 def _table(
     summary: Mapping[str, Any], key: str, metrics: Sequence[str], proto: str | None = None
 ) -> list[str]:
-    head = ["method", *(METRIC_LABELS[k] for k in metrics)]
+    hu = _in_hu(summary)
+    digits = DIGITS if hu else {**DIGITS, "noise_sd": 4}
+    head = ["method", *(METRIC_LABELS[k] if hu else METRIC_LABELS[k].replace(" (HU)", "") for k in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in summary["methods"].items():
         src = m if proto is None else m["per_protocol"][proto]
         cells = []
         for k in metrics:
             e = src.get(key, {}).get(k) if k != "texture_ccc" else src.get("texture_ccc")
-            cells.append(_fmt(e, DIGITS.get(k, 2)))
+            cells.append(_fmt(e, digits.get(k, 2)))
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return lines
+
+
+def _in_hu(summary: Mapping[str, Any]) -> bool:
+    """Whether the summary's intensities are CT numbers (a metric window wider than 100 units; MR in [0, 1] is not)."""
+    lo, hi = summary.get("windows", {}).get("metric", METRIC_WINDOW)
+    return hi - lo > 100
 
 
 def report_markdown(
@@ -299,7 +307,8 @@ def report_markdown(
     ]  # fmt: skip
     ref = summary.get("reference")
     if ref:
-        lines += ["", f"Standard scans themselves: noise SD {_fmt(ref['noise_sd'], 1)} HU, "
+        noise = f"{_fmt(ref['noise_sd'], 1)} HU" if _in_hu(summary) else _fmt(ref["noise_sd"], 4)
+        lines += ["", f"Standard scans themselves: noise SD {noise}, "
                   f"edge sharpness {_fmt(ref['edge_sharpness'], 3)} /px."]  # fmt: skip
     for p in summary["protocols"]:
         lines += ["", f"## Protocol {p}", "",

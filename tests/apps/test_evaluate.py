@@ -198,7 +198,11 @@ def test_intensity_window_and_roi_label_set_the_metrics(data, tmp_path):
     assert summary["windows"] == {"metric": [-200.0, 300.0], "soft": [-100.0, 100.0], "texture": [-100.0, 100.0]}
     report = (out / "report.md").read_text()
     assert "PSNR/SSIM on [-200, 300], soft window [-100, 100], texture grey levels on [-100, 100]" in report
-    assert "--roi-label 1" in report
+    assert "--roi-label 1" in report and "noise SD (HU)" in report  # a 500-unit window: CT numbers
+    from medfusion.eval.report import report_markdown
+
+    mr = report_markdown({**summary, "windows": {"metric": [0, 1], "soft": [0, 1], "texture": [0, 1]}}, {}, {})
+    assert "noise SD (HU)" not in mr and "| noise SD |" in mr  # intensities in [0, 1] are not HU
 
 
 def test_texture_features_quantise_in_the_protocols_texture_window():
