@@ -112,7 +112,8 @@ def main() -> None:
     for opts in _options():
         sampler, steps = opts["sampler"], opts["num_steps"]
         extra = {k: v for k, v in opts.items() if k not in ("sampler", "num_steps")}
-        spec = f"{model}@" + ",".join(f"{k}={v}" for k, v in opts.items())
+        # the sample, also for models whose default output is the regression's posterior mean (make demo's)
+        spec = f"{model}@" + ",".join(f"{k}={v}" for k, v in {**opts, "mean_only": "false"}.items())
         name = _name(opts)
         if args.only and not re.search(args.only, name):
             continue

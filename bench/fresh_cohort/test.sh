@@ -8,7 +8,7 @@ set -e
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DEMO=${DEMO:-runs/demo} SUP=${SUP:-sup_equal} OUT=${OUT:-fresh23_test}
 medfusion evaluate --task standardize --manifest FRESH23/manifests/standardize.json --split test \
-  --model "$DEMO/models/diffusion_ct" --model "$DEMO/models/diffusion_ct@mean_only=true" \
+  --model "$DEMO/models/diffusion_ct@mean_only=false" --model "$DEMO/models/diffusion_ct@mean_only=true" \
   --baseline identity --baseline gaussian --baseline linear-filter \
   --baseline "supervised:$SUP/model" --baseline "noise-matched:$SUP/model" \
   --seed 0 --samples 1 --n-boot 2000 --output "$OUT" \

@@ -39,5 +39,5 @@ PY
 )
 echo "translate setting chosen on validation: $CHOSEN"
 medfusion evaluate --task standardize --manifest "$M" --split test --model "$T/model@$CHOSEN" \
-  --model "$DEMO/models/diffusion_ct" --baseline identity --baseline gaussian --baseline linear-filter \
+  --model "$DEMO/models/diffusion_ct@mean_only=false" --baseline identity --baseline gaussian --baseline linear-filter \
   --seed 0 --n-boot 2000 --output ${T}_test --test-log "$HERE/../results/test_log.jsonl"

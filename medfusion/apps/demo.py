@@ -281,6 +281,19 @@ def _as_methods(fns: dict[str, Any]) -> list[Any]:
     return [Method(n, lambda case, sample, fn=fn: fn(case.source, case.protocol)) for n, fn in fns.items()]
 
 
+def export_default_output(model: Any, folder: Path, *, mean_only: bool) -> None:
+    """Re-export ``model`` with the output chosen on validation as its default (``SamplingConfig.mean_only``), so
+    that ``medfusion standardize`` and the Python API give by default what the demo shows (``--sample`` or
+    ``mean_only=False`` still draw the sample)."""
+    from dataclasses import replace
+
+    from medfusion.models.export import export_model
+
+    model.sampling = replace(model.sampling, mean_only=mean_only)
+    model.hparams["sampling"] = asdict(model.sampling)
+    export_model(model.cpu(), folder, overwrite=True)
+
+
 def choose_output(methods: dict[str, Any], manifest: Path) -> dict[str, Any]:
     """Which output the demo shows, chosen on the validation patients: the DDPM sample (``diffusion_ct``) or the
     regression's posterior mean (``diffusion_ct_mean``), whichever has the higher mean PSNR over the body."""
@@ -435,6 +448,8 @@ def run_demo(
     t0 = time.perf_counter()
     scores = evaluate(model.to(dev).eval(), manifest, b, dev, seed, output, overwrite)
     timings["standardize_s"] = time.perf_counter() - t0
+    if scores["shown"]["method"] == "diffusion_ct_mean":
+        export_default_output(model, output / "models" / "diffusion_ct", mean_only=True)
     _figure(output / "figure.png", scores.pop("figure_rows"), scores["shown"]["method"])
     metrics = {
         "description": "held-out test patients of the built-in dataset vs the standard-protocol scan",

@@ -3,7 +3,7 @@
 
     medfusion standardize --ckpt MODEL --input PATH --output PATH [--format nifti|dicom] [--steps N]
                           [--sampler NAME] [--strength S] [--decode latent|residual] [--residual-sigma SD]
-                          [--mean-only] [--device auto] [--roi-size X Y Z] [--resume | --overwrite]
+                          [--mean-only | --sample] [--device auto] [--roi-size X Y Z] [--resume | --overwrite]
 
 ``MODEL`` is an exported folder (``model.safetensors`` + ``config.yaml``) or a Lightning ``.ckpt`` (loaded without
 pickle) of a model that implements :class:`medfusion.models.base.Restorer` (DiffusionCT stage 2). ``PATH`` is a
@@ -62,10 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --decode residual: keep only the Gaussian low-pass (SD in pixels) of the autoencoder's error "
         "(drops source noise the latent cannot represent; default: the model's)",
     )
-    parser.add_argument(
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
         "--mean-only",
         action="store_true",
         help="models with a regression head: its conditional mean, without sampling (best PSNR, not a sample)",
+    )
+    output.add_argument(
+        "--sample",
+        action="store_true",
+        help="draw the DDPM sample even where the model's default output is its posterior mean (the default of "
+        "make demo's model when its validation patients chose the mean)",
     )
 
 
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "strength": args.strength,
         "decode": args.decode,
         "residual_sigma": args.residual_sigma,
-        "mean_only": True if args.mean_only else None,
+        "mean_only": True if args.mean_only else (False if args.sample else None),
         "cache_interval": args.cache_interval,
         "time_shift": args.time_shift,
     }

@@ -141,6 +141,8 @@ class DiffusionCT(MedfusionModule):
             raise ValueError(
                 "regression needs mode='conditional' and residual=True (it learns the mean of z_std - z_src)"
             )
+        if self.sampling.mean_only and self.regression is None:
+            raise ValueError("sampling.mean_only needs a model trained with a regression (regression=...)")
         for name in ("denoiser", "regression", "sampling"):  # YAML-plain hyper-parameters (export, checkpoints)
             value = getattr(self, name)
             self.hparams[name] = None if value is None else asdict(value)
@@ -344,7 +346,7 @@ class DiffusionCT(MedfusionModule):
             opts["strength"] = s.strength
         opts.update(decode=s.decode, residual_sigma=s.residual_sigma)
         if self.regressor is not None:
-            opts["mean_only"] = False
+            opts["mean_only"] = s.mean_only
         opts.update(sw_batch_size=s.sw_batch_size, overlap=s.overlap)
         return opts
 
@@ -428,7 +430,7 @@ class DiffusionCT(MedfusionModule):
         use_ema: bool = True,
         decode: str | None = None,
         residual_sigma: float | None = None,
-        mean_only: bool = False,
+        mean_only: bool | None = None,
         noise: Tensor | None = None,
         cache_interval: int | None = None,
         time_shift: int | None = None,
@@ -438,7 +440,8 @@ class DiffusionCT(MedfusionModule):
         Options left None take the model's :class:`SamplingConfig` defaults; ``generator`` (CPU) makes the result
         reproducible. ``noise`` (the source latent's shape, :meth:`latent_shape`) replaces the sampler's initial
         noise draw (translate mode: the noise of ``q(x_t | x_0)``); :meth:`restore` passes crops of one field to
-        overlapping windows. ``mean_only`` (regression models): decode the regression's mean, no DDPM.
+        overlapping windows. ``mean_only`` (regression models): decode the regression's mean, no DDPM (None: the
+        model's default, :attr:`SamplingConfig.mean_only`).
         ``cache_interval`` (DeepCache) and ``time_shift`` (window) as in :class:`SamplingConfig`.
         """
         self.check_options(
@@ -467,7 +470,8 @@ class DiffusionCT(MedfusionModule):
             how_far = s.strength if strength is None else strength
             z = self._translate(z_src, steps, how, how_far, generator, first, use_ema)
         else:
-            z = self._conditional(z_src, steps, how, generator, first, mean_only, use_ema)
+            mean = s.mean_only if mean_only is None else mean_only
+            z = self._conditional(z_src, steps, how, generator, first, mean, use_ema)
         sigma = s.residual_sigma if residual_sigma is None else residual_sigma
         out = self._decode(x, z, z_src, skips, decode or s.decode, sigma)
         self.train(was_training)

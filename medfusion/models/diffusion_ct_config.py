@@ -76,6 +76,8 @@ class SamplingConfig:
         time_shift: Time-Shift sampler window w in training timesteps (:mod:`medfusion.diffusion.time_shift`,
             0 = off); ``time_shift_cutoff``: no shift at t <= t_c; ``time_shift_variance``: the data variance v_0
             of the matched variance ᾱ v_0 + 1 - ᾱ (0 = the paper's rule; residual-mode targets have unit variance).
+        mean_only: models with a regression head: the default output is the regression's posterior mean (no DDPM
+            sample); ``medfusion demo`` sets it when its validation patients score the mean above the sample.
     """
 
     sampler: Sampler = "dpmpp_2m"
@@ -90,6 +92,7 @@ class SamplingConfig:
     time_shift: int = 0
     time_shift_cutoff: int = 300
     time_shift_variance: float = 0.0
+    mean_only: bool = False
 
     def __post_init__(self) -> None:
         from medfusion.diffusion.samplers import SAMPLERS

@@ -42,6 +42,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
     assert shown in ("diffusion_ct", "diffusion_ct_mean") and "validation" in metrics["shown"]["why"]
     scores = metrics["shown"]["validation_psnr_body"]
     assert scores[shown] == max(scores[n] for n in ("diffusion_ct", "diffusion_ct_mean"))
+    exported = yaml.safe_load((out / "models" / "diffusion_ct" / "config.yaml").read_text())["init_args"]
+    assert exported["sampling"]["mean_only"] is (shown == "diffusion_ct_mean")  # standardize's default = shown
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     for m, v in metrics["intervals"].items():  # printed intervals are the evaluation's
         assert v["psnr_body"] == summary["methods"][m]["metrics"]["psnr_body"]

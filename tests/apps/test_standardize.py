@@ -301,3 +301,17 @@ def test_3d_model_standardizes_in_sliding_windows(tmp_path, capsys):
     assert outs["windows"].shape == shape and np.isfinite(outs["windows"]).all()
     np.testing.assert_array_equal(outs["windows"], outs["windows_again"])  # seeded per scan: reproducible
     assert not np.allclose(outs["windows"], _volume(shape=shape), atol=1.0)
+
+
+def test_sample_and_mean_only_choose_the_output_and_exclude_each_other(monkeypatch, capsys):
+    """``--mean-only`` forces the posterior mean, ``--sample`` the DDPM sample; neither leaves the model's default."""
+    from medfusion.apps import standardize as S
+
+    seen = []
+    monkeypatch.setattr(S, "run_restorer", lambda args, *, command, options, verb: seen.append(options) or 0)
+    base = ["standardize", "--ckpt", "m", "--input", "i.nii.gz", "--output", "o", "--quiet"]
+    for flag, expect in (([], None), (["--sample"], False), (["--mean-only"], True)):
+        assert main(base + flag) == 0 and seen[-1]["mean_only"] is expect
+    with pytest.raises(SystemExit) as err:
+        main(base + ["--sample", "--mean-only"])
+    assert err.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -393,6 +393,27 @@ def test_regression_learns_the_mean_and_the_ddpm_the_rest(spatial_dims, tmp_path
     assert sampled.shape == x.shape and not torch.allclose(sampled, expect)
 
 
+def test_default_output_is_the_posterior_mean_when_the_model_says_so(ae2d, tmp_path):
+    """``SamplingConfig.mean_only`` makes the regression's mean the default output (what ``medfusion demo`` sets
+    when validation chooses it); ``mean_only=False`` still draws the sample; the choice survives export."""
+    from medfusion.models.export import export_model, load_model
+
+    sd, path, batch = ae2d
+    model = _stage2(path, sampling={"mean_only": True}, regression=RegressionConfig(channels=(8, 16)))
+    model.loss(batch)  # calibrates the residual scale
+    model.eval()
+    x = batch[keys.SOURCE][:2]
+    mean = model.standardize(x, mean_only=True)
+    torch.testing.assert_close(model.standardize(x), mean)
+    assert model.inference_options()["mean_only"] is True and "regression mean" in model.describe()
+    sampled = model.standardize(x, mean_only=False, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(sampled, mean)
+    export_model(model, tmp_path / "m")
+    torch.testing.assert_close(load_model(tmp_path / "m").restore(x, generator=None), mean)
+    with pytest.raises(ValueError, match="mean_only needs a model trained with a regression"):
+        _stage2(path, sampling={"mean_only": True})
+
+
 def test_regression_bad_arguments(ae2d):
     sd, path, batch = ae2d
     with pytest.raises(ValueError, match="conditional"):
