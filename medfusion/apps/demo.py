@@ -524,6 +524,9 @@ def _print_table(metrics: dict[str, Any], log) -> None:
         per.add_row(proto, *(f"{res[m]['psnr_body']:.2f}" for m in methods))
     console.print(per)
     log(f"shown output ({metrics['shown']['method']}), chosen on validation: {metrics['shown']['why']}")
+    if metrics["shown"]["method"] == "diffusion_ct_mean":
+        log("  it is the exported model's default output: medfusion standardize gives the posterior mean, --sample "
+            "draws the DDPM sample")  # fmt: skip
     c = metrics["stage1_ceiling"]
     log(f"stage-1 ceiling decode(encode(standard)) vs standard: PSNR body {c['psnr_body']:.2f} dB, "
         f"SSIM {c['ssim']:.4f}, noise SD {c['noise_sd']:.1f} HU")  # fmt: skip
