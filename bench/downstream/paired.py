@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/downstream/paired.py WORK/test_reg/cases.csv --column arm --a drdm-random --b bspline
 
+Several ``cases.csv`` of one cohort and settings (arms run as separate jobs) are read as one table.
+
 Also for `medfusion evaluate --task standardize|restore` (``--column method --metric psnr_body``). Rows of the two
 arms are paired by seed and case (evaluations: case, protocol and sampling seed); the interval is the same 95% patient bootstrap as the tool's
 (:func:`medfusion.eval.stats.cluster_mean`, 2000 replicates, seed 0).
@@ -17,7 +19,7 @@ def main() -> None:
     from medfusion.eval.stats import cluster_mean, resample_counts
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cases")
+    p.add_argument("cases", nargs="+")
     p.add_argument(
         "--column", default="augmentation",
         help="the arm column (segment: augmentation; register: arm; standardize / restore: method)",
@@ -27,8 +29,10 @@ def main() -> None:
     p.add_argument("--metric", default="dice")
     p.add_argument("--n-boot", type=int, default=2000)
     args = p.parse_args()
-    with open(args.cases) as f:
-        rows = list(csv.DictReader(f))
+    rows = []
+    for path in args.cases:
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
     # downstream rows pair by (fraction, seed, case); `medfusion evaluate --task standardize|restore` rows by
     # (case, protocol, sampling seed)
     key = lambda r: (r.get("fraction"), r.get("seed"), r["case_id"], r.get("protocol"), r.get("sample"))  # noqa: E731

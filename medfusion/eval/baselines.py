@@ -115,6 +115,8 @@ class LinearFilterBaseline:
             raise ValueError(f"no linear filter for protocol {protocol!r}; fitted: {sorted(self.filters)}")
         src = np.asarray(src, dtype=np.float32)
         h = self.filters[protocol]
+        if np.squeeze(src).ndim not in (2, 3):
+            raise ValueError(f"linear filter: expected a slice or a stack of slices, got shape {src.shape}")
         if np.squeeze(src).ndim == 2:
             return apply_linear_filter(src, h)
         out = np.stack([apply_linear_filter(x, h) for x in axial_slices(src)], axis=-1)
