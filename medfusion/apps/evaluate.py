@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from medfusion.eval.provenance import environment
 from medfusion.exit_codes import EXIT_CODES_HELP, EXIT_NOTHING_DONE, EXIT_OK
 
 TASKS = ("standardize", "restore", "segment", "register")
@@ -69,7 +70,9 @@ class ModelSpec(NamedTuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
     parser.add_argument(
-        "--task", required=True, choices=TASKS,
+        "--task",
+        required=True,
+        choices=TASKS,
         help="standardize / restore: source -> standard scan; segment: few-shot segmentation with augmentation; "
         "register: registration trained on real or synthesised pairs",
     )
@@ -405,7 +408,8 @@ def evaluate(
     cases = read_split(man, split)
     command = command or _command(manifest, output, task, split, models, baselines, seed, samples, n_boot)
     header = {"task": task, "split": split, "manifest": str(Path(manifest)), "command": command,
-              "models": {s.name: {"path": str(s.path), "weights_sha256": weights_sha256(s.path)} for s in specs}}  # fmt: skip
+              "models": {s.name: {"path": str(s.path), "weights_sha256": weights_sha256(s.path)} for s in specs},
+              "environment": environment()}  # fmt: skip
     if split == "test":
         header["test_log"] = str(out / TEST_LOG)
     summary = evaluate_cases(cases, methods, protocol, out, seed=seed, n_boot=n_boot,
@@ -476,7 +480,9 @@ def run(args: argparse.Namespace) -> int:
     command += "".join(f" --roi-label {v}" for v in args.roi_label or [])
     try:
         protocol = metric_protocol(
-            parse_window(args.window, "--window"), parse_window(args.soft_window, "--soft-window"), args.roi_label
+            parse_window(args.window, "--window"),
+            parse_window(args.soft_window, "--soft-window"),
+            args.roi_label,
         )
         summary = evaluate(
             args.manifest, args.output, task=args.task, split=args.split, models=models, baselines=baselines,

@@ -45,6 +45,8 @@ from medfusion.apps.downstream import (
     score_cases,
     write_outputs,
 )
+from medfusion.eval.provenance import describe as describe_environment
+from medfusion.eval.provenance import environment
 
 REGISTER_PAIRS = ("real", "bspline", "drdm-random", "drdm:PATH", "A+B")
 METRICS = ("dice", "hd95", "sdlogj", "folding_pct")
@@ -191,6 +193,7 @@ def register_report(summary: Mapping[str, Any], header: Mapping[str, Any]) -> st
     lines = [
         f"# Registration trained on real or synthesised pairs ({header['split']} split, {summary['n_cases']} pairs)",
         "", f"Command: `{header['command']}`" if header.get("command") else "", "",
+        describe_environment(header.get("environment")), "",
         f"Manifest `{header['manifest']}`: {header['n_training']} training pairs; {o['spatial_dims']}D, "
         f"{o['num_classes']} label values. Network: MONAI VoxelMorph, LNCC + {o['smooth_weight']:g} x smoothness "
         f"(+ {o['supervised_weight']:g} x known-field error on synthetic pairs), Adam {o['lr']:g}; "
@@ -256,7 +259,8 @@ def evaluate_register(
                               log=log or (lambda s: None))  # fmt: skip
     summary = {**summarize(rows, seed=seed, n_boot=n_boot), "runs": runs}
     header = {"task": "register", "split": split, "manifest": str(manifest), "command": command or "",
-              "n_training": len(train), "options": options, "launch": launch._asdict()}  # fmt: skip
+              "n_training": len(train), "options": options, "launch": launch._asdict(),
+              "environment": environment()}  # fmt: skip
     if is_writer():
         write_outputs(out, rows, summary, register_report(summary, header), header, test_logs, overwrite)
     return {"run": header, **summary}

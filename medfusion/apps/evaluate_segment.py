@@ -48,6 +48,8 @@ from medfusion.apps.downstream import (
     score_cases,
     write_outputs,
 )
+from medfusion.eval.provenance import describe as describe_environment
+from medfusion.eval.provenance import environment
 
 SEGMENT_AUGMENTATIONS = ("none", "elastic", "drdm-random", "drdm:PATH")
 
@@ -272,7 +274,8 @@ def evaluate_segment(
                               options=options, launch=launch, root=out, log=log or (lambda s: None))  # fmt: skip
     summary = summarize(rows, runs, seed=seed, n_boot=n_boot, num_classes=num_classes)
     header = {"task": "segment", "split": split, "manifest": str(manifest), "command": command or "",
-              "n_training": len(train), "options": options, "launch": launch._asdict()}  # fmt: skip
+              "n_training": len(train), "options": options, "launch": launch._asdict(),
+              "environment": environment()}  # fmt: skip
     summary["runs"] = runs
     if is_writer():
         figures = _segment_figures(out, summary, evaluation, overwrite)
@@ -310,6 +313,7 @@ def segment_report(summary: Mapping[str, Any], header: Mapping[str, Any], figure
     lines = [
         f"# Few-shot segmentation ({header['split']} split, {summary['n_cases']} cases)", "",
         f"Command: `{header['command']}`" if header.get("command") else "", "",
+        describe_environment(header.get("environment")), "",
         f"Manifest `{header['manifest']}`: {header['n_training']} training cases; {o['spatial_dims']}D, "
         f"{o['num_classes']} label values. Segmenter: MONAI UNet {tuple(o['channels'])}, Dice + CE, AdamW "
         f"{o['lr']:g} cosine; {o['train_steps']} steps x batch {o['train_batch']} for every arm; {o['copies']} "

@@ -41,6 +41,7 @@ from medfusion.eval.ct_protocol import (
     CTProtocol,
 )
 from medfusion.eval.image import texture_features
+from medfusion.eval.provenance import describe as describe_environment
 from medfusion.eval.stats import Estimate, cluster_mean, mean_estimate, median_ccc_replicates, resample_counts
 from medfusion.io.atomic import check_not_overwriting, write_text_atomic
 
@@ -291,10 +292,14 @@ def report_markdown(
 ) -> str:
     """``report.md``: what was run, the tables with 95% patient-bootstrap intervals, the figures."""
     b = summary["bootstrap"]
-    windows = summary.get("windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW, "texture": TEXTURE_WINDOW})
+    windows = summary.get(
+        "windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW, "texture": TEXTURE_WINDOW}
+    )
     (lo, hi), (slo, shi), (tlo, thi) = windows["metric"], windows["soft"], windows["texture"]
     lines = [f"# Evaluation: {header.get('task', '')} on the {header.get('split', '')} split", ""]
-    lines += [f"- {k}: `{v}`" for k, v in header.items()]
+    lines += [f"- {k}: `{v}`" for k, v in header.items() if k != "environment"]
+    if header.get("environment"):
+        lines += [f"- {describe_environment(header['environment'])}"]
     lines += [
         f"- patients: {summary['n_patients']}; protocols: {', '.join(summary['protocols'])}",
         f"- intervals: {int(b['level'] * 100)}% {b['interval']} bootstrap over {b['unit']}s, {b['n_boot']} replicates, "

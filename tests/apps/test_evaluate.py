@@ -17,6 +17,7 @@ import torch
 from medfusion.apps import evaluate as E
 from medfusion.data.manifest import load_manifest
 from medfusion.eval.ct_protocol import CASE_METRICS
+from medfusion.eval.provenance import environment
 from medfusion.eval.report import read_cases_csv
 from medfusion.models.export import export_model
 from medfusion.models.supervised import SupervisedRestorer
@@ -64,6 +65,8 @@ def test_evaluate_end_to_end(data, tmp_path, capsys):
     ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["environment"]["source"] == environment()["source"]  # commit of the code that scored
+    assert "Environment: medfusion" in (out / "report.md").read_text()
     rows = read_cases_csv(out / "cases.csv")
     test = load_manifest(manifests["standardize"]).split("test")
     methods = ["identity", "gaussian", "linear-filter", "random", "supervised:rezero", "noise-matched:rezero"]

@@ -57,6 +57,10 @@ def test_segment_protocol_writes_every_case_and_paired_differences(manifests, tm
     rows = _rows(out / "cases.csv")
     assert len(rows) == 2 * 2 * n_test  # fractions x augmentations x cases (one seed)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["environment"]["libraries"]["torch"] == torch.__version__  # what produced the numbers
+    log = [json.loads(line) for line in (out / "test_log.jsonl").read_text().splitlines()]
+    assert log[-1]["environment"] == summary["run"]["environment"]
+    assert "Environment: medfusion" in (out / "report.md").read_text()
     assert [(e["fraction"], e["augmentation"]) for e in summary["results"]] == [
         (f, a) for f in (0.5, 1.0) for a in ("none", "elastic")
     ]
