@@ -317,6 +317,15 @@ def _spatial_dims(entries: Sequence[Mapping[str, Any]], key: str) -> int:
     return 2 if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1) else 3
 
 
+def drdm_models(names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Path and weights SHA-256 of every trained DRDM of the arms ``names`` (``drdm:PATH``, also inside ``A+B``):
+    recorded with the results, so a figure names the exact model that produced it."""
+    from medfusion.apps.evaluate import weights_sha256
+
+    paths = {part.split(":", 1)[1] for name in names for part in name.split("+") if part.startswith("drdm:")}
+    return {p: {"path": p, "weights_sha256": weights_sha256(p)} for p in sorted(paths)}
+
+
 def write_outputs(
     out: Path, rows, summary, report: str, header: Mapping[str, Any], test_logs, overwrite: bool
 ) -> None:

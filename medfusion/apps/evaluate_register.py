@@ -37,6 +37,7 @@ from medfusion.apps.downstream import (
     StreamDataset,
     StreamSampler,
     copy_seed,
+    drdm_models,
     fit,
     fmt_estimate,
     is_writer,
@@ -260,7 +261,7 @@ def evaluate_register(
     summary = {**summarize(rows, seed=seed, n_boot=n_boot), "runs": runs}
     header = {"task": "register", "split": split, "manifest": str(manifest), "command": command or "",
               "n_training": len(train), "options": options, "launch": launch._asdict(),
-              "environment": environment()}  # fmt: skip
+              "environment": environment(), "models": drdm_models(["+".join(a) for a in arms])}  # fmt: skip
     if is_writer():
         write_outputs(out, rows, summary, register_report(summary, header), header, test_logs, overwrite)
     return {"run": header, **summary}

@@ -39,6 +39,7 @@ from medfusion.apps.downstream import (
     StreamDataset,
     StreamSampler,
     copy_seed,
+    drdm_models,
     few_shot_subset,
     fit,
     fmt_estimate,
@@ -275,7 +276,7 @@ def evaluate_segment(
     summary = summarize(rows, runs, seed=seed, n_boot=n_boot, num_classes=num_classes)
     header = {"task": "segment", "split": split, "manifest": str(manifest), "command": command or "",
               "n_training": len(train), "options": options, "launch": launch._asdict(),
-              "environment": environment()}  # fmt: skip
+              "environment": environment(), "models": drdm_models(augs)}  # fmt: skip
     summary["runs"] = runs
     if is_writer():
         figures = _segment_figures(out, summary, evaluation, overwrite)

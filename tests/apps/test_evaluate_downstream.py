@@ -102,6 +102,26 @@ def test_segment_is_reproducible_and_training_changes_the_model(manifests, tmp_p
     assert any(r["dice"] != s["dice"] for r, s in zip(rows[: len(rows) // 2], rows[len(rows) // 2 :]))
 
 
+def test_a_trained_drdm_arm_runs_and_its_weights_are_recorded(manifests, tmp_path):
+    """``drdm:DIR`` (an exported DRDM) in both tasks; the summary names the model file by its SHA-256."""
+    from medfusion.apps.evaluate import weights_sha256
+    from medfusion.models.drdm import DRDM
+    from medfusion.models.export import export_model
+
+    model = export_model(DRDM(spatial_dims=2, val_recovery_steps=2), tmp_path / "drdm")
+    arm = f"drdm:{model}"
+    steps = ["--drdm-steps", "2", "--drdm-t-range", "10", "12", "--seeds", "0"]
+    assert _segment(manifests, tmp_path / "s", "--augment", arm, "--fractions", "1.0", *steps) == 0
+    rc = main(["evaluate", "--task", "register", "--manifest", str(manifests["register"]), "--split", "validation",
+               "--output", str(tmp_path / "r"), "--augment", f"real+{arm}", "--channels", "8", "8", "8", "8",
+               *steps, *TINY])  # fmt: skip
+    assert rc == 0
+    expected = {str(model): {"path": str(model), "weights_sha256": weights_sha256(model)}}
+    for out, column in ((tmp_path / "s", "augmentation"), (tmp_path / "r", "arm")):
+        assert json.loads((out / "summary.json").read_text())["run"]["models"] == expected
+        assert {r[column] for r in _rows(out / "cases.csv")} >= {arm if column == "augmentation" else f"real+{arm}"}
+
+
 def test_register_protocol_scores_before_and_every_arm(manifests, tmp_path):
     out = tmp_path / "reg"
     rc = main(["evaluate", "--task", "register", "--manifest", str(manifests["register"]), "--split", "validation",
