@@ -2,10 +2,11 @@
 # Trains DRDM (configs/drdm/builtin2d.yaml: the paper's recovery net, T = 80) on the downstream cohort's training
 # split (seg128, data.sh) for a CPU budget of STEPS steps x batch 4 (default 1200, ~35 min with 2 threads on the
 # idle 2-core box), then exports it to ${OUT}_model/ (default drdm128_model/) for `--augment drdm:drdm128_model`.
-# Further arguments go to `medfusion fit` (e.g. --model.init_args.lr 4e-4). EVERY=N also keeps a checkpoint every N steps and exports each to ${OUT}_model_stepN/ (a learning curve: session
-# 15 trained STEPS=3600 EVERY=1200 OUT=drdm_long). Run from the folder that holds seg128/. Rerunning it resumes from
-# the last checkpoint (--ckpt_path last); session 11's model was stopped once at step 390 and resumed (Lightning
-# resumes a max_steps run one batch off: tests/apps/test_kill_resume.py).
+# Further arguments go to `medfusion fit` (e.g. --model.init_args.lr 4e-4). EVERY=N also keeps a checkpoint every N
+# steps and exports each to ${OUT}_model_stepN/ (a learning curve: session 15 trained STEPS=3600 EVERY=1200
+# OUT=drdm_long). Run from the folder that holds seg128/. Rerunning it resumes from the last checkpoint (--ckpt_path
+# last); session 11's model was stopped once at step 390 and resumed (Lightning resumes a max_steps run one batch
+# off: tests/apps/test_kill_resume.py).
 set -e
 STEPS=${STEPS:-1200}
 OUT=${OUT:-drdm128}

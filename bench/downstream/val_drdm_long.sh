@@ -1,7 +1,7 @@
 #!/bin/bash
 # Validation of longer-trained DRDM models (train_drdm.sh with EVERY=, session 15): few-shot segmentation at 5 %
 # labelled, seeds 0 1, the 15 validation patients, one arm per exported model in MODELS (folders), the recovery
-# started from T' in [T0, T1]; the settings of val_drdm.sh otherwise (its elastic arm: val_elastic, run apart).
+# started from T' in [T0, T1]; the settings of val_drdm.sh otherwise (reference arms: val_drdm_reference.sh).
 # Output: OUT/ (report.md, summary.json, cases.csv). Run from the folder that holds seg128/.
 set -e
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

@@ -318,7 +318,7 @@ def _spatial_dims(entries: Sequence[Mapping[str, Any]], key: str) -> int:
 
 
 def drdm_models(names: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Path and weights SHA-256 of every trained DRDM of the arms ``names`` (``drdm:PATH``, also inside ``A+B``):
+    """Path and weights SHA-256 of every trained DRDM among ``names`` (``drdm:PATH``, also inside ``A+B``):
     recorded with the results, so a figure names the exact model that produced it."""
     from medfusion.apps.evaluate import weights_sha256
 

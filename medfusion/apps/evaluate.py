@@ -70,9 +70,7 @@ class ModelSpec(NamedTuple):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
     parser.add_argument(
-        "--task",
-        required=True,
-        choices=TASKS,
+        "--task", required=True, choices=TASKS,
         help="standardize / restore: source -> standard scan; segment: few-shot segmentation with augmentation; "
         "register: registration trained on real or synthesised pairs",
     )
@@ -480,9 +478,7 @@ def run(args: argparse.Namespace) -> int:
     command += "".join(f" --roi-label {v}" for v in args.roi_label or [])
     try:
         protocol = metric_protocol(
-            parse_window(args.window, "--window"),
-            parse_window(args.soft_window, "--soft-window"),
-            args.roi_label,
+            parse_window(args.window, "--window"), parse_window(args.soft_window, "--soft-window"), args.roi_label
         )
         summary = evaluate(
             args.manifest, args.output, task=args.task, split=args.split, models=models, baselines=baselines,

@@ -261,7 +261,7 @@ def evaluate_register(
     summary = {**summarize(rows, seed=seed, n_boot=n_boot), "runs": runs}
     header = {"task": "register", "split": split, "manifest": str(manifest), "command": command or "",
               "n_training": len(train), "options": options, "launch": launch._asdict(),
-              "environment": environment(), "models": drdm_models(["+".join(a) for a in arms])}  # fmt: skip
+              "environment": environment(), "models": drdm_models([part for arm in arms for part in arm])}  # fmt: skip
     if is_writer():
         write_outputs(out, rows, summary, register_report(summary, header), header, test_logs, overwrite)
     return {"run": header, **summary}

@@ -292,9 +292,7 @@ def report_markdown(
 ) -> str:
     """``report.md``: what was run, the tables with 95% patient-bootstrap intervals, the figures."""
     b = summary["bootstrap"]
-    windows = summary.get(
-        "windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW, "texture": TEXTURE_WINDOW}
-    )
+    windows = summary.get("windows", {"metric": METRIC_WINDOW, "soft": SOFT_TISSUE_WINDOW, "texture": TEXTURE_WINDOW})
     (lo, hi), (slo, shi), (tlo, thi) = windows["metric"], windows["soft"], windows["texture"]
     lines = [f"# Evaluation: {header.get('task', '')} on the {header.get('split', '')} split", ""]
     lines += [f"- {k}: `{v}`" for k, v in header.items() if k != "environment"]
