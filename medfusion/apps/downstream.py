@@ -320,7 +320,7 @@ def _spatial_dims(entries: Sequence[Mapping[str, Any]], key: str) -> int:
 def drdm_models(names: Sequence[str]) -> dict[str, dict[str, str]]:
     """Path and weights SHA-256 of every trained DRDM among ``names`` (``drdm:PATH``, also inside ``A+B``):
     recorded with the results, so a figure names the exact model that produced it."""
-    from medfusion.apps.evaluate import weights_sha256
+    from medfusion.models.export import weights_sha256
 
     paths = {part.split(":", 1)[1] for name in names for part in name.split("+") if part.startswith("drdm:")}
     return {p: {"path": p, "weights_sha256": weights_sha256(p)} for p in sorted(paths)}

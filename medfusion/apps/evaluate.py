@@ -39,7 +39,6 @@ Exit status: :mod:`medfusion.exit_codes` (0 done; 2 nothing written: bad argumen
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -206,19 +205,6 @@ def unique_names(specs: Sequence[ModelSpec], taken: Sequence[str]) -> list[Model
     return out
 
 
-def weights_sha256(path: str | Path) -> str:
-    """SHA-256 of a model's weights: ``model.safetensors`` of an exported folder, or the ``.ckpt`` file itself."""
-    from medfusion.models.export import WEIGHTS
-
-    p = Path(path)
-    f = p / WEIGHTS if p.is_dir() else p
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------- data
 def read_split(manifest: Any, split: str, read: Callable | None = None) -> list:
     """The :class:`~medfusion.eval.ct_protocol.Case` of every entry of ``split`` (entries need source, target,
@@ -376,6 +362,7 @@ def evaluate(
     from medfusion.eval.report import OUTPUTS, append_jsonl
     from medfusion.eval.report import evaluate as evaluate_cases
     from medfusion.io.atomic import check_not_overwriting
+    from medfusion.models.export import weights_sha256
 
     if task not in ("standardize", "restore") or split not in SPLITS:
         raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS}; got {task!r}, {split!r}")

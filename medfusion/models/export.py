@@ -17,6 +17,7 @@ and run arbitrary code. Written here because Lightning checkpoints are pickles a
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,19 @@ def export_model(module: Any, out_dir: str | Path, overwrite: bool = False) -> P
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "class_path": config["class_path"]})
         (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return Path(out_dir)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a model's weights: ``model.safetensors`` of an exported folder, or the ``.ckpt`` file itself.
+
+    Recorded beside reported figures so that each names the exact weights that produced it."""
+    p = Path(path)
+    f = p / WEIGHTS if p.is_dir() else p
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -19,7 +19,7 @@ from medfusion.data.manifest import load_manifest
 from medfusion.eval.ct_protocol import CASE_METRICS
 from medfusion.eval.provenance import environment
 from medfusion.eval.report import read_cases_csv
-from medfusion.models.export import export_model
+from medfusion.models.export import export_model, weights_sha256
 from medfusion.models.supervised import SupervisedRestorer
 
 
@@ -94,7 +94,7 @@ def test_evaluate_end_to_end(data, tmp_path, capsys):
     sd = {n: summary["methods"][n]["metrics"]["noise_sd"]["mean"] for n in methods}
     assert sd["gaussian"] <= sd["identity"]  # a low-pass never adds noise in a uniform region
     assert sd["noise-matched:rezero"] > sd["supervised:rezero"]  # the same output plus standard-protocol noise
-    assert summary["run"]["models"]["random"]["weights_sha256"] == E.weights_sha256(root / "random")
+    assert summary["run"]["models"]["random"]["weights_sha256"] == weights_sha256(root / "random")
     report = (out / "report.md").read_text()
     assert "figures/examples.png" in report and "95% percentile bootstrap over patients" in report
     printed = capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_same_seed_same_intervals_and_test_log_lines(data, tmp_path, capsys):
     assert again["methods"] == first["methods"]  # same seed: same means and intervals
     lines = [json.loads(s) for s in (out / "test_log.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(rec["split"] == "test" for rec in lines)
-    assert lines[1]["models"]["random"]["weights_sha256"] == E.weights_sha256(root / "random")
+    assert lines[1]["models"]["random"]["weights_sha256"] == weights_sha256(root / "random")
     assert "--split test" in lines[1]["command"] and lines[1]["date"]
     assert len(log.read_text().splitlines()) == 1
     val = tmp_path / "val"

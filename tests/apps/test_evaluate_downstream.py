@@ -104,9 +104,8 @@ def test_segment_is_reproducible_and_training_changes_the_model(manifests, tmp_p
 
 def test_a_trained_drdm_arm_runs_and_its_weights_are_recorded(manifests, tmp_path):
     """``drdm:DIR`` (an exported DRDM) in both tasks; the summary names the model file by its SHA-256."""
-    from medfusion.apps.evaluate import weights_sha256
     from medfusion.models.drdm import DRDM
-    from medfusion.models.export import export_model
+    from medfusion.models.export import export_model, weights_sha256
 
     model = export_model(DRDM(spatial_dims=2, val_recovery_steps=2), tmp_path / "drdm")
     arm = f"drdm:{model}"

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from medfusion import keys
 from medfusion.models.diffusion_ct import DenoiserConfig, DiffusionCT, DiffusionCTAutoencoder, SamplingConfig
-from medfusion.models.export import export_model, load_model
+from medfusion.models.export import WEIGHTS, export_model, load_model, weights_sha256
 
 AE_KW = dict(channels=(8, 16), latent_channels=2, norm_num_groups=4)
 
@@ -133,3 +133,22 @@ def test_loads_weights_saved_from_a_compiled_module(stage1, tmp_path):
     )
     x = _batch()[keys.SOURCE]
     torch.testing.assert_close(load_model(compiled).reconstruct(x), ae.eval().reconstruct(x), rtol=0, atol=0)
+
+
+def test_weights_sha256_names_the_weights_not_the_folder(stage1, tmp_path):
+    """The hash recorded beside reported figures: the safetensors bytes of a folder (the config does not count), the
+    file itself for a checkpoint; different weights give a different hash."""
+    import hashlib
+
+    ae, folder = stage1
+    digest = weights_sha256(folder)
+    assert digest == hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    assert weights_sha256(folder / WEIGHTS) == digest
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text() + "\n# a comment\n")
+    assert weights_sha256(folder) == digest
+    with torch.no_grad():
+        next(ae.parameters()).add_(1.0)
+    export_model(ae, tmp_path / "changed")
+    assert weights_sha256(tmp_path / "changed") != digest
+    with pytest.raises(FileNotFoundError):
+        weights_sha256(tmp_path / "missing")
