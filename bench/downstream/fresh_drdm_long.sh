@@ -8,7 +8,8 @@
 #   MODEL   exported DRDM folder            SEG_T   T' range for segmentation   REG_T   T' range for registration
 set -e
 HERE="$(cd "$(dirname "$0")" && pwd)"
-: "${MODEL:?set MODEL to the exported DRDM folder}" "${SEG_T:?e.g. SEG_T=\"40 48\"}" "${REG_T:?e.g. REG_T=\"60 72\"}"
+# chosen in session 17: lr 4e-4, 3,600 steps; T' 40-48 for both tasks (bench/results/downstream.md)
+MODEL=${MODEL:-drdm_lr4e4_model_step3600} SEG_T=${SEG_T:-40 48} REG_T=${REG_T:-40 48}
 [ -f seg128_s19/manifests/segment.json ] || SEED=19 OUT=seg128_s19 bash "$HERE/data.sh"
 read -r S0 S1 <<< "$SEG_T"
 read -r R0 R1 <<< "$REG_T"
